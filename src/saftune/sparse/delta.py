@@ -1,0 +1,268 @@
+"""`SparseDelta`: the artifact of a sparse fine-tuning run.
+
+A delta stores, per touched tensor, the flat indices of the trained entries, their trained values
+(fp32) and their pretrained values (in the base model's dtype, so unmerging is exact). On disk it is a
+directory with `saftune_config.json` and `delta.safetensors`; at sparsity 1e-3 that is ~0.3% of the
+fp32 model (12 bytes per entry: int32 index, fp32 value, fp32 pretrained value).
+
+Applying a delta checks the model first: every selected entry must hold either the pretrained value
+(then it is merged) or the trained value (already merged: nothing to do). Anything else means the
+model is not the base the delta was trained from, and nothing is written.
+
+Example:
+    >>> import torch, tempfile
+    >>> base = torch.nn.Linear(3, 2)
+    >>> pre = base.weight.detach().reshape(-1)[[1, 4]].clone()
+    >>> delta = SparseDelta({"weight": torch.tensor([1, 4])}, {"weight": pre + 1}, {"weight": pre}, {"weight": (2, 3)})
+    >>> out = tempfile.mkdtemp()
+    >>> _ = delta.save_pretrained(out)
+    >>> _ = SparseDelta.from_pretrained(out).apply_to(base)
+    >>> bool(torch.equal(base.weight.reshape(-1)[[1, 4]], pre + 1))
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from saftune._io import atomic_path, write_json
+from saftune.sparse.mask import SparseMask
+
+CONFIG_NAME = "saftune_config.json"
+WEIGHTS_NAME = "delta.safetensors"
+DELTA_FORMAT = "saftune.sparse_delta"
+DELTA_FORMAT_VERSION = 1
+_SEP = "::"  # tensor keys are "<parameter name>::indices" etc.; "::" cannot occur in a module path
+
+
+class DeltaError(ValueError):
+    """A delta file is damaged or incompatible, or does not fit the model it is applied to."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def fingerprint(indices: Mapping[str, torch.Tensor], pretrained: Mapping[str, torch.Tensor], shapes: Mapping) -> str:
+    """SHA-256 over parameter names, shapes, selected indices and the pretrained values there."""
+    h = hashlib.sha256()
+    for name in sorted(indices):
+        h.update(name.encode())
+        h.update(repr(tuple(shapes[name])).encode())
+        h.update(indices[name].to(torch.int64).contiguous().numpy().tobytes())
+        pre = pretrained[name].contiguous()
+        h.update(_dtype_name(pre.dtype).encode())
+        h.update(pre.view(torch.uint8).numpy().tobytes() if pre.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+class SparseDelta:
+    """Trained values at fixed indices, with the pretrained values they replace.
+
+    Args:
+        indices: parameter name -> sorted int64 flat indices.
+        values: parameter name -> trained values (fp32).
+        pretrained: parameter name -> pretrained values (the base model's dtype).
+        shapes: parameter name -> shape of the full parameter.
+        config: JSON-serialisable description of the run (method, base_model, sparsity, ...).
+    """
+
+    def __init__(self, indices, values, pretrained, shapes, config: Mapping | None = None):
+        names = set(indices)
+        if set(values) != names or set(pretrained) != names or not names <= set(shapes):
+            raise DeltaError("delta: indices, values, pretrained and shapes must cover the same parameters")
+        self.indices = {n: torch.as_tensor(indices[n]).to(torch.int64) for n in indices}
+        self.values = {n: values[n].detach().float() for n in indices}
+        self.pretrained = {n: pretrained[n].detach() for n in indices}
+        self.shapes = {n: tuple(int(s) for s in shapes[n]) for n in indices}
+        for n in indices:
+            if not self.indices[n].numel() == self.values[n].numel() == self.pretrained[n].numel():
+                raise DeltaError(f"delta: tensor {n!r} has different numbers of indices, values and pretrained values")
+        self.config = dict(config or {})
+
+    # ------------------------------------------------------------------ basic facts
+    @property
+    def num_entries(self) -> int:
+        """Number of trained entries, d."""
+        return sum(i.numel() for i in self.indices.values())
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the base model at the selected entries (see `fingerprint`)."""
+        return fingerprint(self.indices, self.pretrained, self.shapes)
+
+    def to_mask(self) -> SparseMask:
+        """The mask of this delta's entries."""
+        return SparseMask(self.indices, self.shapes, {"derived_from": "delta"})
+
+    def __repr__(self) -> str:
+        return f"SparseDelta(entries={self.num_entries}, tensors={len(self.indices)}, method={self.config.get('method')!r})"
+
+    # ------------------------------------------------------------------ model operations
+    def _target(self, model: torch.nn.Module, name: str) -> torch.Tensor:
+        try:
+            param = model.get_parameter(name)
+        except AttributeError:
+            raise DeltaError(
+                f"the delta changes parameter {name!r}, which this model does not have; apply it to the base "
+                f"model it was trained from ({self.config.get('base_model', 'unknown base')})"
+            ) from None
+        if tuple(param.shape) != self.shapes[name]:
+            raise DeltaError(
+                f"parameter {name!r} has shape {tuple(param.shape)} in this model but {self.shapes[name]} in the "
+                f"delta's base model ({self.config.get('base_model', 'unknown base')})"
+            )
+        return param
+
+    @torch.no_grad()
+    def _write(self, model: torch.nn.Module, new_values: Mapping[str, torch.Tensor], action: str) -> torch.nn.Module:
+        """Check every tensor first, then write: a refused delta leaves the model untouched."""
+        targets = {}
+        for name, idx in self.indices.items():
+            param = self._target(model, name)
+            idx = idx.to(param.device)
+            current = param.reshape(-1)[idx]
+            base = self.pretrained[name].to(param.device, param.dtype)
+            trained = self.values[name].to(param.device, param.dtype)
+            known = (current == base) | (current == trained)
+            if not bool(known.all()):
+                bad = int((~known).sum())
+                raise DeltaError(
+                    f"cannot {action}: {bad} of {idx.numel()} selected entries of {name!r} hold neither the base "
+                    f"model's value nor the delta's; this is not the base model the delta was trained from "
+                    f"(base {self.config.get('base_model', 'unknown')}, fingerprint {self.fingerprint[:19]}...)"
+                )
+            targets[name] = (param, idx)
+        for name, (param, idx) in targets.items():
+            param.view(-1).index_copy_(0, idx, new_values[name].to(param.device, param.dtype))
+        return model
+
+    def apply_to(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Merge: write the trained values into the base model (in place). Applying twice changes nothing."""
+        return self._write(model, self.values, "apply the delta")
+
+    def remove_from(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Unmerge: write the pretrained values back, bit for bit (in place)."""
+        return self._write(model, self.pretrained, "remove the delta")
+
+    # ------------------------------------------------------------------ arithmetic
+    def scaled(self, alpha: float) -> SparseDelta:
+        """WiSE-FT on the delta: values = pretrained + alpha * (trained - pretrained).
+
+        alpha=0 gives the base model, alpha=1 this delta.
+        """
+        values = {n: self.pretrained[n].float() + alpha * (self.values[n] - self.pretrained[n].float()) for n in self.indices}
+        return SparseDelta(self.indices, values, self.pretrained, self.shapes, {**self.config, "wiseft_alpha": alpha})
+
+    @classmethod
+    def compose(cls, deltas: Sequence[SparseDelta], weights: Sequence[float] | None = None) -> SparseDelta:
+        """Add several deltas of one base model: theta = theta0 + sum_i w_i (theta_i - theta0).
+
+        Entries trained by several deltas get the sum of their changes. Deltas must agree on the
+        pretrained value of every entry they share (they come from the same base).
+        """
+        if not deltas:
+            raise DeltaError("compose needs at least one delta")
+        weights = [1.0] * len(deltas) if weights is None else list(weights)
+        if len(weights) != len(deltas):
+            raise DeltaError(f"compose got {len(deltas)} deltas but {len(weights)} weights")
+        indices, values, pretrained, shapes = {}, {}, {}, {}
+        for name in sorted({n for d in deltas for n in d.indices}):
+            parts = [(d, w) for d, w in zip(deltas, weights) if name in d.indices]
+            shape = parts[0][0].shapes[name]
+            if any(d.shapes[name] != shape for d, _ in parts):
+                raise DeltaError(f"compose: the deltas disagree on the shape of {name!r}")
+            idx = torch.unique(torch.cat([d.indices[name] for d, _ in parts]))
+            pre = torch.empty(idx.numel(), dtype=parts[0][0].pretrained[name].dtype)
+            seen = torch.zeros(idx.numel(), dtype=torch.bool)
+            change = torch.zeros(idx.numel(), dtype=torch.float32)
+            for d, w in parts:
+                pos = torch.searchsorted(idx, d.indices[name])
+                mine = d.pretrained[name].to(pre.dtype)
+                if not bool(torch.equal(pre[pos][seen[pos]], mine[seen[pos]])):
+                    raise DeltaError(f"compose: the deltas have different pretrained values in {name!r}: not the same base model")
+                pre[pos], seen[pos] = mine, True
+                change[pos] += w * (d.values[name] - mine.float())
+            indices[name], pretrained[name], shapes[name] = idx, pre, shape
+            values[name] = pre.float() + change
+        config = {"method": "composed", "composed_from": [d.config for d in deltas], "weights": weights}
+        return cls(indices, values, pretrained, shapes, config)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write `saftune_config.json` and `delta.safetensors` into `directory` (atomically, file by file)."""
+        from saftune import __version__
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name in self.indices:
+            if _SEP in name:
+                raise DeltaError(f"parameter name {name!r} contains {_SEP!r}, which delta files use as a separator")
+            small = torch.int32 if self.indices[name].numel() == 0 or int(self.indices[name].max()) < 2**31 else torch.int64
+            tensors[f"{name}{_SEP}indices"] = self.indices[name].to(small).contiguous()
+            tensors[f"{name}{_SEP}values"] = self.values[name].contiguous()
+            tensors[f"{name}{_SEP}pretrained"] = self.pretrained[name].contiguous()
+        config = {
+            "format": DELTA_FORMAT,
+            "format_version": DELTA_FORMAT_VERSION,
+            "library_version": __version__,
+            **self.config,
+            "base_fingerprint": self.fingerprint,
+            "num_entries": self.num_entries,
+            "tensors": {
+                n: {"shape": list(self.shapes[n]), "dtype": _dtype_name(self.pretrained[n].dtype), "count": self.indices[n].numel()}
+                for n in self.indices
+            },
+        }
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": DELTA_FORMAT})
+        write_json(directory / CONFIG_NAME, config)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> SparseDelta:
+        """Load a delta directory, verifying format version and that the tensors match the config."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for p in (config_path, weights_path):
+            if not p.is_file():
+                raise DeltaError(f"{str(p)!r} is missing: {str(directory)!r} is not a saftune delta directory")
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DeltaError(f"{str(config_path)!r} is not valid JSON ({e}); the delta is damaged") from e
+        if not isinstance(config, dict) or config.get("format") != DELTA_FORMAT:
+            raise DeltaError(f"{str(config_path)!r} is not a saftune delta config")
+        if config.get("format_version") != DELTA_FORMAT_VERSION:
+            raise DeltaError(
+                f"{str(directory)!r} was written in delta format {config.get('format_version')} "
+                f"(saftune {config.get('library_version')}); this saftune reads format {DELTA_FORMAT_VERSION}"
+            )
+        try:
+            with safe_open(str(weights_path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise DeltaError(f"{str(weights_path)!r} is truncated or corrupt ({e})") from e
+        try:
+            meta = config["tensors"]
+            indices = {n: tensors[f"{n}{_SEP}indices"].to(torch.int64) for n in meta}
+            values = {n: tensors[f"{n}{_SEP}values"] for n in meta}
+            pretrained = {n: tensors[f"{n}{_SEP}pretrained"] for n in meta}
+            shapes = {n: tuple(m["shape"]) for n, m in meta.items()}
+        except KeyError as e:
+            raise DeltaError(f"{str(directory)!r}: the config names tensor {e} that {WEIGHTS_NAME} lacks") from None
+        reserved = ("format", "format_version", "library_version", "base_fingerprint", "num_entries", "tensors")
+        settings = {k: v for k, v in config.items() if k not in reserved}
+        delta = cls(indices, values, pretrained, shapes, settings)
+        if delta.fingerprint != config.get("base_fingerprint"):
+            raise DeltaError(f"{str(directory)!r}: {WEIGHTS_NAME} does not match the fingerprint in {CONFIG_NAME}; the files are damaged or mixed")
+        return delta

@@ -1,0 +1,284 @@
+"""Phase 2: train only the masked entries, in place, with O(d) optimizer state.
+
+`sparsify(model, mask)` gives each touched parameter an fp32 *value vector* holding its selected entries
+(the only tensors an optimizer sees) and keeps their pretrained values for the delta. Gradients reach the
+value vectors in one of three ways, chosen per tensor:
+
+* `linear`: an exact `nn.Linear` weight at low density. Its forward is routed through
+  `SparseLinearFunction`, which computes only the selected entries of dW (no dense weight gradient).
+* `embedding`: an exact `nn.Embedding` weight: `SparseEmbeddingFunction` adds output gradients into the
+  selected rows only.
+* `hook`: anything else (convolutions, LayerNorm, fused attention projections, raw parameters). The
+  tensor keeps `requires_grad`, and a post-accumulate-grad hook gathers the selected entries of its dense
+  gradient into `values.grad` and frees the dense gradient at once, tensor by tensor.
+
+Untouched parameters get `requires_grad=False`: no gradient at all. After every `optimizer.step()` of any
+torch optimizer holding value vectors, the new values are written into the model's own weights (a global
+optimizer step hook), so the model in memory is always the merged model. Unselected entries are never
+written: they stay bit-identical to the pretrained values whatever the optimizer does.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from saftune.sparse.delta import SparseDelta
+from saftune.sparse.kernels import SparseEmbeddingFunction, SparseLinearFunction
+from saftune.sparse.mask import SparseMask
+
+logger = logging.getLogger(__name__)
+
+# Above this density the dense x^T dy (one GEMM) beats the gathered dot products.
+LINEAR_KERNEL_MAX_DENSITY = 0.05
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+_HOOK_HANDLE = None
+
+
+@dataclass
+class _Slot:
+    """One touched parameter: where its selected entries are and what they hold."""
+
+    name: str
+    param: nn.Parameter
+    indices: torch.Tensor  # int64 [d_t], sorted flat indices, on the parameter's device
+    values: nn.Parameter  # master copy [d_t], fp32 (or the parameter's dtype when that is wider)
+    pretrained: torch.Tensor  # [d_t] in the parameter's own dtype: exact unmerge
+    path: str  # "linear" | "embedding" | "hook"
+
+
+def _sync_after_step(optimizer, args, kwargs) -> None:
+    if not _LIVE:
+        return
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for sparse_model in list(_LIVE):
+        if sparse_model._value_ids & in_optimizer:
+            sparse_model.sync()
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Parameter id -> every (module, attribute) that holds it (tied weights have several)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, attr))
+    return owners
+
+
+def _choose_path(param: nn.Parameter, owners: list[tuple[nn.Module, str]], density: float, kernels: str) -> str:
+    if kernels == "off" or len(owners) != 1:
+        return "hook"
+    module, attr = owners[0]
+    if attr != "weight" or "forward" in module.__dict__:  # someone already wraps this forward
+        return "hook"
+    # Exact types only: subclasses such as MultiheadAttention's out_proj bypass their own forward.
+    if type(module) is nn.Linear and (kernels == "on" or density <= LINEAR_KERNEL_MAX_DENSITY):
+        return "linear"
+    if type(module) is nn.Embedding and module.max_norm is None and not module.sparse and not module.scale_grad_by_freq:
+        return "embedding"
+    return "hook"
+
+
+def _linear_forward(module: nn.Linear, slot: _Slot, rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor):
+    return SparseLinearFunction.apply(x, module.weight, module.bias, slot.values, rows, cols)
+
+
+def _embedding_forward(module: nn.Embedding, slot: _Slot, unique_rows, row_slot, cols, ids: torch.Tensor):
+    return SparseEmbeddingFunction.apply(ids, module.weight, slot.values, unique_rows, row_slot, cols, module.padding_idx)
+
+
+class SparseModel:
+    """A model prepared for sparse training by `sparsify`; the model itself is trained in place.
+
+    Attributes:
+        model: the wrapped module (its weights always hold the current values).
+        mask: the `SparseMask` being trained.
+    """
+
+    def __init__(self, model: nn.Module, mask: SparseMask, *, kernels: str = "auto", master_dtype=torch.float32):
+        if kernels not in ("auto", "on", "off"):
+            raise ValueError(f"kernels must be 'auto', 'on' or 'off'; got {kernels!r}")
+        self.model = model
+        self.mask = mask
+        self._slots: list[_Slot] = []
+        self._handles: list = []
+        self._forwards: list[nn.Module] = []
+        self._requires_grad = {p: p.requires_grad for p in model.parameters()}
+        params = dict(model.named_parameters())
+        for name, idx in mask.indices.items():
+            if name not in params:
+                raise ValueError(
+                    f"mask parameter {name!r} is not in the model; was the mask selected on another model? "
+                    f"(model parameters look like {list(params)[:3]})"
+                )
+            if tuple(params[name].shape) != mask.shapes[name]:
+                raise ValueError(f"mask shape {mask.shapes[name]} of {name!r} does not match the model's {tuple(params[name].shape)}")
+            if not params[name].is_contiguous():
+                raise ValueError(f"parameter {name!r} is not contiguous; call .contiguous() on it before sparsify")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        owners = _owners(model)
+        for name, idx in mask.indices.items():
+            param = params[name]
+            idx = idx.to(param.device)
+            pretrained = param.detach().reshape(-1)[idx].clone()
+            dtype = torch.promote_types(param.dtype, master_dtype)
+            values = nn.Parameter(pretrained.to(dtype).clone())
+            path = _choose_path(param, owners.get(id(param), []), idx.numel() / param.numel(), kernels)
+            slot = _Slot(name, param, idx, values, pretrained, path)
+            self._install(slot, owners[id(param)][0][0])
+            self._slots.append(slot)
+        self._value_ids = {id(s.values) for s in self._slots}
+        _LIVE.add(self)
+        global _HOOK_HANDLE
+        if _HOOK_HANDLE is None:
+            _HOOK_HANDLE = register_optimizer_step_post_hook(_sync_after_step)
+        paths = [s.path for s in self._slots]
+        logger.info(
+            "sparsify: %d trainable values in %d tensors (linear kernel %d, embedding kernel %d, hook %d)",
+            self.num_trainable, len(self._slots), paths.count("linear"), paths.count("embedding"), paths.count("hook"),
+        )
+
+    def _install(self, slot: _Slot, module: nn.Module) -> None:
+        """Route the gradient of the slot's selected entries into `slot.values.grad`."""
+        if slot.path == "linear":
+            in_features = slot.param.shape[1]
+            rows, cols = slot.indices // in_features, slot.indices % in_features
+            module.forward = partial(_linear_forward, module, slot, rows, cols)
+            self._forwards.append(module)
+        elif slot.path == "embedding":
+            dim = slot.param.shape[1]
+            rows, cols = slot.indices // dim, slot.indices % dim
+            unique_rows, row_slot = torch.unique(rows, return_inverse=True)
+            module.forward = partial(_embedding_forward, module, slot, unique_rows, row_slot, cols)
+            self._forwards.append(module)
+        else:
+            slot.param.requires_grad_(True)
+            self._handles.append(slot.param.register_post_accumulate_grad_hook(partial(_gather_grad, slot)))
+
+    # ------------------------------------------------------------------ training interface
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The value vectors: give these (and only these) to the optimizer."""
+        return [s.values for s in self._slots]
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(parameter name, value vector) pairs, e.g. for per-group weight decay."""
+        return ((s.name, s.values) for s in self._slots)
+
+    @property
+    def num_trainable(self) -> int:
+        """d: the number of trainable entries."""
+        return sum(s.values.numel() for s in self._slots)
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Write the value vectors into the model's weights (done automatically after optimizer steps)."""
+        for s in self._slots:
+            s.param.view(-1).index_copy_(0, s.indices, s.values.detach().to(s.param.dtype))
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The current values per parameter name (what a checkpoint needs besides the optimizer)."""
+        return {s.name: s.values.detach().clone() for s in self._slots}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore values saved by `state_dict` and write them into the model."""
+        expected = {s.name for s in self._slots}
+        if set(state) != expected:
+            raise ValueError(f"sparse state has tensors {sorted(set(state) ^ expected)} that this mask does not (or the reverse)")
+        for s in self._slots:
+            if state[s.name].shape != s.values.shape:
+                raise ValueError(f"sparse state of {s.name!r} has {state[s.name].numel()} values, the mask {s.values.numel()}")
+            s.values.copy_(state[s.name])
+        self.sync()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Put the pretrained values back (values and weights)."""
+        for s in self._slots:
+            s.values.copy_(s.pretrained)
+        self.sync()
+
+    def delta(self, **config) -> SparseDelta:
+        """The run's artifact: indices, trained values and pretrained values per tensor.
+
+        Args:
+            **config: recorded in `saftune_config.json` (method, base_model, sparsity, ...).
+        """
+        config = {**{k: v for k, v in self.mask.meta.items() if k in ("score", "sparsity", "budget", "include", "exclude")}, **config}
+        return SparseDelta(
+            {s.name: s.indices.cpu() for s in self._slots},
+            {s.name: s.values.detach().float().cpu().clone() for s in self._slots},
+            {s.name: s.pretrained.cpu().clone() for s in self._slots},
+            {s.name: tuple(s.param.shape) for s in self._slots},
+            config=config,
+        )
+
+    def unsparsify(self) -> nn.Module:
+        """Remove hooks and forward overrides, restore `requires_grad`; the weights keep the trained values."""
+        self.sync()
+        for h in self._handles:
+            h.remove()
+        for module in self._forwards:
+            del module.forward
+        for p, flag in self._requires_grad.items():
+            p.requires_grad_(flag)
+        self._handles, self._forwards = [], []
+        _LIVE.discard(self)
+        return self.model
+
+    def __repr__(self) -> str:
+        paths = [s.path for s in self._slots]
+        return (
+            f"SparseModel(trainable={self.num_trainable}, tensors={len(self._slots)}, "
+            f"linear={paths.count('linear')}, embedding={paths.count('embedding')}, hook={paths.count('hook')})"
+        )
+
+
+def _gather_grad(slot: _Slot, param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook: keep the selected entries of the dense gradient, free the rest."""
+    grad = param.grad.reshape(-1).index_select(0, slot.indices).to(slot.values.dtype)
+    param.grad = None
+    if slot.values.grad is None:
+        slot.values.grad = grad
+    else:
+        slot.values.grad.add_(grad)
+
+
+def sparsify(model: nn.Module, mask: SparseMask, *, kernels: str = "auto", master_dtype=torch.float32) -> SparseModel:
+    """Prepare `model` (in place) so that training changes exactly the entries of `mask`.
+
+    Call it after moving the model to its device. Give `sm.trainable_parameters()` to any torch
+    optimizer; after each `optimizer.step()` the model's own weights hold the new values.
+
+    Args:
+        model: the pretrained model (any `nn.Module`; fp32, bf16 or fp16 weights).
+        mask: a `SparseMask` from `select_mask` (or loaded with `SparseMask.load`).
+        kernels: "auto" (sparse gradient kernels for nn.Linear at density <= 5% and for nn.Embedding),
+            "on" (kernels for every eligible Linear), or "off" (gradient hooks everywhere).
+        master_dtype: dtype of the trainable values (fp32 by default, even for bf16 weights).
+
+    Example:
+        >>> net = nn.Linear(4, 3)
+        >>> mask = SparseMask({"weight": torch.tensor([0, 5])}, {"weight": (3, 4), "bias": (3,)})
+        >>> sm = sparsify(net, mask)
+        >>> opt = torch.optim.AdamW(sm.trainable_parameters(), lr=0.1)
+        >>> before = net.weight.detach().clone()
+        >>> net(torch.randn(2, 4)).sum().backward(); opt.step()
+        >>> int((net.weight != before).sum())
+        2
+    """
+    return SparseModel(model, mask, kernels=kernels, master_dtype=master_dtype)

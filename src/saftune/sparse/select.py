@@ -1,0 +1,245 @@
+"""Phase 1: choose exactly d = floor(sparsity * D) entries with the highest scores.
+
+The global top-k never concatenates the D scores into one tensor. It bisects on the *bit pattern* of
+a float32 threshold (at most 32 passes, each counting `score >= t` tensor by tensor), which finds the
+exact k-th largest score; entries above it are all taken, and entries equal to it are taken in global
+order (parameter order, then flat index) until exactly k are chosen. Extra memory: one boolean tensor
+the size of the largest parameter, briefly.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
+
+import torch
+from torch import nn
+
+from saftune.sparse.mask import SparseMask
+from saftune.sparse.scores import LossFn, get_score, scoring_mode
+
+logger = logging.getLogger(__name__)
+
+
+def _float_to_key(x: float) -> int:
+    """Map a float32 to an integer with the same order (-0.0 sorts just below +0.0)."""
+    (bits,) = struct.unpack("<i", struct.pack("<f", x))
+    return bits if bits >= 0 else -(bits & 0x7FFFFFFF) - 1
+
+
+def _key_to_float(key: int) -> float:
+    bits = key if key >= 0 else (-(key + 1)) | -0x80000000
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+
+def _count_at_least(scores: Sequence[torch.Tensor], bounds, threshold: float) -> int:
+    count = 0
+    for s, (lo, hi) in zip(scores, bounds):
+        if hi < threshold:
+            continue
+        count += s.numel() if lo >= threshold else int(torch.count_nonzero(s >= threshold))
+    return count
+
+
+def top_k(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Exact top-k over several float32 tensors, ties broken by (tensor order, flat index).
+
+    Args:
+        scores: float32 tensors, finite.
+        k: how many entries to keep, 0 <= k <= total size.
+
+    Returns:
+        One sorted int64 tensor of flat indices per input tensor.
+
+    Example:
+        >>> top_k([torch.tensor([0.5, 2.0]), torch.tensor([2.0, 1.0])], 2)
+        [tensor([1]), tensor([0])]
+    """
+    total = sum(s.numel() for s in scores)
+    if not 0 <= k <= total:
+        raise ValueError(f"top_k: k={k} is outside [0, {total}]")
+    flats = [s.reshape(-1) for s in scores]
+    if k == 0:
+        return [torch.empty(0, dtype=torch.int64, device=s.device) for s in flats]
+    nonempty = [s for s in flats if s.numel()]
+    bounds = [(float(s.min()), float(s.max())) if s.numel() else (float("inf"), float("-inf")) for s in flats]
+    # Invariant: count(>= key_to_float(lo)) >= k and count(>= key_to_float(hi)) < k.
+    lo = _float_to_key(min(float(s.min()) for s in nonempty))
+    hi = _float_to_key(max(float(s.max()) for s in nonempty)) + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _count_at_least(flats, bounds, _key_to_float(mid)) >= k:
+            lo = mid
+        else:
+            hi = mid
+    threshold = _key_to_float(lo)
+
+    selected = []
+    above = [torch.nonzero(s > threshold).squeeze(1) for s in flats]
+    ties_left = k - sum(a.numel() for a in above)
+    for s, idx in zip(flats, above):
+        if ties_left > 0:
+            ties = torch.nonzero(s == threshold).squeeze(1)[:ties_left]
+            ties_left -= ties.numel()
+            idx = torch.sort(torch.cat([idx, ties])).values
+        selected.append(idx)
+    return selected
+
+
+def per_tensor_budget(sizes: Sequence[int], d: int) -> list[int]:
+    """Split d entries over tensors in proportion to their sizes (largest remainder, exact).
+
+    Example:
+        >>> per_tensor_budget([10, 10, 80], 5)
+        [1, 0, 4]
+    """
+    total = sum(sizes)
+    quotas = [d * n // total for n in sizes]
+    remainders = [d * n % total for n in sizes]
+    order = sorted(range(len(sizes)), key=lambda i: (-remainders[i], i))
+    for i in order[: d - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
+
+
+def candidate_parameters(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    is_candidate=None,
+) -> dict[str, nn.Parameter]:
+    """Parameters selectable under the include/exclude glob patterns (all of them by default).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> list(candidate_parameters(net, include=["1.*"]))
+        ['1.weight', '1.bias']
+    """
+    include = [include] if isinstance(include, str) else include
+    exclude = [exclude] if isinstance(exclude, str) else exclude
+    for label, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns or ():
+            if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in model.named_parameters()):
+                raise ValueError(
+                    f"{label} pattern {pattern!r} matches no parameter of the model; "
+                    f"parameter names look like {[n for n, _ in model.named_parameters()][:3]}"
+                )
+    chosen = {
+        n: p
+        for n, p in model.named_parameters()
+        if (include is None or _matches(n, include)) and not _matches(n, exclude) and (is_candidate is None or is_candidate(n, p))
+    }
+    if not chosen:
+        raise ValueError(
+            "no parameter is left to select from: include/exclude removed all of them, or the score selects "
+            "only some kinds of parameter (score 'bias' needs parameters named '*bias')"
+        )
+    return chosen
+
+
+def selected_count(sparsity: float, num_candidates: int) -> int:
+    """d = floor(sparsity * D), validated: sparsity in (0, 1] and d >= 1.
+
+    Example:
+        >>> selected_count(0.29, 100)
+        29
+    """
+    if not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
+        raise ValueError(f"sparsity must be in (0, 1] (the fraction of entries to train, e.g. 0.001); got {sparsity!r}")
+    # floor on the decimal the user wrote: int(0.29 * 100) would give 28 through binary rounding
+    d = math.floor(Fraction(repr(float(sparsity))) * num_candidates)
+    if d < 1:
+        raise ValueError(
+            f"sparsity={sparsity} selects floor({sparsity} * {num_candidates}) = 0 entries; "
+            f"use sparsity >= {1 / num_candidates:.3g} for this model"
+        )
+    return d
+
+
+def select_mask(
+    model: nn.Module,
+    loss_fn: LossFn | None = None,
+    data: Iterable | None = None,
+    *,
+    sparsity: float,
+    score: str = "grad",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    budget: str = "global",
+    seed: int = 0,
+    progress: bool | None = None,
+) -> SparseMask:
+    """Phase 1 of SAFT: pick the d = floor(sparsity * D) most important entries.
+
+    The model runs in eval mode (no dropout, so the mask is deterministic); its training mode and
+    `requires_grad` flags are restored afterwards.
+
+    Args:
+        model: any `nn.Module`.
+        loss_fn: `loss_fn(model, batch) -> [B]` per-example losses (needed by `grad`, `fisher`, `bias`).
+        data: iterable of batches, passed to `loss_fn` one by one (a DataLoader, a list, ...).
+        sparsity: fraction of the candidate entries to select, in (0, 1].
+        score: one of `saftune.sparse.scores.SCORES` (grad, fisher, random, magnitude, bias).
+        include: glob patterns of parameter names to select from (default: all parameters).
+        exclude: glob patterns of parameter names never to select.
+        budget: "global" (one top-k over all candidates) or "per_tensor" (d spread in proportion to size).
+        seed: seed of the `random` score.
+        progress: show a progress bar over the data (default: when stderr is a terminal).
+
+    Returns:
+        A `SparseMask` with exactly d entries.
+
+    Example:
+        >>> net = nn.Linear(4, 2)
+        >>> loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+        >>> select_mask(net, loss, data, sparsity=0.2).num_selected
+        2
+    """
+    spec = get_score(score)
+    if budget not in ("global", "per_tensor"):
+        raise ValueError(f"budget must be 'global' or 'per_tensor'; got {budget!r}")
+    params = candidate_parameters(model, include, exclude, spec.is_candidate)
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    num_candidates = sum(p.numel() for p in params.values())
+    d = selected_count(sparsity, num_candidates)
+    if spec.needs_data and d < num_candidates and loss_fn is None:
+        raise ValueError(f"score {score!r} needs `loss_fn` and `data`; only 'random' and 'magnitude' work without them")
+    meta = {
+        "score": score, "sparsity": sparsity, "budget": budget, "seed": seed,
+        "include": list(include) if include else None, "exclude": list(exclude) if exclude else None,
+        "num_selected": d, "num_candidates": num_candidates,
+    }
+    if progress is None:
+        import sys
+
+        progress = sys.stderr.isatty()
+
+    if d == num_candidates:  # everything is selected: no need to score (e.g. BitFit)
+        indices = {n: torch.arange(p.numel()) for n, p in params.items()}
+        return SparseMask(indices, shapes, meta)
+
+    with scoring_mode(model, params.values()), torch.enable_grad():
+        scores = spec.compute(model, params, loss_fn, data, seed=seed, progress=progress)
+    names = list(params)
+    for name in names:
+        if not bool(torch.isfinite(scores[name]).all()):
+            raise FloatingPointError(
+                f"the {score!r} score of parameter {name!r} has NaN or Inf entries; check the loss "
+                "(e.g. run in fp32 or lower the learning rate that produced these weights)"
+            )
+    if budget == "global":
+        chosen = top_k([scores[n] for n in names], d)
+    else:
+        chosen = [top_k([scores[n]], k)[0] for n, k in zip(names, per_tensor_budget([params[n].numel() for n in names], d))]
+    del scores
+    logger.info("selected %d of %d entries (%s, %s budget)", d, num_candidates, score, budget)
+    return SparseMask({n: idx.cpu() for n, idx in zip(names, chosen)}, shapes, meta)
