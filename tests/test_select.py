@@ -89,7 +89,7 @@ def test_exact_count(name, score, budget):
     candidates = [p for n, p in case.model.named_parameters() if score != "bias" or n.endswith("bias")]
     assert mask.num_candidates == sum(p.numel() for p in candidates)
     assert mask.num_selected == mask.num_candidates // (10 if score == "bias" else 100)
-    for n, idx in mask.indices.items():
+    for idx in mask.indices.values():
         assert torch.equal(idx, torch.unique(idx)) and idx.dtype == torch.int64
 
 

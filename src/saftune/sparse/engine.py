@@ -114,7 +114,7 @@ class SparseModel:
         self._forwards: list[nn.Module] = []
         self._requires_grad = {p: p.requires_grad for p in model.parameters()}
         params = dict(model.named_parameters())
-        for name, idx in mask.indices.items():
+        for name in mask.indices:
             if name not in params:
                 raise ValueError(
                     f"mask parameter {name!r} is not in the model; was the mask selected on another model? "

@@ -1,0 +1,62 @@
+"""Datasets by name: `load_dataset("sentiment-domains", shots=16, seed=1)`.
+
+Each entry is a builder `(**options) -> Benchmark` with a one-line help text. Builders register
+themselves with the `@register_dataset` decorator when their module is imported.
+
+Example:
+    >>> "sentiment-domains" in list_datasets()
+    True
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from saftune.data.base import Benchmark
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    builder: Callable[..., Benchmark]
+    help: str
+
+
+_DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(name: str, help: str):
+    """Decorator: register `builder(**options) -> Benchmark` under `name`."""
+
+    def wrap(builder):
+        if name in _DATASETS:
+            raise ValueError(f"a dataset named {name!r} is already registered")
+        _DATASETS[name] = DatasetEntry(name, builder, help)
+        return builder
+
+    return wrap
+
+
+def _load_builtin() -> None:
+    # Importing the modules runs their @register_dataset decorators.
+    import saftune.data.embedded  # noqa: F401
+    import saftune.data.vision  # noqa: F401
+    import saftune.data.text  # noqa: F401
+
+
+def list_datasets() -> dict[str, str]:
+    """Registered dataset names -> help text."""
+    _load_builtin()
+    return {name: entry.help for name, entry in sorted(_DATASETS.items())}
+
+
+def load_dataset(name: str, **options) -> Benchmark:
+    """Build the benchmark registered as `name` with builder-specific options (shots, seed, root, ...)."""
+    _load_builtin()
+    if name not in _DATASETS:
+        close = difflib.get_close_matches(name, _DATASETS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(sorted(_DATASETS))}")
+    return _DATASETS[name].builder(**options)

@@ -1,0 +1,95 @@
+"""Evaluation: ID + OOD accuracy of a classifier on a benchmark, as one flat dict of metrics.
+
+Keys: "id" (in-distribution test accuracy), "ood/<name>" per OOD set, "ood_avg" (their mean), and for
+base-to-new benchmarks (an OOD set named "new") "base", "new", "hm" (harmonic mean).
+
+Example:
+    >>> from saftune.models import create
+    >>> from saftune.data import Benchmark, Split
+    >>> model = create("tiny-sentence")
+    >>> s = Split("toy", ["good film", "bad film"], [1, 0])
+    >>> b = Benchmark("toy", "text", ["negative", "positive"], ["a {} review."], s, s, s, {"other": s})
+    >>> sorted(evaluate(model, b))
+    ['id', 'ood/other', 'ood_avg']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from saftune.data.base import Benchmark, Split
+from saftune.eval.metrics import average_ood, harmonic_mean, project_logits, top1
+from saftune.models.base import Classifier
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _task(model: Classifier, benchmark: Benchmark, split: Split):
+    """Switch the classifier to a split's own class names / templates (cross-dataset), then back."""
+    own = split.classnames or split.templates
+    if own:
+        model.set_classes(split.classnames or benchmark.classnames, split.templates or benchmark.templates)
+    try:
+        yield
+    finally:
+        if own:
+            model.set_classes(benchmark.classnames, benchmark.templates)
+
+
+@torch.no_grad()
+def predict(model: Classifier, split: Split, *, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Logits [N, C] of a split (projected onto its class subset when it has one), in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = list(range(len(split)))
+    if split.inputs and isinstance(split.inputs[0], str):
+        order.sort(key=lambda i: len(split.inputs[i]))  # batches of similar length: little padding
+    chunks = []
+    for start in tqdm(range(0, len(order), batch_size), desc=f"eval {split.name}", disable=not progress, leave=False):
+        batch = model.collate([split.inputs[i] for i in order[start : start + batch_size]])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        chunks.append(project_logits(model(batch).float(), split.class_subset).cpu())
+    logits = torch.empty_like(torch.cat(chunks))
+    logits[torch.as_tensor(order)] = torch.cat(chunks)
+    return logits
+
+
+def evaluate_split(model: Classifier, benchmark: Benchmark, split: Split, *, batch_size: int = 64,
+                   progress: bool = False) -> float:
+    """Top-1 accuracy on one split."""
+    if len(split) == 0:
+        raise ValueError(f"split {split.name!r} is empty: nothing to evaluate")
+    with _task(model, benchmark, split):
+        logits = predict(model, split, batch_size=batch_size, progress=progress)
+    return top1(logits, torch.as_tensor(split.labels))
+
+
+def evaluate(model: Classifier, benchmark: Benchmark, *, batch_size: int = 64, include_val: bool = False,
+             progress: bool = False) -> dict[str, float]:
+    """ID and OOD accuracies of `model` on `benchmark` (plus "val" when `include_val`).
+
+    The model keeps its training mode afterwards; evaluation itself runs in eval mode without gradients.
+    """
+    was_training = model.training
+    if model.classnames != benchmark.classnames or model.templates != benchmark.templates:
+        model.set_classes(benchmark.classnames, benchmark.templates)
+    metrics: dict[str, float] = {}
+    try:
+        if include_val:
+            metrics["val"] = evaluate_split(model, benchmark, benchmark.val, batch_size=batch_size, progress=progress)
+        metrics["id"] = evaluate_split(model, benchmark, benchmark.test, batch_size=batch_size, progress=progress)
+        for name, split in benchmark.ood.items():
+            metrics[f"ood/{name}"] = evaluate_split(model, benchmark, split, batch_size=batch_size, progress=progress)
+    finally:
+        model.train(was_training)
+    if benchmark.ood:
+        metrics["ood_avg"] = average_ood(metrics)
+    if "ood/new" in metrics:  # base-to-new generalisation: the ID test set holds the base classes
+        metrics["base"], metrics["new"] = metrics["id"], metrics["ood/new"]
+        metrics["hm"] = harmonic_mean(metrics["base"], metrics["new"])
+    return metrics

@@ -1,0 +1,24 @@
+"""Shared fixtures.
+
+`require_asset(name)` gives the directory of a fetched asset (see `saftune.assets`). Tests that use it
+need the real data; the documented test command fetches the assets first, so a missing asset is a
+setup error and fails the test with the command that fixes it, rather than silently skipping.
+"""
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def require_asset():
+    """A function `name -> Path` returning `asset_path(name)`, or failing the test with the fetch command."""
+    from saftune.assets import AssetMissingError, asset_path
+
+    def get(name: str) -> Path:
+        try:
+            return asset_path(name)
+        except AssetMissingError as e:
+            pytest.fail(str(e), pytrace=False)
+
+    return get
