@@ -20,6 +20,7 @@ def test_save_load_round_trip(tmp_path):
     path = mask.save(tmp_path / "mask.safetensors")
     loaded = SparseMask.load(path)
     assert loaded == mask
+    assert list(loaded.indices) == list(mask.indices)  # parameter order survives safetensors' sorted keys
     assert loaded.shapes == mask.shapes
     assert loaded.meta["score"] == "grad" and loaded.meta["sparsity"] == 0.01
     assert all(i.dtype == torch.int64 for i in loaded.indices.values())

@@ -42,6 +42,7 @@ class DualEncoderClassifier(Classifier):
         self.freeze_prompts = False  # set by methods whose prompt side cannot change (linear probe, SAFT image scope)
         self.encoding_prompts = False  # True while prompts go through the (possibly shared) encoder: CoOp's cue
         self.head: torch.nn.Linear | None = None  # a linear probe replaces the zero-shot head when attached
+        self.fixed_templates: list[str] | None = None  # learned prompts (CoOp) keep their own template
         self._prompt_tokens: dict | None = None
         self._class_cache: torch.Tensor | None = None
 
@@ -70,7 +71,7 @@ class DualEncoderClassifier(Classifier):
                 f"this classifier has a trained linear head for {self.head.out_features} classes; it cannot switch "
                 f"to {len(classnames)} classes (set `head = None` to go back to the zero-shot head)"
             )
-        super().set_classes(classnames, templates)
+        super().set_classes(classnames, self.fixed_templates or templates)
         texts = [t.format(c) for c in self.classnames for t in self.templates]
         self._prompt_tokens = self.tokenize_prompts(texts)
         self._class_cache = None

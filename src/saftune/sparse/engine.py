@@ -127,8 +127,9 @@ class SparseModel:
         for p in model.parameters():
             p.requires_grad_(False)
         owners = _owners(model)
-        for name, idx in mask.indices.items():
-            param = params[name]
+        # Slots follow the model's parameter order, so optimizer state lines up whatever the mask's dict order.
+        for name in [n for n in params if n in mask.indices]:
+            idx, param = mask.indices[name], params[name]
             idx = idx.to(param.device)
             pretrained = param.detach().reshape(-1)[idx].clone()
             dtype = torch.promote_types(param.dtype, master_dtype)

@@ -247,7 +247,12 @@ class SparseMask:
                 f"version {MASK_FORMAT_VERSION}; select the mask again with this version"
             )
         try:
-            return cls(tensors, {n: tuple(s) for n, s in header["shapes"].items()}, header.get("meta"))
+            shapes = {n: tuple(s) for n, s in header["shapes"].items()}
+            unknown = set(tensors) - set(shapes)
+            if unknown:
+                raise ValueError(f"indices for {sorted(unknown)[:3]} but no shapes")
+            # safetensors stores keys sorted; the header keeps the model's parameter order
+            return cls({n: tensors[n] for n in shapes if n in tensors}, shapes, header.get("meta"))
         except (KeyError, ValueError) as e:
             raise MaskFileError(f"mask file {str(path)!r} is inconsistent: {e}") from e
 

@@ -1,0 +1,171 @@
+"""The method interface and registry: every fine-tuning method is a config dataclass + a small class.
+
+A method decides what trains and what the loss is; the trainer runs the loop without knowing which
+method it drives. The life of a method in a run:
+
+    method = create_method("saft", lr=5e-6)          # config from keyword options / YAML / CLI
+    method.prepare(model, context)                   # select a mask, attach adapters, fit a probe, ...
+    groups = method.parameter_groups(model)          # what the optimizer sees
+    terms = method.training_step(model, batch)       # named loss terms, e.g. {"ce_loss": ..., "l2sp_loss": ...}
+    method.after_step(model, step, total_steps)      # e.g. CLIPood's weight averaging
+    method.finalize(model)                           # e.g. load the averaged weights
+    method.save_result(model, directory, info)       # the artifact: sparse delta, adapter, weights, ...
+
+Example:
+    >>> "saft" in list_methods() and "ft" in list_methods()
+    True
+    >>> create_method("saft", sparsity="1e-4").config.sparsity
+    0.0001
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from saftune.config import Config, option
+from saftune.models.base import Classifier, classification_loss
+
+
+@dataclass
+class MethodConfig(Config):
+    """Options every trained method has: the optimizer's learning rate and weight decay."""
+
+    lr: float = option(1e-5, "peak learning rate of AdamW", low=0.0, low_open=True)
+    weight_decay: float = option(0.1, "AdamW weight decay (the papers use 0.1)", low=0.0)
+
+
+@dataclass
+class PrepareContext:
+    """What `Method.prepare` may use.
+
+    Attributes:
+        batches: callable returning a fresh iterator over the training set in fixed order without
+            augmentation (phase-1 scoring, linear-probe features).
+        seed: the run seed.
+        device: where the model lives.
+        out_dir: the run directory (None when not saving), e.g. for the SAFT mask.
+        resuming: True when a checkpoint will be loaded after `prepare` (reuse saved work).
+        progress: show progress bars.
+    """
+
+    batches: Callable[[], Iterator[dict]]
+    seed: int = 0
+    device: torch.device | str = "cpu"
+    out_dir: Path | None = None
+    resuming: bool = False
+    progress: bool = False
+
+
+class Method:
+    """Base class. Subclasses set `name`, `config_class`, `help` and override what they change."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    help: ClassVar[str] = ""
+    trains: ClassVar[bool] = True  # False: nothing for the trainer's loop (zero-shot, linear probe)
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config or self.config_class()
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def prepare(self, model: Classifier, context: PrepareContext) -> None:
+        """Make `model` ready: by default every parameter trains."""
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    def trainable_parameters(self, model: Classifier) -> list[nn.Parameter]:
+        """The tensors the optimizer updates."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def parameter_groups(self, model: Classifier) -> list[dict]:
+        """Optimizer parameter groups (one group with the config's weight decay by default)."""
+        return [{"params": self.trainable_parameters(model), "weight_decay": self.config.weight_decay}]
+
+    # -- training ---------------------------------------------------------------------------------------
+    def training_step(self, model: Classifier, batch: dict) -> dict[str, torch.Tensor]:
+        """Named loss terms of one batch; the trainer sums them."""
+        return {"ce_loss": classification_loss(model, batch).mean()}
+
+    def after_step(self, model: Classifier, step: int, total_steps: int) -> None:
+        """Called after every optimizer step (step counts from 1)."""
+
+    def finalize(self, model: Classifier) -> None:
+        """Called once after the last step, before evaluation and saving."""
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self, model: Classifier) -> dict[str, torch.Tensor]:
+        """Everything training changed, for checkpoints (tensors only)."""
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, model: Classifier, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` returned (after `prepare`)."""
+        params = dict(model.named_parameters())
+        missing = set(state) - set(params)
+        if missing:
+            raise ValueError(f"checkpoint has tensors this model lacks: {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    # -- results ----------------------------------------------------------------------------------------
+    def save_result(self, model: Classifier, directory: Path, info: dict) -> Path:
+        """Write the run's artifact into `directory` (default: the full weights)."""
+        from saftune.methods.results import save_weights
+
+        return save_weights(model, directory, info)
+
+    def num_trainable(self, model: Classifier) -> int:
+        """Number of trained values (for the reports' parameter column)."""
+        return sum(p.numel() for p in self.trainable_parameters(model))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a method under `cls.name`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no `name`")
+    if cls.name in _METHODS:
+        raise ValueError(f"a method named {cls.name!r} is already registered")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    import saftune.methods.catalog  # noqa: F401 - importing registers the built-in methods
+
+
+def list_methods() -> dict[str, str]:
+    """Registered method names -> help text: the built-in ones in the papers' order, then any added."""
+    from saftune.methods.catalog import BUILTIN_ORDER
+
+    _load_builtin()
+    names = [n for n in BUILTIN_ORDER if n in _METHODS] + [n for n in _METHODS if n not in BUILTIN_ORDER]
+    return {name: _METHODS[name].help for name in names}
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered as `name`, or a clear error with the known names."""
+    _load_builtin()
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, _METHODS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown method {name!r}.{hint} Known methods: {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def create_method(name: str, options: dict | None = None, **overrides) -> Method:
+    """Build a method from its name and options (strings are coerced to the options' types)."""
+    cls = method_class(name)
+    return cls(cls.config_class.from_dict(options or {}, **overrides))

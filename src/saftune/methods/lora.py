@@ -1,0 +1,123 @@
+"""`lora`: low-rank adapters through the PEFT library (`LoraConfig`), merged for deployment.
+
+Targets default to every `nn.Linear` outside the classification head, and every
+`nn.MultiheadAttention` (open_clip's fused attention) as a whole, which PEFT supports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from saftune.config import option
+from saftune.methods.base import Method, MethodConfig, register_method
+from saftune.methods.results import write_result_config
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    lr: float = option(1e-4, "peak learning rate (adapters start at zero: larger steps than full FT)", low=0.0, low_open=True)
+    rank: int = option(8, "rank r of the adapters", low=1)
+    alpha: float = option(16.0, "LoRA scaling alpha (the update is scaled by alpha / r)", low=0.0, low_open=True)
+    dropout: float = option(0.0, "dropout on the adapters' input", low=0.0, high=1.0)
+    targets: list[str] | None = option(None, "module names to adapt (suffix match); default: every Linear and "
+                                       "MultiheadAttention outside the head")
+
+
+def default_targets(model) -> list[str]:
+    """Full names of every Linear / MultiheadAttention outside the head scope (MHA children excluded)."""
+    import fnmatch
+
+    head_patterns = model.scopes.get("head", [])
+    names, inside_mha = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside_mha):
+            continue
+        if any(fnmatch.fnmatchcase(f"{name}.weight", p) for p in head_patterns):
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            names.append(name)
+            inside_mha.append(name)
+        elif isinstance(module, nn.Linear) and name != "head":
+            names.append(name)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no Linear or MultiheadAttention module for LoRA")
+    return names
+
+
+def _lora_config(rank, alpha, dropout, targets):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every LoRA layer into its base layer and remove the adapters (in place)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name:
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
+
+
+@register_method
+class LoRA(Method):
+    name = "lora"
+    config_class = LoRAConfig
+    help = "low-rank adapters (PEFT LoraConfig) on the Linear and attention layers"
+    interpolates_linearly = False  # mixing A and B does not mix the weight updates linearly
+
+    def prepare(self, model, context) -> None:
+        from peft import inject_adapter_in_model
+
+        targets = self.config.targets or default_targets(model)
+        self.peft_config = _lora_config(self.config.rank, self.config.alpha, self.config.dropout, targets)
+        inject_adapter_in_model(self.peft_config, model)
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+    def save_result(self, model, directory, info):
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        from saftune._io import atomic_path, write_json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / "adapter_model.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}, str(tmp))
+        config = self.peft_config.to_dict()
+        config["target_modules"] = sorted(config["target_modules"]) if config.get("target_modules") else None
+        write_json(directory / "adapter_config.json", {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()})
+        return write_result_config(directory, "lora", info).parent
+
+
+def load_lora(model, directory: Path, merge: bool = False) -> nn.Module:
+    """Attach a saved adapter to `model` (and merge it when `merge`)."""
+    import json
+
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    saved = json.loads((directory / "adapter_config.json").read_text())
+    config = LoraConfig(r=saved["r"], lora_alpha=saved["lora_alpha"], lora_dropout=saved.get("lora_dropout", 0.0),
+                        target_modules=saved["target_modules"], bias=saved.get("bias", "none"))
+    inject_adapter_in_model(config, model)
+    result = set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter tensors {unexpected[:3]} do not fit this model")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return merge_lora(model) if merge else model

@@ -1,0 +1,134 @@
+"""`lp` (linear probe on frozen features) and `lpft` (linear probe, then full fine-tuning from it).
+
+The probe is fit on features computed once (no augmentation), full batch, with AdamW: the standard
+recipe of the LP-FT paper (Kumar et al., 2022), which uses logistic regression. For CLIP-style models
+the head starts from the zero-shot head (logit_scale * class embeddings), so the probe begins at the
+zero-shot classifier.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from saftune.config import option
+from saftune.methods.base import Method, MethodConfig, register_method
+from saftune.methods.results import save_partial_weights
+
+logger = logging.getLogger(__name__)
+
+
+def linear_head(model) -> torch.nn.Linear:
+    """The linear layer mapping `model.features` to logits (attached for dual encoders)."""
+    if hasattr(model, "linear_head"):
+        return model.linear_head()
+    head = getattr(getattr(model, "network", None), "classifier", None)
+    if head is None and hasattr(model, "_head"):
+        head = model._head()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no linear head on its features; linear probing is not available")
+    return head
+
+
+@torch.no_grad()
+def extract_features(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of every batch, in eval mode."""
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    for batch in batches:
+        feats.append(model.features(batch).float())
+        labels.append(batch["labels"])
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_probe(head: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor, *, steps: int, lr: float,
+              weight_decay: float) -> float:
+    """Full-batch AdamW on the head's cross-entropy; returns the final training loss."""
+    head.weight.requires_grad_(True)
+    if head.bias is not None:
+        head.bias.requires_grad_(True)
+    params = [p for p in head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    features = features.to(head.weight.device, head.weight.dtype)
+    labels = labels.to(head.weight.device)
+    loss = torch.tensor(float("nan"))
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(head(features), labels)
+            loss.backward()
+            optimizer.step()
+    return float(loss.detach())
+
+
+@dataclass
+class LinearProbeConfig(MethodConfig):
+    probe_steps: int = option(300, "full-batch AdamW steps of the probe", low=1)
+    probe_lr: float = option(1e-3, "learning rate of the probe", low=0.0, low_open=True)
+    probe_weight_decay: float = option(0.0, "weight decay of the probe (towards zero)", low=0.0)
+
+
+@register_method
+class LinearProbe(Method):
+    name = "lp"
+    config_class = LinearProbeConfig
+    help = "linear probe on frozen features (head initialised from the zero-shot head)"
+    trains = False
+
+    def prepare(self, model, context) -> None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        head = linear_head(model)
+        features, labels = extract_features(model, context.batches())
+        loss = fit_probe(head, features, labels, steps=self.config.probe_steps, lr=self.config.probe_lr,
+                         weight_decay=self.config.probe_weight_decay)
+        logger.info("linear probe: %d features of dim %d, final loss %.4f", len(labels), features.shape[1], loss)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if hasattr(model, "freeze_prompts"):
+            model.freeze_prompts = True
+        self._head_names = [n for n, p in model.named_parameters() if any(p is q for q in head.parameters())]
+
+    def trainable_parameters(self, model):
+        return []
+
+    def num_trainable(self, model) -> int:
+        return sum(p.numel() for n, p in model.named_parameters() if n in self._head_names)
+
+    def save_result(self, model, directory: Path, info: dict) -> Path:
+        params = dict(model.named_parameters())
+        return save_partial_weights({n: params[n] for n in self._head_names}, directory, info)
+
+
+@dataclass
+class LPFTConfig(LinearProbeConfig):
+    lr: float = option(1e-5, "learning rate of the fine-tuning stage", low=0.0, low_open=True)
+
+
+@register_method
+class LinearProbeThenFineTune(LinearProbe):
+    name = "lpft"
+    config_class = LPFTConfig
+    help = "linear probe, then full fine-tuning from it (Kumar et al., 2022)"
+    trains = True
+
+    def prepare(self, model, context) -> None:
+        super().prepare(model, context)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if hasattr(model, "freeze_prompts"):
+            model.freeze_prompts = False
+
+    def trainable_parameters(self, model):
+        return Method.trainable_parameters(self, model)
+
+    def num_trainable(self, model) -> int:
+        return Method.num_trainable(self, model)
+
+    save_result = Method.save_result

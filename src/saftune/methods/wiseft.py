@@ -1,0 +1,78 @@
+"""`wiseft`: weight-space ensembling (Wortsman et al., 2022) of any fine-tuned result.
+
+theta(a) = (1 - a) * theta0 + a * theta1, for the trained tensors of a base method: all weights for full
+fine-tuning, the sparse values for SAFT (so a sparse result stays sparse). The run evaluates the whole
+curve `alphas`; the reported result is `alpha` (0.5, the paper's default; not tuned on OOD data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from saftune.config import option
+from saftune.methods.base import Method, MethodConfig, method_class, register_method
+
+
+@dataclass
+class WiseFTConfig(MethodConfig):
+    base: str = option("ft", "the fine-tuning method whose result is interpolated (ft, saft, ...)")
+    alpha: float = option(0.5, "mixing weight of the reported result (0: pretrained, 1: fine-tuned)", low=0.0, high=1.0)
+    alphas: list[float] = option(help="mixing weights of the evaluated curve",
+                                 default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    base_options: dict = option(help="options of the base method besides lr and weight_decay", default_factory=dict)
+
+
+@register_method
+class WiseFT(Method):
+    name = "wiseft"
+    config_class = WiseFTConfig
+    help = "weight-space interpolation between the pretrained and a fine-tuned model (WiSE-FT)"
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        base_cls = method_class(self.config.base)
+        if base_cls is WiseFT or not getattr(base_cls, "interpolates_linearly", True) or not base_cls.trains:
+            raise ValueError(f"wiseft cannot interpolate {self.config.base!r} results; use ft, lpft, l2sp, kd, flyp, saft, ...")
+        options = {"lr": self.config.lr, "weight_decay": self.config.weight_decay, **self.config.base_options}
+        self.base = base_cls(base_cls.config_class.from_dict(options))
+
+    def prepare(self, model, context):
+        self.base.prepare(model, context)
+        self.start = {n: t.detach().clone() for n, t in self.base.state_dict(model).items()}
+
+    def trainable_parameters(self, model):
+        return self.base.trainable_parameters(model)
+
+    def parameter_groups(self, model):
+        return self.base.parameter_groups(model)
+
+    def training_step(self, model, batch):
+        return self.base.training_step(model, batch)
+
+    def after_step(self, model, step, total_steps):
+        self.base.after_step(model, step, total_steps)
+
+    def finalize(self, model):
+        self.base.finalize(model)
+        self.end = {n: t.detach().clone() for n, t in self.base.state_dict(model).items()}
+        self.interpolate(model, self.config.alpha)
+
+    @torch.no_grad()
+    def interpolate(self, model, alpha: float) -> None:
+        """Set the trained tensors to (1 - alpha) * pretrained + alpha * fine-tuned."""
+        mixed = {n: torch.lerp(self.start[n].float(), self.end[n].float(), alpha).to(self.end[n].dtype) for n in self.end}
+        self.base.load_state_dict(model, mixed)
+
+    def state_dict(self, model):
+        return self.base.state_dict(model)
+
+    def load_state_dict(self, model, state):
+        self.base.load_state_dict(model, state)
+
+    def num_trainable(self, model):
+        return self.base.num_trainable(model)
+
+    def save_result(self, model, directory, info):
+        return self.base.save_result(model, directory, {**info, "wiseft_alpha": self.config.alpha})
