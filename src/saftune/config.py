@@ -92,14 +92,20 @@ def _coerce(value, annotation, name: str, owner: str):
     if annotation is int:
         if isinstance(value, bool):
             raise ValueError(f"{owner}.{name} must be an integer, got {value!r}")
-        number = float(value) if isinstance(value, str) else value
-        if not isinstance(number, (int, float)) or int(number) != number:
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if not isinstance(number, (int, float)) or number != number or int(number) != number:
             raise ValueError(f"{owner}.{name} must be an integer, got {value!r}")
         return int(number)
     if annotation is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{owner}.{name} must be a number, got {value!r}")
-        return float(value)
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{owner}.{name} must be a number, got {value!r}") from None
     if annotation is str:
         if not isinstance(value, str):
             raise ValueError(f"{owner}.{name} must be a string, got {value!r}")

@@ -15,7 +15,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import inspect
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from saftune.data.registry import _DATASETS, _load_builtin, load_dataset
 from saftune.eval.evaluate import evaluate, evaluate_split
 from saftune.methods.base import create_method
 from saftune.models.registry import create
-from saftune.train.trainer import TrainConfig, fit
+from saftune.train.trainer import LOG_FILE, TrainConfig, fit
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +65,52 @@ def build_benchmark(config: RunConfig):
     return load_dataset(config.dataset, **options)
 
 
-def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resume: bool = True) -> dict:
-    """Run one experiment and return its record (metrics, parameter counts, timings, configuration)."""
+def _loss_curve(history: list[dict], points: int = 200) -> list[list[float]]:
+    """(step, loss) pairs, thinned to at most `points` for the report's training-curve plot."""
+    losses = [(h["step"], round(h["loss"], 5)) for h in history if "loss" in h]
+    stride = max(1, len(losses) // points)
+    return [list(p) for p in losses[::stride]] + ([list(losses[-1])] if losses and (len(losses) - 1) % stride else [])
+
+
+def _logged_history(out_dir: Path | None, fallback: list[dict]) -> list[dict]:
+    """The run's whole training history: log.jsonl when there is one (it spans resumed attempts)."""
+    log = out_dir / LOG_FILE if out_dir is not None else None
+    if log is None or not log.is_file():
+        return fallback
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def _pretrained(config: RunConfig, cache: dict | None):
+    """A fresh pretrained model: built by the registry, or deep-copied from the cache."""
+    options = {"seed": config.seed} | config.model_options
+    if cache is None:
+        return create(config.model, **options)
+    key = json.dumps([config.model, options], sort_keys=True, default=str)
+    if key not in cache:
+        cache[key] = create(config.model, **options)
+    return copy.deepcopy(cache[key])
+
+
+def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resume: bool = True,
+                   evaluate_splits: str = "all", model_cache: dict | None = None) -> dict:
+    """Run one experiment and return its record (metrics, parameter counts, timings, configuration).
+
+    Args:
+        config: the run.
+        out_dir: where the run writes (None: nothing is written).
+        resume: continue from a checkpoint in `out_dir` when there is one.
+        evaluate_splits: "all" (validation, ID test, OOD sets) or "val" (validation only: hyperparameter trials).
+        model_cache: a dict in which to keep one pristine copy of each pretrained model, so a grid
+            loads it from disk once (runs get deep copies).
+    """
+    if evaluate_splits not in ("all", "val"):
+        raise ValueError(f"evaluate_splits must be 'all' or 'val'; got {evaluate_splits!r}")
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "run.json", config.to_dict())
     bench = build_benchmark(config)
-    model = create(config.model, **({"seed": config.seed} | config.model_options))
+    model = _pretrained(config, model_cache)
     model.set_classes(bench.classnames, bench.templates)
     total_params = sum(p.numel() for p in model.parameters())
     method = create_method(config.method, config.method_options)
@@ -82,13 +122,22 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
     started = time.perf_counter()
     trained = fit(model, method, bench.train, train_config, run_dir=out_dir, resume=resume,
                   identity=config.identity(), evaluate_fn=on_val)
+    history = _logged_history(out_dir, trained.history)
     train_seconds = time.perf_counter() - started
+    if trained.resumed_from:  # add the time the earlier attempt spent up to the checkpoint
+        train_seconds += next((h["seconds"] for h in history if h.get("step") == trained.resumed_from and "seconds" in h), 0.0)
 
     started = time.perf_counter()
-    metrics = evaluate(model, bench, batch_size=config.eval_batch_size, include_val=True)
+    if evaluate_splits == "val":
+        metrics = {"val": evaluate_split(model, bench, bench.val, batch_size=config.eval_batch_size)}
+    else:
+        metrics = evaluate(model, bench, batch_size=config.eval_batch_size, include_val=True)
     curve = []
-    if hasattr(method, "interpolate"):  # WiSE-FT: the whole curve, then back to the reported alpha
+    if hasattr(method, "interpolate") and evaluate_splits == "all":  # WiSE-FT: the curve, then the reported alpha
         for alpha in method.config.alphas:
+            if alpha == method.config.alpha:  # the reported point: already evaluated above
+                curve.append({"alpha": alpha, **metrics})
+                continue
             method.interpolate(model, alpha)
             curve.append({"alpha": alpha, **evaluate(model, bench, batch_size=config.eval_batch_size, include_val=True)})
         method.interpolate(model, method.config.alpha)
@@ -112,6 +161,12 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
     }
     if curve:
         record["wiseft_curve"] = curve
+    sparse = getattr(method, "base", method)  # WiSE-FT of a sparse method keeps the base's mask
+    if hasattr(sparse, "mask"):
+        record["sparsity"] = getattr(sparse.config, "sparsity", None)
+        record["mask_summary"] = [{"block": r.block, "selected": r.selected, "total": r.total} for r in sparse.mask.summary()]
+    if history:
+        record["loss_curve"] = _loss_curve(history)
     if out_dir is not None:
         if config.save_result:
             info = {"method": config.method, "method_config": method.config.to_dict(), "base_model": config.model,

