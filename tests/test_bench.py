@@ -53,3 +53,32 @@ def test_plan_expands_sparsity_levels_only_for_sparse_methods():
 def test_bad_grids_are_refused_before_any_run(change, message):
     with pytest.raises(ValueError, match=message):
         BenchConfig.from_dict({**GRID, **change}).variants()
+
+
+def test_a_grid_over_several_datasets_selects_once_and_runs_each(tmp_path, require_asset):
+    require_asset("vader")
+    grid = {**GRID, "seeds": [1], "methods": ["zeroshot", "saft"],
+            "datasets": ["toy-text", {"name": "sentiment-domains", "options": {"max_test": 10, "max_ood": 4}}]}
+    grid["selection"] = {"seed": 1, "grid": {"saft": {"lr": [1e-3, 1e-2]}}}
+    records = run_bench(BenchConfig.from_dict(grid), tmp_path / "r.jsonl", tmp_path)
+    assert [r["run_id"] for r in records] == ["toy-text/zeroshot/seed=1", "toy-text/saft/seed=1",
+                                              "sentiment-domains/zeroshot/seed=1", "sentiment-domains/saft/seed=1"]
+    assert records[2]["benchmark"]["id"] == 10 and records[2]["benchmark"]["tweets"] == 4
+    assert records[1]["method_config"]["lr"] == records[3]["method_config"]["lr"]  # chosen once, on the first
+    assert (run_dir(tmp_path, "toy-text/saft/seed=1") / "checkpoint").is_dir()  # the winning trial, reused
+
+
+def test_every_paper_recipe_parses_and_names_registered_things():
+    from pathlib import Path
+
+    from saftune.data import list_datasets
+    from saftune.models.registry import _MODELS
+
+    recipes = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")) + [Path("demo")]
+    assert len(recipes) >= 6
+    for path in recipes:
+        bench = BenchConfig.load(path)
+        assert bench.variants(), path
+        for name, _ in bench.dataset_entries():
+            assert name in list_datasets(), (path, name)
+        assert bench.model.partition(":")[0] in _MODELS, path

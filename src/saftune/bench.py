@@ -79,6 +79,8 @@ class BenchConfig(Config):
     model_options: dict = option(help="model builder options", default_factory=dict)
     dataset: str = option("sentiment-domains", "dataset name")
     dataset_options: dict = option(help="dataset builder options", default_factory=dict)
+    datasets: list | None = option(None, "several datasets, each a name or {name, options} (merged over "
+                                   "dataset_options): the grid runs on each; hyperparameters are chosen on the first")
     seeds: list[int] = option(help="protocol seeds", default_factory=lambda: [1, 2, 3])
     methods: list = option(help="grid rows: method names or {name, method, options}", default_factory=lambda: ["saft"])
     sparsities: list[float] | None = option(None, "sparsity levels for variants whose method has a `sparsity` option")
@@ -99,6 +101,22 @@ class BenchConfig(Config):
             if unknown:
                 raise ValueError(f"selection.grid names {sorted(unknown)}, which are not rows of the grid")
         return out
+
+    def dataset_entries(self) -> list[tuple[str, dict]]:
+        """(dataset name, options) for every dataset of the grid."""
+        if not self.datasets:
+            return [(self.dataset, dict(self.dataset_options))]
+        entries = []
+        for entry in self.datasets:
+            name, options = (entry, {}) if isinstance(entry, str) else (entry.get("name"), entry.get("options") or {})
+            if not name:
+                raise ValueError(f"a `datasets` entry needs a name: {entry!r}")
+            entries.append((name, {**self.dataset_options, **options}))
+        return entries
+
+    def for_dataset(self, name: str, options: dict) -> BenchConfig:
+        """This grid restricted to one dataset."""
+        return self.replace(dataset=name, dataset_options=options, datasets=None)
 
     @classmethod
     def load(cls, source: str | Path) -> BenchConfig:
@@ -121,9 +139,10 @@ def _has_option(method: str, name: str) -> bool:
     return name in method_class(method).config_class.field_names()
 
 
-def run_id(variant: str, seed: int, sparsity: float | None = None) -> str:
-    """The key that identifies a finished run in a results file."""
-    return f"{variant}/sparsity={sparsity:g}/seed={seed}" if sparsity is not None else f"{variant}/seed={seed}"
+def run_id(variant: str, seed: int, sparsity: float | None = None, dataset: str | None = None) -> str:
+    """The key that identifies a finished run in a results file (the dataset only in multi-dataset grids)."""
+    rid = f"{variant}/sparsity={sparsity:g}/seed={seed}" if sparsity is not None else f"{variant}/seed={seed}"
+    return f"{dataset}/{rid}" if dataset else rid
 
 
 def finished_run_ids(path: Path) -> set[str]:
@@ -168,14 +187,20 @@ def _run_config(bench: BenchConfig, variant: Variant, seed: int, options: dict, 
                      train=train or bench.train, seed=seed, eval_batch_size=bench.eval_batch_size, save_result=save)
 
 
-def select_hyperparameters(bench: BenchConfig, out_dir: Path, model_cache: dict | None = None) -> dict[str, dict]:
+def select_hyperparameters(bench: BenchConfig, out_dir: Path, model_cache: dict | None = None,
+                           reuse_dir=None) -> dict[str, dict]:
     """Choose each gridded variant's options by validation accuracy (ties: the first candidate).
 
     Trials run on `selection.seed` and are evaluated on the validation split only. The outcome is
     cached in `<out_dir>/selection.json` (reused while the grid's settings are unchanged). The winning
     trial *is* the grid's run of that variant on the selection seed (same options, same seed), so its
     run directory becomes that run's: the grid then only evaluates it instead of training it again.
+
+    Args:
+        reuse_dir: variant name -> the grid's run directory of that variant on the selection seed
+            (default: the single-dataset layout under `out_dir`).
     """
+    reuse_dir = reuse_dir or (lambda name: run_dir(out_dir, run_id(name, bench.selection.seed)))
     if not bench.selection or not bench.selection.grid:
         return {}
     cache_path = Path(out_dir) / "selection.json"
@@ -206,7 +231,7 @@ def select_hyperparameters(bench: BenchConfig, out_dir: Path, model_cache: dict 
             logger.info("selection %s %s: val %.4f", name, candidate, record["metrics"]["val"])
         best = max(trials, key=lambda t: t["val"])  # max keeps the first of equal values
         if reusable:
-            target = run_dir(out_dir, run_id(name, bench.selection.seed))
+            target = reuse_dir(name)
             shutil.rmtree(target, ignore_errors=True)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(best["dir"], target)
@@ -250,17 +275,24 @@ def run_bench(bench: BenchConfig, results_path: str | Path, out_dir: str | Path,
     repair_tail(results_path)
     done = finished_run_ids(results_path)
     model_cache: dict = {}  # one pristine pretrained model per process; each run gets a copy
-    chosen = select_hyperparameters(bench, out_dir, model_cache)
+    entries = bench.dataset_entries()
+    many = len(entries) > 1
+    # Hyperparameters are chosen once, on the first dataset's validation split (the source dataset).
+    first = entries[0][0]
+    seed = bench.selection.seed if bench.selection else None
+    chosen = select_hyperparameters(bench.for_dataset(*entries[0]), out_dir, model_cache,
+                                    lambda name: run_dir(out_dir, run_id(name, seed, None, first if many else None)))
     new = []
-    for variant, sparsity, seed in plan(bench):
-        rid = run_id(variant.name, seed, sparsity)
+    for (dataset, options), (variant, sparsity, seed) in itertools.product(entries, plan(bench)):
+        rid = run_id(variant.name, seed, sparsity, dataset if many else None)
+        grid = bench.for_dataset(dataset, options)
         if rid in done:
             logger.info("skip %s: already in %s", rid, results_path)
             continue
-        options = {**variant.options, **chosen.get(variant.name, {})}
+        run_options = {**variant.options, **chosen.get(variant.name, {})}
         if sparsity is not None:
-            options["sparsity"] = sparsity
-        config = _run_config(bench, variant, seed, options, save=bench.save_results)
+            run_options["sparsity"] = sparsity
+        config = _run_config(grid, variant, seed, run_options, save=bench.save_results)
         started = time.perf_counter()
         record = run_experiment(config, run_dir(out_dir, rid), model_cache=model_cache)
         record.update({"run_id": rid, "variant": variant.name, "grid": bench.name,

@@ -111,6 +111,9 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
         write_json(out_dir / "run.json", config.to_dict())
     bench = build_benchmark(config)
     model = _pretrained(config, model_cache)
+    if model.modality != bench.modality:
+        raise ValueError(f"model {config.model!r} takes {model.modality} inputs but dataset {config.dataset!r} holds "
+                         f"{bench.modality}; choose a {bench.modality} model (saftune list models)")
     model.set_classes(bench.classnames, bench.templates)
     total_params = sum(p.numel() for p in model.parameters())
     method = create_method(config.method, config.method_options)
