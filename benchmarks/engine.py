@@ -3,7 +3,8 @@
 Each (model, method) runs in a fresh subprocess, so peak memory is not polluted by an earlier run:
 after the model and the batch are loaded, the process resets its peak-RSS counter (Linux
 /proc/self/clear_refs), then builds the optimizer and trains; "memory" is peak RSS minus the RSS of the
-loaded model. Step time is the median over the timed steps after warm-up.
+loaded model. Step time is the median over the timed steps after warm-up. Each measurement runs in
+`--repeats` fresh processes and the medians are reported (all values are kept in the JSON).
 
 Methods (same model, same batch, same dual-encoder loss: mean-pooled text vs two class prompts):
     ft        full fine-tuning, AdamW on every parameter
@@ -173,13 +174,27 @@ def worker(args) -> dict:
 
 # ---------------------------------------------------------------------------------------------- driver
 def run_worker(method: str, model: str, args, mask: Path) -> dict:
+    """Run one measurement `args.repeats` times, each in a fresh process; report the medians.
+
+    Peak RSS varies by several percent between identical runs (allocator and thread-pool state), so a
+    single run can land on either side of a target; the median of fresh processes is stable.
+    """
     cmd = [sys.executable, __file__, "--worker", "--method", method, "--model", model, "--mask", str(mask)]
     for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads", "epoch_batches"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if out.returncode != 0:
-        raise SystemExit(f"{model}/{method} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(1 if method == "phase1" else args.repeats):  # phase 1 also writes the mask: once
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        if out.returncode != 0:
+            raise SystemExit(f"{model}/{method} failed:\n{out.stderr[-3000:]}")
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    result = dict(runs[0])
+    for key in ("step_seconds", "memory_mib", "epoch_seconds", "seconds"):
+        if key in result:
+            values = [r[key] for r in runs]
+            result[key] = statistics.median(values)
+            result[f"{key}_all"] = values
+    return result
 
 
 def main(argv=None) -> None:
@@ -192,6 +207,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sparsity", type=float, default=1e-3, help="SAFT sparsity")
     parser.add_argument("--epoch-batches", type=int, default=8, help="batches in the phase-1 'epoch'")
     parser.add_argument("--threads", type=int, default=torch_threads(), help="torch threads")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement (medians are reported)")
     parser.add_argument("--out", type=Path, default=RESULTS / "engine.json", help="where to write the JSON results")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -204,7 +220,8 @@ def main(argv=None) -> None:
 
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
-        "settings": {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup", "sparsity", "threads", "epoch_batches")},
+        "settings": {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup", "sparsity", "threads", "epoch_batches",
+                                                    "repeats")},
         "models": {},
     }
     for model in args.models:
@@ -226,10 +243,11 @@ def main(argv=None) -> None:
         }
         report["models"][model] = {"runs": rows, "ratios": ratios}
         print(f"\n{model}: {ft['params'] / 1e6:.1f}M parameters, SAFT trains {saft['trainable']} values")
-        print(f"  {'method':<7} {'step (s)':>9} {'memory (MiB)':>13} {'trainable':>11}")
+        print(f"  {'method':<7} {'step (s)':>9} {'memory (MiB)':>13} {'mem range':>11} {'trainable':>11}")
         for method in METHODS:
             r = rows[method]
-            print(f"  {method:<7} {r['step_seconds']:>9.3f} {r['memory_mib']:>13.1f} {r['trainable']:>11d}")
+            spread = f"{min(r['memory_mib_all']):.0f}-{max(r['memory_mib_all']):.0f}"
+            print(f"  {method:<7} {r['step_seconds']:>9.3f} {r['memory_mib']:>13.1f} {spread:>11} {r['trainable']:>11d}")
         print(f"  phase 1: {rows['phase1']['seconds']:.2f}s for {args.epoch_batches} batches "
               f"(one FT epoch {ft['epoch_seconds']:.2f}s), phase-1 memory {rows['phase1']['memory_mib']:.1f} MiB")
         for key, value in ratios.items():

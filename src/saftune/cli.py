@@ -152,14 +152,10 @@ def cmd_list(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from saftune.assets import fetch, list_assets
+    from saftune.assets import main as assets_main
 
-    names = list(list_assets()) if args.names == ["all"] else args.names
-    for name in names:
-        started = time.perf_counter()
-        path = fetch(name, force=args.force)
-        print(f"{name}: {path} ({time.perf_counter() - started:.1f}s)")
-    return 0
+    # The asset module's own command: optional assets that cannot be fetched do not fail `fetch all`.
+    return assets_main(["fetch", *args.names, *(["--force"] if args.force else [])])
 
 
 def cmd_select(args) -> int:

@@ -22,18 +22,6 @@ from saftune.methods.results import save_partial_weights
 logger = logging.getLogger(__name__)
 
 
-def linear_head(model) -> torch.nn.Linear:
-    """The linear layer mapping `model.features` to logits (attached for dual encoders)."""
-    if hasattr(model, "linear_head"):
-        return model.linear_head()
-    head = getattr(getattr(model, "network", None), "classifier", None)
-    if head is None and hasattr(model, "_head"):
-        head = model._head()
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"{type(model).__name__} has no linear head on its features; linear probing is not available")
-    return head
-
-
 @torch.no_grad()
 def extract_features(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every batch, in eval mode."""
@@ -84,7 +72,7 @@ class LinearProbe(Method):
     def prepare(self, model, context) -> None:
         for p in model.parameters():
             p.requires_grad_(False)
-        head = linear_head(model)
+        head = model.linear_head()
         features, labels = extract_features(model, context.batches())
         loss = fit_probe(head, features, labels, steps=self.config.probe_steps, lr=self.config.probe_lr,
                          weight_decay=self.config.probe_weight_decay)

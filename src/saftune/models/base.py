@@ -86,6 +86,10 @@ class Classifier(nn.Module):
     def num_classes(self) -> int:
         return len(self.classnames)
 
+    def linear_head(self) -> nn.Linear:
+        """The linear layer mapping `features(batch)` to logits (what a linear probe trains)."""
+        raise ValueError(f"{type(self).__name__} has no linear head on its features; linear probing is not available")
+
     # -- parameters -----------------------------------------------------------------------------
     def scope_patterns(self, scope: str) -> list[str] | None:
         """Glob patterns of a scope ("all" -> None, meaning every parameter)."""

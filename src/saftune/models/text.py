@@ -133,6 +133,12 @@ class SequenceClassifier(Classifier):
     def forward(self, batch):
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
+    def linear_head(self) -> nn.Linear:
+        head = self._head()
+        if not isinstance(head, nn.Linear):  # e.g. RoBERTa's dense + out_proj head: not linear in the features
+            return super().linear_head()
+        return head
+
     def features(self, batch):
         captured = {}
 

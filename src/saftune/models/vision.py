@@ -55,5 +55,8 @@ class ImageClassifier(Classifier):
     def features(self, batch):
         return self.network.features(batch["pixel_values"])
 
+    def linear_head(self) -> nn.Linear:
+        return self.network.classifier
+
     def forward(self, batch):
         return self.network(batch["pixel_values"])
