@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from saftune._io import write_json
 from saftune.config import Config, option
-from saftune.data.registry import _DATASETS, _load_builtin, load_dataset
+from saftune.data.registry import dataset_options, load_dataset
 from saftune.eval.evaluate import evaluate, evaluate_split
 from saftune.methods.base import create_method
 from saftune.models.registry import create
@@ -58,9 +57,7 @@ class RunConfig(Config):
 def build_benchmark(config: RunConfig):
     """The run's benchmark; the protocol seed goes to builders that take one."""
     options = dict(config.dataset_options)
-    _load_builtin()
-    entry = _DATASETS.get(config.dataset)
-    if entry is not None and "seed" in inspect.signature(entry.builder).parameters:
+    if "seed" in dataset_options(config.dataset):
         options.setdefault("seed", config.seed)
     return load_dataset(config.dataset, **options)
 

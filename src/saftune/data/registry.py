@@ -53,6 +53,20 @@ def list_datasets() -> dict[str, str]:
     return {name: entry.help for name, entry in sorted(_DATASETS.items())}
 
 
+def dataset_options(name: str) -> set[str]:
+    """The option names the builder of dataset `name` accepts (empty for unknown names).
+
+    Example:
+        >>> "seed" in dataset_options("toy-text")
+        True
+    """
+    import inspect
+
+    _load_builtin()
+    entry = _DATASETS.get(name)
+    return set(inspect.signature(entry.builder).parameters) if entry else set()
+
+
 def load_dataset(name: str, **options) -> Benchmark:
     """Build the benchmark registered as `name` with builder-specific options (shots, seed, root, ...)."""
     _load_builtin()
