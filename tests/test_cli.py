@@ -44,7 +44,7 @@ def test_select_writes_a_mask_and_its_summary(tmp_path, capsys):
 def test_train_then_eval_reproduces_the_metrics(tmp_path, capsys):
     out = _train(tmp_path, "saft", ["--method-option", "lr=1e-2", "--method-option", "sparsity=0.02"])
     for name in ("result/saftune_config.json", "result/delta.safetensors", "log.jsonl", "metrics.json", "run.json",
-                 "mask.safetensors"):
+                 "mask.safetensors", "checkpoint/trainer.json", "checkpoint/trainable.safetensors"):
         assert (out / name).is_file(), name
     trained = json.loads((out / "metrics.json").read_text())["metrics"]
     capsys.readouterr()

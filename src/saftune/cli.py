@@ -66,10 +66,12 @@ def _load_yaml(path: str | None) -> dict:
         raise ValueError(f"{path!r} is not valid YAML: {e}") from e
 
 
-def _run_config(args):
+def _run_config(args, checkpoint_every: int | None = None):
     from saftune.run import RunConfig
 
     values = _load_yaml(getattr(args, "config", None))
+    if checkpoint_every is not None:  # a default the config file or --set may override
+        values.setdefault("train", {}).setdefault("checkpoint_every", checkpoint_every)
     for key in ("model", "dataset", "method", "seed"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
@@ -193,7 +195,7 @@ def cmd_select(args) -> int:
 def cmd_train(args) -> int:
     from saftune.run import run_experiment
 
-    config = _run_config(args)
+    config = _run_config(args, checkpoint_every=100)
     out = Path(args.out)
     record = run_experiment(config, out, resume=not args.no_resume)
     print(f"{config.method} on {config.dataset} ({config.model}, seed {config.seed}): "
@@ -411,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for mask.safetensors and mask_summary.{json,txt}")
     p.set_defaults(func=cmd_select)
 
-    p = sub.add_parser("train", help="train any method; writes result/, checkpoint/, log.jsonl and metrics.json")
+    p = sub.add_parser("train", help="train any method; writes result/, checkpoint/ (every 100 steps and at the end; "
+                                     "set train.checkpoint_every), log.jsonl and metrics.json")
     _add_run_options(p)
     p.add_argument("--out", required=True, help="run directory (an existing run there is resumed)")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out and start afresh")
