@@ -62,6 +62,16 @@ class LinearProbeConfig(MethodConfig):
     probe_weight_decay: float = option(0.0, "weight decay of the probe (towards zero)", low=0.0)
 
 
+def probe(model, context, config: LinearProbeConfig) -> list[str]:
+    """Fit the model's linear head on frozen features; return the head's parameter names."""
+    head = model.linear_head()
+    features, labels = extract_features(model, context.batches())
+    loss = fit_probe(head, features, labels, steps=config.probe_steps, lr=config.probe_lr,
+                     weight_decay=config.probe_weight_decay)
+    logger.info("linear probe: %d features of dim %d, final loss %.4f", len(labels), features.shape[1], loss)
+    return [n for n, p in model.named_parameters() if any(p is q for q in head.parameters())]
+
+
 @register_method
 class LinearProbe(Method):
     name = "lp"
@@ -70,18 +80,11 @@ class LinearProbe(Method):
     trains = False
 
     def prepare(self, model, context) -> None:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        head = model.linear_head()
-        features, labels = extract_features(model, context.batches())
-        loss = fit_probe(head, features, labels, steps=self.config.probe_steps, lr=self.config.probe_lr,
-                         weight_decay=self.config.probe_weight_decay)
-        logger.info("linear probe: %d features of dim %d, final loss %.4f", len(labels), features.shape[1], loss)
-        for p in model.parameters():
+        self._head_names = probe(model, context, self.config)
+        for p in model.parameters():  # everything stays frozen for the (empty) training loop
             p.requires_grad_(False)
         if hasattr(model, "freeze_prompts"):
             model.freeze_prompts = True
-        self._head_names = [n for n, p in model.named_parameters() if any(p is q for q in head.parameters())]
 
     def trainable_parameters(self, model):
         return []
@@ -100,23 +103,11 @@ class LPFTConfig(LinearProbeConfig):
 
 
 @register_method
-class LinearProbeThenFineTune(LinearProbe):
+class LinearProbeThenFineTune(Method):
     name = "lpft"
     config_class = LPFTConfig
     help = "linear probe, then full fine-tuning from it (Kumar et al., 2022)"
-    trains = True
 
     def prepare(self, model, context) -> None:
-        super().prepare(model, context)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        if hasattr(model, "freeze_prompts"):
-            model.freeze_prompts = False
-
-    def trainable_parameters(self, model):
-        return Method.trainable_parameters(self, model)
-
-    def num_trainable(self, model) -> int:
-        return Method.num_trainable(self, model)
-
-    save_result = Method.save_result
+        probe(model, context, self.config)
+        super().prepare(model, context)  # then everything trains, the fitted head included
