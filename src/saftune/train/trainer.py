@@ -85,7 +85,6 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
-    interrupted: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -212,8 +211,8 @@ def fit(
     checkpoint = find_checkpoint(run_dir) if (run_dir is not None and resume) else None
     context = PrepareContext(batches=batches.fixed, seed=config.seed, device=device, out_dir=run_dir,
                              resuming=checkpoint is not None, progress=progress)
-    if checkpoint is not None:
-        load_checkpoint(checkpoint, fingerprint)  # refuse a foreign checkpoint before the expensive prepare
+    # Read (and refuse a foreign) checkpoint before the expensive prepare; restore it after.
+    state = load_checkpoint(checkpoint, fingerprint) if checkpoint is not None else None
     method.prepare(model, context)
     if not method.trains:
         method.finalize(model)
@@ -229,8 +228,7 @@ def fit(
         optimizer, lambda s: lr_multiplier(s, total_steps=total_steps, warmup_steps=config.warmup_steps,
                                            schedule=config.schedule))
     start = 0
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, fingerprint)
+    if state is not None:
         method.load_state_dict(model, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
