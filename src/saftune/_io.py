@@ -1,8 +1,9 @@
-"""Small file-system helpers shared by every writer: atomic writes and JSON."""
+"""Small file-system helpers shared by every writer: atomic writes, JSON and checksums."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -42,3 +43,21 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     return Path(path)
+
+
+def sha256(data: bytes) -> str:
+    """The checksum recorded beside a saved file: "sha256:<hex>" of its bytes.
+
+    Safetensors files and torch's zip checkpoints carry no checksum of their data, so without one a
+    flipped byte would load as a wrong number.
+    """
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """`sha256` of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()

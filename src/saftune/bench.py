@@ -17,7 +17,9 @@ A grid is a YAML recipe (see `saftune/recipes/demo.yaml`):
 
 Runs already in the results file are skipped, so an interrupted grid continues where it stopped; a
 half-written last line (a run killed while appending) is dropped before new lines are added. The
-chosen hyperparameters are stored in `<out>/selection.json` and in every run's record.
+chosen hyperparameters are stored in `<out>/selection.json` and in every run's record. Each run writes
+into `<out>/runs/<run id>`; grid, row and dataset names become parts of those directory names, so they
+are restricted to letters, digits and `. _ + -`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -43,6 +46,20 @@ logger = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).parent / "recipes"
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def _check_name(name, what: str) -> str:
+    """`name` if it can be part of a directory name under the output directory, else a ValueError.
+
+    Refused: anything that could leave the directory or collide with another run's ("..", "a/b", a NUL,
+    "a__b", which is how run ids join their parts).
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or "__" in name:
+        raise ValueError(f"{what} name {name!r} cannot be part of a directory name: use 1 to 100 letters, digits and "
+                         "'.', '_', '+', '-', starting with a letter or digit and without '__'")
+    return name
+
 
 @dataclass
 class Variant(Config):
@@ -57,7 +74,7 @@ class Variant(Config):
         if not self.method:
             raise ValueError("a grid entry needs a `method`")
         method_class(self.method)  # unknown names fail here, before any run starts
-        self.name = self.name or self.method
+        self.name = _check_name(self.name or self.method, "grid row")
 
 
 @dataclass
@@ -89,6 +106,12 @@ class BenchConfig(Config):
     save_results: bool = option(False, "keep each run's artifact (delta, adapter, weights) under the run directory")
     selection: Selection | None = option(None, "hyperparameter selection on validation data")
 
+    def __post_init__(self):
+        super().__post_init__()
+        _check_name(self.name, "grid")  # the default output directory is runs/<name>
+        self.variants()  # bad rows and names fail when the grid is read, before any run starts
+        self.dataset_entries()
+
     def variants(self) -> list[Variant]:
         out = []
         for entry in self.methods:
@@ -111,7 +134,7 @@ class BenchConfig(Config):
             name, options = (entry, {}) if isinstance(entry, str) else (entry.get("name"), entry.get("options") or {})
             if not name:
                 raise ValueError(f"a `datasets` entry needs a name: {entry!r}")
-            entries.append((name, {**self.dataset_options, **options}))
+            entries.append((_check_name(name, "dataset"), {**self.dataset_options, **options}))  # part of run ids
         return entries
 
     def for_dataset(self, name: str, options: dict) -> BenchConfig:
@@ -151,22 +174,34 @@ def finished_run_ids(path: Path) -> set[str]:
         return set()
     from saftune.report.results import parse_results
 
-    records, problems = parse_results(path)
+    records, problems = parse_results(path)  # a line that is not JSON, or not even text, only costs its run
     for problem in problems:
         logger.warning("%s %s", path, problem)
     return {r["run_id"] for r in records if "run_id" in r}
 
 
 def repair_tail(path: Path) -> None:
-    """Drop a last line without its newline: it was cut off by a crash and must not merge with the next."""
+    """End the file with a newline, so the next record cannot merge with its last line.
+
+    A last line without its newline is complete when it parses (the crash came just before the newline),
+    and is kept; otherwise it was cut off by a crash and is dropped.
+    """
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
         return
     data = path.read_bytes()
     if data.endswith(b"\n"):
         return
-    kept = data[: data.rfind(b"\n") + 1]
-    logger.warning("%s ends with a partial line (%d bytes); dropping it", path, len(data) - len(kept))
+    start = data.rfind(b"\n") + 1
+    try:
+        complete = isinstance(json.loads(data[start:]), dict)
+    except ValueError:
+        complete = False
+    if complete:
+        kept = data + b"\n"
+    else:
+        kept = data[:start]
+        logger.warning("%s ends with a partial line (%d bytes); dropping it", path, len(data) - start)
     with atomic_path(path) as tmp:
         tmp.write_bytes(kept)
 
@@ -206,9 +241,14 @@ def select_hyperparameters(bench: BenchConfig, out_dir: Path, model_cache: dict 
     cache_path = Path(out_dir) / "selection.json"
     key = {k: v for k, v in bench.to_dict().items() if k not in ("seeds", "description", "name")}
     if cache_path.is_file():
-        cached = json.loads(cache_path.read_text())
-        if cached.get("settings") == key:
-            return {name: entry["chosen"] for name, entry in cached["variants"].items()}
+        try:
+            cached = json.loads(cache_path.read_text())
+            if cached.get("settings") == key:
+                return {name: dict(entry["chosen"]) for name, entry in cached["variants"].items()}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+            # Not redone silently: the grid's finished runs used the options it recorded.
+            raise ValueError(f"{str(cache_path)!r} is damaged ({e!r}); delete it to select the hyperparameters again "
+                             "(its trials run again)") from e
     reusable = bench.selection.epochs is None and bench.selection.seed in bench.seeds and not bench.sparsities
     train = bench.train if bench.selection.epochs is None else bench.train.replace(epochs=bench.selection.epochs)
     if reusable:  # keep each trial's final state, so the winner can stand as the grid's run
@@ -244,8 +284,13 @@ def select_hyperparameters(bench: BenchConfig, out_dir: Path, model_cache: dict 
 
 
 def run_dir(out_dir: Path, rid: str) -> Path:
-    """The directory of one grid run."""
-    return Path(out_dir) / "runs" / rid.replace("/", "__")
+    """The directory of one grid run: `<out_dir>/runs/<run id, "/" written "__">`, never outside it."""
+    runs = Path(out_dir) / "runs"
+    path = runs / rid.replace("/", "__")
+    # Names are checked when the grid is read; this guards any other caller (and a planted symlink).
+    if "\0" in rid or path.resolve().parent != runs.resolve():
+        raise ValueError(f"run id {rid!r} does not name a directory inside {str(runs)!r}")
+    return path
 
 
 def plan(bench: BenchConfig) -> list[tuple[Variant, float | None, int]]:

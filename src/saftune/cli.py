@@ -193,11 +193,23 @@ def cmd_select(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from saftune import distributed
     from saftune.run import run_experiment
 
     config = _run_config(args, checkpoint_every=100)
     out = Path(args.out)
-    record = run_experiment(config, out, resume=not args.no_resume)
+    distributed.init_from_env(config.train.device)
+    reports = distributed.is_main()  # under torchrun: rank 0 reports, the others train quietly
+    if not reports:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        record = run_experiment(config, out, resume=not args.no_resume)
+    except BaseException:
+        distributed.shutdown(wait=False)
+        raise
+    distributed.shutdown()
+    if not reports:
+        return 0
     print(f"{config.method} on {config.dataset} ({config.model}, seed {config.seed}): "
           f"{record['trainable']} of {record['total_params']} parameters trained, "
           f"{record['steps']} steps in {record['train_seconds']:.1f}s")
@@ -297,8 +309,18 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _single_process(command: str) -> None:
+    from saftune import distributed
+
+    if distributed.launched():
+        raise ValueError(f"saftune {command} runs its grid in one process; launch `saftune train` with torchrun "
+                         "for data-parallel training of one run")
+
+
 def cmd_bench(args) -> int:
     from saftune.bench import BenchConfig, run_bench
+
+    _single_process("bench")
 
     bench = BenchConfig.load(args.grid)
     overrides = _apply_assignments({}, args.set)
@@ -342,6 +364,8 @@ def cmd_report(args) -> int:
 
 def cmd_demo(args) -> int:
     import platform
+
+    _single_process("demo")
 
     from saftune.assets import asset_path
     from saftune.bench import BenchConfig, run_bench
@@ -417,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "set train.checkpoint_every), log.jsonl and metrics.json")
     _add_run_options(p)
     p.add_argument("--out", required=True, help="run directory (an existing run there is resumed)")
-    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out and start afresh")
+    p.add_argument("--no-resume", action="store_true", help="delete the checkpoint in --out and start afresh")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="ID + OOD accuracy of a result or of a pretrained model")

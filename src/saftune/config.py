@@ -153,7 +153,7 @@ class Config:
         for key, value in values.items():
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = f"; did you mean {close[0]!r}?" if close else "."
                 raise ValueError(f"unknown option {key!r} for {cls.__name__}{hint} Options: {', '.join(known)}")
             kwargs[key] = _coerce(value, hints[key], key, cls.__name__)
         return cls(**kwargs)

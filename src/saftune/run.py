@@ -22,13 +22,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from saftune import distributed
 from saftune._io import write_json
 from saftune.config import Config, option
-from saftune.data.registry import dataset_options, load_dataset
+from saftune.data.registry import check_dataset, dataset_options, load_dataset
 from saftune.eval.evaluate import evaluate, evaluate_split
 from saftune.methods.base import create_method
-from saftune.models.registry import create
-from saftune.train.trainer import LOG_FILE, TrainConfig, fit
+from saftune.models.registry import check_model, create
+from saftune.train.trainer import LOG_FILE, TrainConfig, fit, read_log_line
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,13 @@ class RunConfig(Config):
 
 
 def build_benchmark(config: RunConfig):
-    """The run's benchmark; the protocol seed goes to builders that take one."""
+    """The run's benchmark, validated (`Benchmark.validate`); the protocol seed goes to builders that take one."""
     options = dict(config.dataset_options)
     if "seed" in dataset_options(config.dataset):
         options.setdefault("seed", config.seed)
-    return load_dataset(config.dataset, **options)
+    bench = load_dataset(config.dataset, **options)
+    bench.validate()
+    return bench
 
 
 def _loss_curve(history: list[dict], points: int = 200) -> list[list[float]]:
@@ -74,7 +77,8 @@ def _logged_history(out_dir: Path | None, fallback: list[dict]) -> list[dict]:
     log = out_dir / LOG_FILE if out_dir is not None else None
     if log is None or not log.is_file():
         return fallback
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = (read_log_line(line, log) for line in log.read_text(errors="replace").splitlines())
+    return [r for r in records if r is not None]
 
 
 def _pretrained(config: RunConfig, cache: dict | None):
@@ -102,8 +106,13 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
     """
     if evaluate_splits not in ("all", "val"):
         raise ValueError(f"evaluate_splits must be 'all' or 'val'; got {evaluate_splits!r}")
+    # Names and options first: a typo fails at once, before any data or weights are read.
+    method = create_method(config.method, config.method_options)
+    check_model(config.model, config.model_options)
+    check_dataset(config.dataset, config.dataset_options)
     out_dir = Path(out_dir) if out_dir is not None else None
-    if out_dir is not None:
+    writes = out_dir is not None and distributed.is_main()  # under torchrun, rank 0 writes the files
+    if writes:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "run.json", config.to_dict())
     bench = build_benchmark(config)
@@ -113,7 +122,6 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
                          f"{bench.modality}; choose a {bench.modality} model (saftune list models)")
     model.set_classes(bench.classnames, bench.templates)
     total_params = sum(p.numel() for p in model.parameters())
-    method = create_method(config.method, config.method_options)
     train_config = config.train.replace(seed=config.seed)
 
     def on_val(m):
@@ -122,7 +130,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
     started = time.perf_counter()
     trained = fit(model, method, bench.train, train_config, run_dir=out_dir, resume=resume,
                   identity=config.identity(), evaluate_fn=on_val)
-    history = _logged_history(out_dir, trained.history)
+    history = _logged_history(out_dir if writes else None, trained.history)
     train_seconds = time.perf_counter() - started
     if trained.resumed_from:  # add the time the earlier attempt spent up to the checkpoint
         train_seconds += next((h["seconds"] for h in history if h.get("step") == trained.resumed_from and "seconds" in h), 0.0)
@@ -167,7 +175,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
         record["mask_summary"] = [{"block": r.block, "selected": r.selected, "total": r.total} for r in sparse.mask.summary()]
     if history:
         record["loss_curve"] = _loss_curve(history)
-    if out_dir is not None:
+    if writes:
         if config.save_result:
             info = {"method": config.method, "method_config": method.config.to_dict(), "base_model": config.model,
                     "model_options": config.model_options, "dataset": config.dataset,

@@ -10,6 +10,7 @@ Example:
     >>> b = Benchmark("toy", "text", ["negative", "positive"], ["a {} review."], s, s, s, {"other": s})
     >>> b.prompts()
     [['a negative review.'], ['a positive review.']]
+    >>> b.validate()    # raises ValueError on data that cannot be trained or scored (see `check_split`)
 """
 
 from __future__ import annotations
@@ -95,3 +96,106 @@ class Benchmark:
     def eval_splits(self) -> dict[str, Split]:
         """The ID test split (key "id") followed by the OOD splits."""
         return {"id": self.test, **self.ood}
+
+    def validate(self) -> None:
+        """Refuse a benchmark that cannot be trained or scored; cheap, so runs call it before any model loads.
+
+        Raises:
+            ValueError: naming the dataset, the split and the class: bad class names, an empty split,
+                labels outside the class names, a class without a training example, or a training split
+                with classes of its own (training always uses the benchmark's classes).
+        """
+        check_classnames(self.classnames, f"dataset {self.name!r}")
+        own = self.train.classnames
+        if (own and list(own) != list(self.classnames)) or self.train.class_subset is not None:
+            raise ValueError(
+                f"training split {self.train.name!r} of dataset {self.name!r} sets classes of its own; training "
+                f"uses the dataset's classes ({_preview(self.classnames)}), so leave its classnames and "
+                "class_subset unset"
+            )
+        check_split(self.train, self.classnames, role="training", dataset=self.name)
+        check_split(self.val, self.classnames, role="validation", dataset=self.name)
+        check_split(self.test, self.classnames, role="ID test", dataset=self.name)
+        for split in self.ood.values():
+            check_split(split, self.classnames, role="OOD test", dataset=self.name)
+
+
+def _preview(names: Sequence, limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... {len(names)} in all" if len(names) > limit else "")
+
+
+def check_classnames(classnames: Sequence[str], where: str) -> None:
+    """Refuse class names a prompt head cannot use: none at all, a blank or non-text name, a name used twice.
+
+    Example:
+        >>> check_classnames(["cat", "cat"], "dataset 'pets'")
+        Traceback (most recent call last):
+        ...
+        ValueError: dataset 'pets': classes 0 and 1 are both named 'cat'; class names must be distinct (equal names give equal zero-shot heads)
+    """
+    if not classnames:
+        raise ValueError(f"{where} has no class names; give one name per class, in label order")
+    first: dict[str, int] = {}
+    for i, name in enumerate(classnames):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where}: class {i} is named {name!r}; every class needs a non-empty name "
+                             "(it goes into the prompts)")
+        if name in first:
+            raise ValueError(f"{where}: classes {first[name]} and {i} are both named {name!r}; class names must be "
+                             "distinct (equal names give equal zero-shot heads)")
+        first[name] = i
+
+
+def check_split(split: Split, classnames: Sequence[str], *, role: str = "evaluation",
+                dataset: str | None = None) -> None:
+    """Refuse a split that cannot be trained or scored, with a message naming it and what to change.
+
+    Labels must index the split's classes: its own `classnames` (cross-dataset transfer), else
+    `classnames`, narrowed to `class_subset` when set (label i is class `class_subset[i]`). Every split
+    needs examples. A training split (`role="training"`) also needs an example of every class: a class
+    the model never sees is a mistake in the data, not a few-shot setting. An evaluation split may miss
+    classes (an OOD set often does); accuracy is still defined.
+
+    Args:
+        split: the split to check.
+        classnames: the benchmark's class names (or the model's, in `fit`).
+        role: "training", or what the split is for the message ("validation", "OOD test", ...).
+        dataset: the dataset's name, for the message.
+
+    Example:
+        >>> check_split(Split("movies/train", ["good", "fine"], [1, 1]), ["negative", "positive"], role="training")
+        Traceback (most recent call last):
+        ...
+        ValueError: training split 'movies/train' has no example of class 'negative' (label 0); every class needs at least one training example: add examples of it, or remove it from the class names
+    """
+    where = f"{role} split {split.name!r}" + (f" of dataset {dataset!r}" if dataset else "")
+    names = list(split.classnames or classnames)
+    check_classnames(names, where)
+    if split.class_subset is not None:
+        subset = list(split.class_subset)
+        valid = all(isinstance(c, (int, np.integer)) and 0 <= c < len(names) for c in subset)
+        if not valid or len(set(subset)) != len(subset):
+            raise ValueError(f"{where}: class_subset {subset[:10]} must list distinct class indices in "
+                             f"0..{len(names) - 1}")
+        names = [names[c] for c in subset]
+    if len(split) == 0:
+        todo = ("check the dataset's files and its shots option" if role == "training" else
+                "check the dataset's files and its size options (max_test, max_ood, val_per_class, val_shots, ...)")
+        raise ValueError(f"{where} is empty; {todo}")
+    labels = np.asarray(split.labels)
+    outside = np.unique(labels[(labels < 0) | (labels >= len(names))])
+    if outside.size:
+        raise ValueError(
+            f"{where} has labels {outside[:5].tolist()} outside 0..{len(names) - 1}: its {len(names)} class names "
+            f"({_preview(names)}) do not match the labels; give one class name per label, in label order"
+        )
+    if role == "training":
+        missing = np.flatnonzero(np.bincount(labels, minlength=len(names)) == 0)
+        if missing.size:
+            listed = ", ".join(f"class {names[c]!r} (label {c})" for c in missing[:5])
+            more = f" and {missing.size - 5} more classes" if missing.size > 5 else ""
+            raise ValueError(
+                f"{where} has no example of {listed}{more}; every class needs at least one training "
+                "example: add examples of it, or remove it from the class names"
+            )

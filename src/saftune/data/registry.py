@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,6 +54,13 @@ def list_datasets() -> dict[str, str]:
     return {name: entry.help for name, entry in sorted(_DATASETS.items())}
 
 
+def _named_parameters(builder: Callable) -> tuple[list[str], bool]:
+    """(named parameters, whether it also takes **options) of a builder."""
+    params = inspect.signature(builder).parameters.values()
+    named = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return named, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
 def dataset_options(name: str) -> set[str]:
     """The option names the builder of dataset `name` accepts (empty for unknown names).
 
@@ -60,18 +68,34 @@ def dataset_options(name: str) -> set[str]:
         >>> "seed" in dataset_options("toy-text")
         True
     """
-    import inspect
-
     _load_builtin()
     entry = _DATASETS.get(name)
-    return set(inspect.signature(entry.builder).parameters) if entry else set()
+    return set(_named_parameters(entry.builder)[0]) if entry else set()
 
 
-def load_dataset(name: str, **options) -> Benchmark:
-    """Build the benchmark registered as `name` with builder-specific options (shots, seed, root, ...)."""
+def check_dataset(name: str, options: dict | None = None) -> None:
+    """Refuse an unknown dataset name or option before anything is read, naming the closest valid one.
+
+    Example:
+        >>> check_dataset("toy-text", {"shot": 4})
+        Traceback (most recent call last):
+        ...
+        ValueError: dataset 'toy-text' has no option 'shot'; did you mean 'shots'? Its options: shots, seed, test_size
+    """
     _load_builtin()
     if name not in _DATASETS:
         close = difflib.get_close_matches(name, _DATASETS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(sorted(_DATASETS))}")
+    named, takes_any = _named_parameters(_DATASETS[name].builder)
+    unknown = [key for key in options or {} if key not in named]
+    if unknown and not takes_any:
+        close = difflib.get_close_matches(unknown[0], named, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise ValueError(f"dataset {name!r} has no option {unknown[0]!r}{hint} Its options: {', '.join(named)}")
+
+
+def load_dataset(name: str, **options) -> Benchmark:
+    """Build the benchmark registered as `name` with builder-specific options (shots, seed, root, ...)."""
+    check_dataset(name, options)
     return _DATASETS[name].builder(**options)

@@ -21,6 +21,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from saftune import distributed
 from saftune.data.base import Benchmark, Split
 from saftune.eval.metrics import average_ood, harmonic_mean, project_logits, top1
 from saftune.models.base import Classifier
@@ -43,19 +44,26 @@ def _task(model: Classifier, benchmark: Benchmark, split: Split):
 
 @torch.no_grad()
 def predict(model: Classifier, split: Split, *, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Logits [N, C] of a split (projected onto its class subset when it has one), in eval mode."""
+    """Logits [N, C] of a split (projected onto its class subset when it has one), in eval mode.
+
+    Under torchrun each process predicts every W-th example and all of them get the whole result.
+    """
     model.eval()
     device = next(model.parameters()).device
     order = list(range(len(split)))
-    if split.inputs and isinstance(split.inputs[0], str):
+    if len(split) and isinstance(split.inputs[0], str):  # inputs may be a numpy array (digits)
         order.sort(key=lambda i: len(split.inputs[i]))  # batches of similar length: little padding
+    order = list(distributed.shard(order))
     chunks = []
     for start in tqdm(range(0, len(order), batch_size), desc=f"eval {split.name}", disable=not progress, leave=False):
         batch = model.collate([split.inputs[i] for i in order[start : start + batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
         chunks.append(project_logits(model(batch).float(), split.class_subset).cpu())
-    logits = torch.empty_like(torch.cat(chunks))
-    logits[torch.as_tensor(order)] = torch.cat(chunks)
+    parts = distributed.gather_objects((order, torch.cat(chunks) if chunks else None))
+    filled = [(o, c) for o, c in parts if c is not None]
+    logits = torch.empty(len(split), filled[0][1].shape[1])
+    for o, c in filled:
+        logits[torch.as_tensor(o)] = c
     return logits
 
 

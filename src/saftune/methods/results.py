@@ -10,7 +10,8 @@ Every result directory holds `saftune_config.json` with a `kind`:
     none            zero-shot: nothing trained
 
 The config also records the model spec, dataset, method and its options, so `saftune eval` can rebuild
-the base model. Only safetensors and JSON are written: nothing is pickled.
+the base model, and the SHA-256 of each artifact file, so a damaged file is refused instead of loaded.
+Only safetensors and JSON are written: nothing is pickled.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from saftune._io import atomic_path, write_json
+from saftune._io import atomic_path, sha256_file, write_json
 from saftune.models.base import Classifier
 from saftune.sparse.delta import CONFIG_NAME, SparseDelta
 
@@ -32,11 +34,23 @@ class ResultError(ValueError):
     """A result directory is missing, damaged or does not fit the model."""
 
 
+# The files of each kind besides saftune_config.json (a sparse delta checks its own, in SparseDelta).
+ARTIFACT_FILES = {
+    "weights": ("model.safetensors",),
+    "partial_weights": ("weights.safetensors",),
+    "lora": ("adapter_config.json", "adapter_model.safetensors"),
+    "prompt": ("prompt.safetensors",),
+}
+
+
 def write_result_config(directory: Path, kind: str, info: dict) -> Path:
+    """Write `saftune_config.json` last, with the checksums of the artifact files already written."""
     from saftune import __version__
 
-    return write_json(Path(directory) / CONFIG_NAME,
-                      {"format": RESULT_FORMAT, "kind": kind, "library_version": __version__, **info})
+    directory = Path(directory)
+    files = {name: sha256_file(directory / name) for name in ARTIFACT_FILES.get(kind, ())}
+    return write_json(directory / CONFIG_NAME,
+                      {"format": RESULT_FORMAT, "kind": kind, "library_version": __version__, **info, "files": files})
 
 
 def read_result_config(directory: str | Path) -> dict:
@@ -46,13 +60,28 @@ def read_result_config(directory: str | Path) -> dict:
         raise ResultError(f"{str(path)!r} is missing: {str(directory)!r} is not a saftune result directory")
     try:
         config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
         raise ResultError(f"{str(path)!r} is not valid JSON ({e}); the result is damaged") from e
+    if not isinstance(config, dict):
+        raise ResultError(f"{str(path)!r} is not a saftune result config")
     if config.get("format") == "saftune.sparse_delta":
         config.setdefault("kind", "sparse_delta")
     elif config.get("format") != RESULT_FORMAT:
         raise ResultError(f"{str(path)!r} is not a saftune result config")
     return config
+
+
+def _check_files(directory: Path, config: dict) -> None:
+    """Every artifact file of the result is there and matches its recorded checksum."""
+    recorded = config.get("files")  # absent only in results of saftune <= 0.1.0
+    for name in ARTIFACT_FILES.get(config.get("kind"), ()):
+        path = directory / name
+        if not path.is_file():
+            raise ResultError(f"{str(path)!r} is missing: the {config['kind']} result in {str(directory)!r} is incomplete")
+        if isinstance(recorded, dict) and recorded.get(name) != sha256_file(path):
+            raise ResultError(f"{str(path)!r} is damaged or from another run: its bytes do not match the checksum in "
+                              f"{CONFIG_NAME}; save the result again (the same `saftune train` command resumes from "
+                              "the run's checkpoint and rewrites it)")
 
 
 def _ensure_head(model: Classifier, names) -> None:
@@ -89,8 +118,18 @@ def load_result(directory: str | Path, model: Classifier) -> dict:
     directory = Path(directory)
     config = read_result_config(directory)
     kind = config.get("kind")
+    _check_files(directory, config)
+    try:
+        _apply(kind, directory, model)
+    except (SafetensorError, OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError) as e:
+        raise ResultError(f"cannot load the {kind} result in {str(directory)!r}: {e!r}; the result is damaged") from e
+    return config
+
+
+def _apply(kind: str, directory: Path, model: Classifier) -> None:
+    """Load a checked result of `kind` into `model`."""
     if kind == "none":
-        return config
+        return
     if kind == "sparse_delta":
         SparseDelta.from_pretrained(directory).apply_to(model)
     elif kind == "weights":
@@ -121,4 +160,3 @@ def load_result(directory: str | Path, model: Classifier) -> dict:
         load_prompt(model, directory)
     else:
         raise ResultError(f"unknown result kind {kind!r} in {str(directory)!r}")
-    return config

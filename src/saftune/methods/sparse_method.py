@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from saftune import distributed
 from saftune.methods.base import Method
 from saftune.models.zero_shot import DualEncoderClassifier
-from saftune.sparse import SparseMask, sparsify
+from saftune.sparse import MaskFileError, SparseMask, sparsify
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +24,11 @@ class SparseMethod(Method):
     def prepare(self, model, context) -> None:
         mask_path = Path(context.out_dir) / MASK_FILE if context.out_dir else None
         if context.resuming and mask_path is not None and mask_path.is_file():
-            self.mask = SparseMask.load(mask_path)  # the mask of the interrupted run: no phase 1 again
+            self.mask = self._saved_mask(mask_path, context)  # the mask of the interrupted run: no phase 1 again
         else:
             self.mask = self.select(model, context)
-            if mask_path is not None:
+            self.mask.meta["selected_by"] = self._selection_key(context)
+            if mask_path is not None and distributed.is_main():  # every process selected the same mask
                 self.mask.save(mask_path)
         self.sparse = sparsify(model, self.mask, kernels=getattr(self.config, "kernels", "auto"))
         if isinstance(model, DualEncoderClassifier):
@@ -34,6 +36,28 @@ class SparseMethod(Method):
             prompt_side = set(model.scope_parameters("text"))
             model.freeze_prompts = not prompt_side & set(self.mask.indices)
         logger.info("%s: %d of %d entries train", self.name, self.mask.num_selected, self.mask.num_candidates)
+
+    def _selection_key(self, context) -> dict:
+        """The settings a mask was selected with, saved in it: a resumed run reuses only a mask of its own."""
+        return {"method": self.name, "options": self.config.to_dict(), "seed": context.seed}
+
+    def _saved_mask(self, path: Path, context) -> SparseMask:
+        """The interrupted run's mask; refused when damaged or written by a run with other settings.
+
+        The checkpoint's values belong to the entries of the mask it was trained with, so a resumed run
+        must not select again nor take another run's mask (a run started afresh in the same directory
+        overwrites the mask before its first checkpoint replaces the old one).
+        """
+        afresh = "start the run afresh (saftune train --no-resume)"
+        try:
+            mask = SparseMask.load(path)
+        except MaskFileError as e:
+            raise MaskFileError(f"cannot resume the checkpoint: {e}. It was trained with that mask: {afresh}") from e
+        selected_by = mask.meta.get("selected_by")  # absent only in masks of saftune <= 0.1.0
+        if selected_by is not None and selected_by != self._selection_key(context):
+            raise MaskFileError(f"cannot resume the checkpoint: mask file {str(path)!r} was selected by a run with "
+                                f"other settings ({selected_by}), not the one the checkpoint was trained with: {afresh}")
+        return mask
 
     def trainable_parameters(self, model):
         return self.sparse.trainable_parameters()

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,8 +51,23 @@ def list_models() -> dict[str, str]:
 _ARGS = {"hf-clip": "path-or-id", "open-clip": "arch/tag"}
 
 
-def create(spec: str, **options) -> Classifier:
-    """Build the model named by `spec` ("minilm", "hf-clip:<path-or-id>", "tiny-clip", ...)."""
+def _options(entry: ModelEntry) -> list[str]:
+    """The options a model family's builder names (its `**_` only swallows the run seed)."""
+    params = list(inspect.signature(entry.build).parameters.values())[1 if entry.takes_argument else 0:]
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def check_model(spec: str, options: dict | None = None) -> None:
+    """Refuse an unknown model spec or option before any weights load, naming the closest valid one.
+
+    `seed` is always accepted: runs pass it to every model, and models without random parts ignore it.
+
+    Example:
+        >>> check_model("tiny-clip", {"sead": 1})
+        Traceback (most recent call last):
+        ...
+        ValueError: model 'tiny-clip' has no option 'sead'; did you mean 'seed'? Its options: seed
+    """
     family, sep, argument = spec.partition(":")
     entry = _MODELS.get(family)
     if entry is None:
@@ -62,6 +78,20 @@ def create(spec: str, **options) -> Classifier:
         raise ValueError(f"model {family!r} needs an argument: {family}:<{_ARGS.get(family, 'path')}>")
     if not entry.takes_argument and sep:
         raise ValueError(f"model {family!r} takes no argument; got {spec!r}")
+    known = _options(entry)
+    known += [] if "seed" in known else ["seed"]
+    for key in options or {}:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            raise ValueError(f"model {family!r} has no option {key!r}{hint} Its options: {', '.join(known)}")
+
+
+def create(spec: str, **options) -> Classifier:
+    """Build the model named by `spec` ("minilm", "hf-clip:<path-or-id>", "tiny-clip", ...)."""
+    check_model(spec, options)
+    family, _, argument = spec.partition(":")
+    entry = _MODELS[family]
     return entry.build(argument, **options) if entry.takes_argument else entry.build(**options)
 
 

@@ -65,9 +65,14 @@ def parse_results(path: str | Path) -> tuple[list[dict], list[str]]:
     problems: list[str] = []
     seen: dict[tuple, int] = {}  # run key -> index in `records`
     superseded: set[int] = set()
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         lines = f.read().splitlines()
-    for number, line in enumerate(lines, 1):
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(f"line {number}: not UTF-8 text (a damaged file?): {e}")
+            continue
         if not line.strip():
             continue
         try:

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from saftune._io import atomic_path, write_json
+from saftune._io import atomic_path, sha256_file, write_json
 from saftune.sparse.mask import SparseMask
 
 CONFIG_NAME = "saftune_config.json"
@@ -159,7 +159,8 @@ class SparseDelta:
 
         alpha=0 gives the base model, alpha=1 this delta.
         """
-        values = {n: self.pretrained[n].float() + alpha * (self.values[n] - self.pretrained[n].float()) for n in self.indices}
+        # lerp is exact at both ends (pre + 1 * (trained - pre) rounds in fp32: 1 + (1e-8 - 1) is 0).
+        values = {n: torch.lerp(self.pretrained[n].float(), self.values[n].float(), alpha) for n in self.indices}
         return SparseDelta(self.indices, values, self.pretrained, self.shapes, {**self.config, "wiseft_alpha": alpha})
 
     @classmethod
@@ -225,6 +226,7 @@ class SparseDelta:
         }
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(tensors, str(tmp), metadata={"format": DELTA_FORMAT})
+            config["weights_sha256"] = sha256_file(tmp)  # the base fingerprint does not cover the trained values
         write_json(directory / CONFIG_NAME, config)
         return directory
 
@@ -252,6 +254,10 @@ class SparseDelta:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise DeltaError(f"{str(weights_path)!r} is truncated or corrupt ({e})") from e
+        expected = config.get("weights_sha256")  # absent only in deltas of saftune <= 0.1.0
+        if expected is not None and sha256_file(weights_path) != expected:
+            raise DeltaError(f"{str(weights_path)!r} is damaged or from another run: its bytes do not match the "
+                             f"checksum in {CONFIG_NAME}")
         try:
             meta = config["tensors"]
             indices = {n: tensors[f"{n}{_SEP}indices"].to(torch.int64) for n in meta}
@@ -260,7 +266,8 @@ class SparseDelta:
             shapes = {n: tuple(m["shape"]) for n, m in meta.items()}
         except KeyError as e:
             raise DeltaError(f"{str(directory)!r}: the config names tensor {e} that {WEIGHTS_NAME} lacks") from None
-        reserved = ("format", "format_version", "library_version", "base_fingerprint", "num_entries", "tensors")
+        reserved = ("format", "format_version", "library_version", "base_fingerprint", "weights_sha256", "num_entries",
+                    "tensors")
         settings = {k: v for k, v in config.items() if k not in reserved}
         delta = cls(indices, values, pretrained, shapes, settings)
         if delta.fingerprint != config.get("base_fingerprint"):

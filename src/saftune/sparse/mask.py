@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -220,6 +221,7 @@ class SparseMask:
             "shapes": {n: list(s) for n, s in self.shapes.items()},
             "meta": self.meta,
         }
+        header["digest"] = _digest(header, self.indices)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"saftune": json.dumps(header)})
@@ -246,6 +248,9 @@ class SparseMask:
                 f"mask file {str(path)!r} has format version {header.get('format_version')}, this saftune reads "
                 f"version {MASK_FORMAT_VERSION}; select the mask again with this version"
             )
+        if "digest" in header and _digest(header, tensors) != header["digest"]:  # no digest: saftune <= 0.1.0
+            raise MaskFileError(f"mask file {str(path)!r} is damaged: its contents do not match the checksum in its "
+                                "header; select the mask again")
         try:
             shapes = {n: tuple(s) for n, s in header["shapes"].items()}
             unknown = set(tensors) - set(shapes)
@@ -253,8 +258,17 @@ class SparseMask:
                 raise ValueError(f"indices for {sorted(unknown)[:3]} but no shapes")
             # safetensors stores keys sorted; the header keeps the model's parameter order
             return cls({n: tensors[n] for n in shapes if n in tensors}, shapes, header.get("meta"))
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise MaskFileError(f"mask file {str(path)!r} is inconsistent: {e}") from e
+
+
+def _digest(header: dict, indices: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the header (without its digest) and every parameter's indices as int64."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "digest"}, sort_keys=True).encode())
+    for name in sorted(indices):
+        h.update(name.encode() + b"\0")
+        h.update(indices[name].to(torch.int64).contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 _NUMBERED = re.compile(r"^\d+$")

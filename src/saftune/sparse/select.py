@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import numbers
 import struct
 from collections.abc import Iterable, Sequence
 from fractions import Fraction
@@ -152,7 +153,7 @@ def selected_count(sparsity: float, num_candidates: int) -> int:
         >>> selected_count(0.29, 100)
         29
     """
-    if not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 < sparsity <= 1:
         raise ValueError(f"sparsity must be in (0, 1] (the fraction of entries to train, e.g. 0.001); got {sparsity!r}")
     # floor on the decimal the user wrote: int(0.29 * 100) would give 28 through binary rounding
     d = math.floor(Fraction(repr(float(sparsity))) * num_candidates)

@@ -33,12 +33,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from saftune import distributed
 from saftune._io import atomic_path
 from saftune.config import Config, option
-from saftune.data.base import Split
+from saftune.data.base import Split, check_split
 from saftune.methods.base import Method, PrepareContext
 from saftune.models.base import Classifier
-from saftune.train.checkpoint import config_fingerprint, find_checkpoint, load_checkpoint, save_checkpoint
+from saftune.train.checkpoint import config_fingerprint, discard_checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from saftune.train.schedule import lr_multiplier
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,11 @@ class TrainConfig(Config):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or Inf; the run stopped and the last good checkpoint was kept."""
+    """The loss became NaN or Inf; the run stopped and the last good checkpoint was kept.
+
+    Only the loss is fatal. fp16 gradients that overflow are not: GradScaler finds the Inf/NaN when it
+    unscales them, skips that optimizer step and lowers the loss scale. bf16 has fp32's range and no scaler.
+    """
 
 
 @dataclass
@@ -89,7 +94,10 @@ class TrainResult:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # Under torchrun each process uses the GPU `distributed.init_from_env` chose for it.
+        return torch.device("cuda", torch.cuda.current_device()) if distributed.is_distributed() else torch.device("cuda")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available; use device=cpu")
@@ -117,18 +125,22 @@ class _Batches:
         self.per_epoch = math.ceil(len(split) / config.batch_size)
         self._epoch, self._order = -1, None
 
-    def __call__(self, micro: int) -> dict:
+    def __call__(self, micro: int) -> tuple[dict | None, int, int]:
+        """Micro-batch `micro`: (this process's share or None when it has none, its size, the global size)."""
         epoch, position = divmod(micro, self.per_epoch)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
             self._epoch, self._order = epoch, torch.randperm(len(self.split), generator=generator)
         bs = self.config.batch_size
-        indices = self._order[position * bs : (position + 1) * bs].tolist()
+        everyone = self._order[position * bs : (position + 1) * bs].tolist()
+        indices = list(distributed.shard(everyone))  # all of them in a single process
+        if not indices:
+            return None, 0, len(everyone)
         augment = self.config.augment and hasattr(self.model, "train_transform")
         if augment and hasattr(self.model.train_transform, "reseed"):
             self.model.train_transform.reseed(self.config.seed * 1_000_003 + micro)
         batch = self.model.collate([self.split.inputs[i] for i in indices], self.split.labels[indices], train=augment)
-        return _to(batch, self.device)
+        return _to(batch, self.device), len(indices), len(everyone)
 
     def fixed(self, batch_size: int | None = None):
         """The training set in stored order, without augmentation (phase-1 scores, probe features)."""
@@ -163,11 +175,24 @@ class _DeferredInterrupt:
         return False
 
 
+def read_log_line(line: str, path: Path) -> dict | None:
+    """One record of a log.jsonl, or None for a blank or damaged line (a crash mid-write), with a warning."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        logger.warning("%s: skipping a damaged line: %.80r", path, line)
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _trim_log(path: Path, last_step: int) -> None:
     """Drop log lines past the checkpoint's step: the resumed run writes them again."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    kept = [line for line in path.read_text(errors="replace").splitlines()
+            if (record := read_log_line(line, path)) is not None and record.get("step", 0) <= last_step]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
 
@@ -205,9 +230,13 @@ def fit(
     progress = config.progress if config.progress is not None else __import__("sys").stderr.isatty()
     torch.manual_seed(config.seed)
     model.to(device)
+    check_split(train, model.classnames, role="training")  # bad data fails before phase 1 or a checkpoint read
     batches = _Batches(model, train, config, device)
     fingerprint = config_fingerprint({"train": config.semantic(), "method": method.name,
                                       "method_config": method.config.to_dict(), **(identity or {})})
+    if run_dir is not None and not resume and distributed.is_main():
+        # Kept, an older attempt's checkpoint would be resumed after a crash before this run's first one.
+        discard_checkpoint(run_dir)
     checkpoint = find_checkpoint(run_dir) if (run_dir is not None and resume) else None
     context = PrepareContext(batches=batches.fixed, seed=config.seed, device=device, out_dir=run_dir,
                              resuming=checkpoint is not None, progress=progress)
@@ -234,20 +263,20 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
         logger.info("resumed from %s at step %d of %d", checkpoint, start, total_steps)
-    log_path = run_dir / LOG_FILE if run_dir is not None else None
+    log_path = run_dir / LOG_FILE if (run_dir is not None and distributed.is_main()) else None
     if log_path is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if start:
             _trim_log(log_path, start)
         elif log_path.exists():
             log_path.unlink()  # a fresh run: the old log belongs to a discarded attempt
-    writer = _tensorboard(run_dir) if (config.tensorboard and run_dir is not None) else None
+    writer = _tensorboard(run_dir) if (config.tensorboard and log_path is not None) else None
     scaler = torch.amp.GradScaler("cuda") if (config.precision == "fp16" and device.type == "cuda") else None
     if config.precision == "fp16" and scaler is None:
         raise ValueError("precision fp16 needs CUDA (loss scaling); use bf16 or fp32 on this device")
 
     def checkpoint_now(step: int) -> None:
-        if run_dir is not None:
+        if run_dir is not None and distributed.is_main():
             save_checkpoint(run_dir, step=step, trainable=method.state_dict(model), optimizer=optimizer,
                             scheduler=scheduler, fingerprint=fingerprint, extra={"method": method.name})
 
@@ -263,27 +292,42 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             terms_total: dict[str, float] = {}
             for k in range(config.grad_accum):
-                batch = batches(step * config.grad_accum + k)
-                with _autocast(device, config.precision):
-                    terms = method.training_step(model, batch)
-                loss = sum(terms.values())
-                if not bool(torch.isfinite(loss)):
-                    values = {name: float(v.detach()) for name, v in terms.items()}
+                batch, share, size = batches(step * config.grad_accum + k)
+                # This process's part of the global micro-batch: 1 in a single process. Weighting each
+                # process's mean loss by it makes the sum over processes the global batch's mean loss.
+                weight = share / size
+                terms = {}
+                if batch is not None:
+                    with _autocast(device, config.precision):
+                        terms = method.training_step(model, batch)
+                micro_terms = _sum_over_processes({name: float(v.detach()) * weight for name, v in terms.items()})
+                loss_value = sum(micro_terms.values())
+                if not math.isfinite(loss_value):  # every process sees the same sum, so all stop together
                     kept = f"; the last good checkpoint is {find_checkpoint(run_dir)}" if run_dir else ""
-                    raise NonFiniteLossError(f"step {step + 1}: the loss is {float(loss.detach())} (terms {values}){kept}. "
+                    raise NonFiniteLossError(f"step {step + 1}: the loss is {loss_value} (terms {micro_terms}){kept}. "
                                              "Lower the learning rate, or use fp32 / bf16 instead of fp16.")
-                scaled = loss / config.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                for name, value in terms.items():
-                    terms_total[name] = terms_total.get(name, 0.0) + float(value.detach()) / config.grad_accum
+                if terms:
+                    scaled = sum(terms.values()) * weight / config.grad_accum
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                for name, value in micro_terms.items():
+                    terms_total[name] = terms_total.get(name, 0.0) + value / config.grad_accum
+            # Sum the trainable tensors' gradients over processes (SAFT: the d selected values only).
+            reduced_bytes = distributed.all_reduce_gradients(params)
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = (float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-                         if config.max_grad_norm is not None else None)
+            # The norm is needed anyway to refuse non-finite gradients (an infinite max_norm clips nothing).
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
             lr = optimizer.param_groups[0]["lr"]
-            if scaler:
+            skipped = False
+            if scaler:  # fp16: an overflowing step is skipped by the scaler, which then lowers the loss scale
+                scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
+                skipped = scaler.get_scale() < scale
+            elif not math.isfinite(grad_norm):  # a finite loss whose gradients overflowed: never step on them
+                kept = f"; the last good checkpoint is {find_checkpoint(run_dir)}" if run_dir else ""
+                raise NonFiniteLossError(f"step {step + 1}: the gradient norm is {grad_norm} although the loss is finite "
+                                         f"(terms {terms_total}){kept}. Lower the learning rate, or train in fp32.")
             else:
                 optimizer.step()
             scheduler.step()
@@ -292,6 +336,10 @@ def fit(
             record = {"step": step + 1, "epoch": round((step + 1) * config.grad_accum / batches.per_epoch, 4),
                       "lr": lr, "loss": sum(terms_total.values()), **terms_total,
                       "grad_norm": grad_norm, "seconds": round(time.perf_counter() - started, 3)}
+            if skipped:
+                record["skipped"] = True  # fp16 overflow: no update this step
+            if distributed.is_distributed():
+                record["allreduce_bytes"] = reduced_bytes
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if log and ((step + 1) % config.log_every == 0 or step + 1 == total_steps):
@@ -308,9 +356,10 @@ def fit(
                     log.write(json.dumps({"step": step + 1, "eval": metrics}) + "\n")
                     log.flush()
             done = step + 1 == total_steps
-            if config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0 or done or interrupt.requested):
+            stop = distributed.any_process(interrupt.requested)  # a Ctrl-C that reached one process stops all
+            if config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0 or done or stop):
                 checkpoint_now(step + 1)
-            if interrupt.requested and not done:
+            if stop and not done:
                 bar.close()
                 if not config.checkpoint_every:
                     checkpoint_now(step + 1)
@@ -321,6 +370,17 @@ def fit(
         writer.close()
     method.finalize(model)
     return TrainResult(steps=total_steps, seconds=time.perf_counter() - started, history=history, resumed_from=start)
+
+
+def _sum_over_processes(terms: dict[str, float]) -> dict[str, float]:
+    """Add up each loss term over the processes (in one process: `terms` itself)."""
+    if not distributed.is_distributed():
+        return terms
+    total: dict[str, float] = {}
+    for part in distributed.gather_objects(terms):
+        for name, value in part.items():
+            total[name] = total.get(name, 0.0) + value
+    return total
 
 
 def _tensorboard(run_dir: Path):

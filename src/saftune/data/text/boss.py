@@ -309,8 +309,8 @@ def _register(task: BossTask) -> None:
     ood = ", ".join(task.ood_datasets)
     help_text = f"BOSS {task.folder} from local TSVs: ID {task.id_dataset}, OOD {ood}; options: {options}"
 
-    def build(root=None, shots=None, seed=1, val_shots=None, **kw):
-        return build_boss(task.key, root=root, shots=shots, seed=seed, val_shots=val_shots, **kw)
+    def build(root=None, shots=None, seed=1, val_shots=None, pair="text"):
+        return build_boss(task.key, root=root, shots=shots, seed=seed, val_shots=val_shots, pair=pair)
 
     build.__name__ = f"build_boss_{task.key}"
     build.__doc__ = f"{help_text}. See `build_boss`."
