@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from saftune import distributed
+
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
 
@@ -96,7 +98,8 @@ def _accumulate(model, params, loss_fn, data, *, square: bool, progress) -> tupl
     accumulator = _GradientAccumulator(params, square=square)
     n_examples = 0
     try:
-        for batch in tqdm(data, desc="phase 1: scoring", unit="batch", disable=not progress):
+        # Under torchrun each process scores every W-th batch; the sums are all-reduced below.
+        for batch in tqdm(distributed.shard(data), desc="phase 1: scoring", unit="batch", disable=not progress):
             losses = per_example_losses(loss_fn, model, batch).float()
             if square:  # Fisher needs each example's own gradient: one backward per example
                 for i in range(losses.numel()):
@@ -106,13 +109,17 @@ def _accumulate(model, params, loss_fn, data, *, square: bool, progress) -> tupl
             n_examples += losses.numel()
     finally:
         accumulator.close()
-    if n_examples == 0:
-        raise ValueError("select_mask got an empty dataset: `data` yielded no examples")
     # In parameter order (hooks fire in backward order); parameters the loss never reached score zero.
     sums = {
         name: accumulator.sums[name] if name in accumulator.sums else torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         for name, p in params.items()
     }
+    if distributed.is_distributed():
+        count = torch.tensor([float(n_examples)], device=next(iter(sums.values())).device if sums else "cpu")
+        distributed.all_reduce_([*sums.values(), count])
+        n_examples = int(count.item())
+    if n_examples == 0:
+        raise ValueError("select_mask got an empty dataset: `data` yielded no examples")
     return sums, n_examples
 
 
