@@ -11,6 +11,8 @@ Methods (same model, same batch, same dual-encoder loss: mean-pooled text vs two
     lora      LoRA r=8 on every nn.Linear (PEFT), AdamW on the adapters
     naive     the published SAFT recipe: dense gradients, dense AdamW, masked gradients, reset after each step
     saft      this engine: value vectors only, sparse gradient kernels, O(d) AdamW state
+    limit     nothing trained: forward + backward to the activations only (every weight frozen, the input
+              embeddings' output requires grad), the floor of a step that trains something in every layer
 
 Phase 1 (mask selection over E batches) is timed against one epoch of full fine-tuning over the same
 E batches.
@@ -35,7 +37,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ["ft", "lora", "naive", "saft"]
+METHODS = ["ft", "lora", "naive", "saft", "limit"]
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -93,6 +95,65 @@ def _loss_fn(prompts):
     return loss_fn
 
 
+
+def wrap_model(method: str, model):
+    """What a method does to the model before the memory baseline: LoRA r=8 on every nn.Linear (PEFT);
+    `limit` freezes every weight and makes the input embeddings' output require grad (forward plus
+    backward to the activations only: the floor for any method that trains something in every layer)."""
+    import torch
+
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    elif method == "limit":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_())
+    return model
+
+
+def make_train_step(method: str, model, loss_fn, mask=None):
+    """(train_step(batch), trainable tensors) for ft, lora, limit, naive or saft; AdamW(lr 5e-6, wd 0.1)."""
+    import torch
+
+    import saftune
+
+    step_fn = None
+    if method == "ft":
+        params = list(model.parameters())
+    elif method in ("lora", "limit"):
+        params = [p for p in model.parameters() if p.requires_grad]
+    elif method == "saft":
+        params = saftune.sparsify(model, mask).trainable_parameters()
+    elif method == "naive":
+        keep = {n: mask.boolean(n) for n, _ in model.named_parameters()}
+        pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+        params = list(model.parameters())
+
+        def step_fn():  # mask the dense gradients, step, then reset every unselected entry
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(keep[n])
+                optimizer.step()
+                for n, p in model.named_parameters():
+                    p.copy_(torch.where(keep[n], p, pretrained[n]))
+    else:
+        raise SystemExit(f"unknown method {method!r}")
+    optimizer = torch.optim.AdamW(params, lr=5e-6, weight_decay=0.1) if params else None
+    step_fn = step_fn or (optimizer.step if optimizer else (lambda: None))
+
+    def train_step(batch):
+        if optimizer:
+            optimizer.zero_grad(set_to_none=True)
+        loss_fn(model, batch).float().mean().backward()
+        step_fn()
+
+    return train_step, params
+
+
 def worker(args) -> dict:
     import torch
 
@@ -116,44 +177,12 @@ def worker(args) -> dict:
         mask.save(args.mask)
         return result
 
-    if args.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    model = wrap_model(args.method, model)
     model.train()
     base = _rss_kib()
     _reset_peak()
-
-    step_fn = None
-    if args.method == "ft":
-        params = list(model.parameters())
-    elif args.method == "lora":
-        params = [p for p in model.parameters() if p.requires_grad]
-    elif args.method == "saft":
-        sm = saftune.sparsify(model, saftune.SparseMask.load(args.mask))
-        params = sm.trainable_parameters()
-    elif args.method == "naive":
-        mask = saftune.SparseMask.load(args.mask)
-        keep = {n: mask.boolean(n) for n, _ in model.named_parameters()}
-        pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
-        params = list(model.parameters())
-
-        def step_fn():  # mask the dense gradients, step, then reset every unselected entry
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(keep[n])
-                optimizer.step()
-                for n, p in model.named_parameters():
-                    p.copy_(torch.where(keep[n], p, pretrained[n]))
-    optimizer = torch.optim.AdamW(params, lr=5e-6, weight_decay=0.1)
-    step_fn = step_fn or optimizer.step
-
-    def train_step(batch):
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model, batch).mean().backward()
-        step_fn()
+    mask = saftune.SparseMask.load(args.mask) if args.method in ("saft", "naive") else None
+    train_step, params = make_train_step(args.method, model, loss_fn, mask)
 
     times = []
     for i in range(args.warmup + args.steps):
@@ -184,7 +213,7 @@ def run_worker(method: str, model: str, args, mask: Path) -> dict:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     runs = []
     for _ in range(1 if method == "phase1" else args.repeats):  # phase 1 also writes the mask: once
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if out.returncode != 0:
             raise SystemExit(f"{model}/{method} failed:\n{out.stderr[-3000:]}")
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -239,6 +268,8 @@ def main(argv=None) -> None:
             "saft_time_vs_ft": saft["step_seconds"] / ft["step_seconds"],
             "saft_time_vs_lora": saft["step_seconds"] / lora["step_seconds"],
             "saft_time_vs_naive": saft["step_seconds"] / naive["step_seconds"],
+            "saft_time_vs_limit": saft["step_seconds"] / rows["limit"]["step_seconds"],
+            "lora_time_vs_limit": lora["step_seconds"] / rows["limit"]["step_seconds"],
             "phase1_time_vs_ft_epoch": rows["phase1"]["seconds"] / ft["epoch_seconds"],
         }
         report["models"][model] = {"runs": rows, "ratios": ratios}

@@ -234,3 +234,202 @@ def test_torch_compile_trains_the_same_values():
         results.append([p.detach().clone() for p in case.model.parameters()])
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- Linear kernel
+def _linear_grads(linear: nn.Linear, idx: torch.Tensor, make_input, *, bias_selected=False, autocast=False, kernels="on"):
+    """values.grad of the sparse engine vs the selected entries of the dense gradient, same input and loss."""
+    out_f, in_f = linear.weight.shape
+    indices = {"weight": idx}
+    if bias_selected:
+        indices["bias"] = torch.arange(0, out_f, 2)
+    mask = saftune.SparseMask(indices, {"weight": (out_f, in_f), "bias": (out_f,)})
+    dense = copy.deepcopy(linear)
+    torch.manual_seed(1)
+    x = make_input()
+    upstream = None
+
+    def run(module, x):
+        nonlocal upstream
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = module(x)
+        if upstream is None:
+            upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+        (y.float() * upstream).sum().backward()
+
+    x_dense = x.detach().clone().requires_grad_(x.requires_grad)
+    run(dense, x_dense)
+    sm = saftune.sparsify(linear, mask, kernels=kernels)
+    x_sparse = x.detach().clone().requires_grad_(x.requires_grad)
+    run(linear, x_sparse)
+    got = dict(sm.named_trainable_parameters())
+    expected = {"weight": dense.weight.grad.reshape(-1)[idx]}
+    if bias_selected:
+        expected["bias"] = dense.bias.grad[indices["bias"]]
+    return sm, {n: v.grad for n, v in got.items()}, expected, (x_sparse.grad, x_dense.grad)
+
+
+def _random_indices(shape, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randperm(shape[0] * shape[1], generator=g)[:d]).values
+
+
+@pytest.mark.parametrize("d", [1, 7, 60, 300], ids=["one", "few-columns", "some", "most-columns"])
+@pytest.mark.parametrize("leading", [(13,), (3, 5), (2, 3, 4)], ids=["2d", "3d", "4d"])
+def test_linear_kernel_equals_dense_gradient(d, leading):
+    """Saved-columns (few columns used) and saved-input (most used) paths, 2-D..4-D inputs, input grads."""
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 20)
+    idx = _random_indices((20, 24), d)
+    sm, got, expected, (gx, gx_ref) = _linear_grads(linear, idx, lambda: torch.randn(*leading, 24, requires_grad=True))
+    assert sm._slots[0].path == "linear"
+    torch.testing.assert_close(got["weight"], expected["weight"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_linear_kernel_with_selected_bias_and_frozen_input():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 12)
+    idx = _random_indices((12, 16), 9)
+    sm, got, expected, (gx, _) = _linear_grads(linear, idx, lambda: torch.randn(4, 7, 16), bias_selected=True)
+    assert [s.path for s in sm._slots] == ["linear", "hook"]
+    assert gx is None  # the input needs no gradient: none is computed
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_linear_kernel_under_bf16_autocast_matches_dense_autocast():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 24)
+    idx = _random_indices((24, 32), 40)
+    _, got, expected, _ = _linear_grads(linear, idx, lambda: torch.randn(6, 5, 32), autocast=True)
+    assert got["weight"].dtype == torch.float32
+    # the dense bf16 GEMM rounds its output to bf16; the kernel accumulates bf16 products in fp32
+    torch.testing.assert_close(got["weight"], expected["weight"], atol=2e-2, rtol=1e-2)
+
+
+def test_linear_kernel_on_bf16_weights():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 24).to(torch.bfloat16)
+    idx = _random_indices((24, 32), 30)
+    _, got, expected, _ = _linear_grads(linear, idx, lambda: torch.randn(6, 32, dtype=torch.bfloat16))
+    assert got["weight"].dtype == torch.float32
+    torch.testing.assert_close(got["weight"], expected["weight"].float(), atol=2e-2, rtol=1e-2)
+
+
+def test_linear_kernel_chunked_fallback_equals_sampled_addmm(monkeypatch):
+    """The gather-multiply-sum path (other devices, torch.compile) gives the same values, chunk by chunk."""
+    from saftune.sparse import kernels
+
+    torch.manual_seed(0)
+    g, x = torch.randn(37, 20), torch.randn(37, 24)
+    idx = _random_indices((20, 24), 150)
+    rows, cols = idx // 24, idx % 24
+    fast = kernels.gathered_weight_grad(g, x, rows, cols)
+    monkeypatch.setattr(kernels, "_sampled_addmm_ok", lambda a: False)
+    monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", 37 * 16)  # 16 entries per chunk
+    slow = kernels.gathered_weight_grad(g, x, rows, cols)
+    reference = (g.T @ x)[rows, cols]
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(slow, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_kernel_empty_batch_gives_zero_gradient():
+    linear = nn.Linear(8, 6)
+    idx = torch.tensor([3, 10, 40])
+    sm = saftune.sparsify(linear, saftune.SparseMask({"weight": idx}, {"weight": (6, 8)}), kernels="on")
+    linear(torch.randn(0, 8)).sum().backward()
+    assert torch.equal(sm.trainable_parameters()[0].grad, torch.zeros(3))
+
+
+def test_linear_kernel_saves_only_the_used_columns():
+    """With few columns in the mask, the backward keeps x[:, cols] alive, not the whole input."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 64, bias=False)
+    idx = torch.tensor([5, 64 + 5, 3 * 64 + 9, 50 * 64 + 9])  # columns 5 and 9 only
+    saftune.sparsify(linear, saftune.SparseMask({"weight": idx}, {"weight": (64, 64)}), kernels="on")
+    x = torch.randn(32, 64)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = linear(x)
+    activation = [t for t in saved if t.dtype.is_floating_point and t.data_ptr() != linear.weight.data_ptr()]
+    assert sum(t.numel() for t in activation) == 2 * 32
+    y.sum().backward()
+
+
+def test_linear_kernel_saves_nothing_without_grad():
+    linear = nn.Linear(8, 6)
+    sm = saftune.sparsify(linear, saftune.SparseMask({"weight": torch.tensor([1, 2])}, {"weight": (6, 8)}), kernels="on")
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        y = linear(x)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, x @ linear.weight.T + linear.bias)
+    for v in sm.trainable_parameters():
+        v.requires_grad_(False)
+    assert linear(x).grad_fn is None  # frozen values: plain F.linear, nothing saved
+
+
+def test_auto_kernels_follow_the_density_threshold():
+    """kernels='auto' uses the sparse Linear kernel up to LINEAR_KERNEL_MAX_DENSITY, the dense hook above."""
+    from saftune.sparse.engine import LINEAR_KERNEL_MAX_DENSITY
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 50), nn.Tanh(), nn.Linear(50, 40))
+    low = max(1, int(LINEAR_KERNEL_MAX_DENSITY * 2000 * 0.5))
+    high = min(2000, int(LINEAR_KERNEL_MAX_DENSITY * 2000 * 3) + 1)
+    mask = saftune.SparseMask({"0.weight": _random_indices((50, 40), low), "2.weight": _random_indices((40, 50), high, seed=1)},
+                              {"0.weight": (50, 40), "2.weight": (40, 50)})
+    reference = copy.deepcopy(model)
+    sm = saftune.sparsify(model, mask)
+    assert [s.path for s in sm._slots] == ["linear", "hook"]
+    x = torch.randn(9, 40)
+    model(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    for n, v in sm.named_trainable_parameters():
+        torch.testing.assert_close(v.grad, reference.get_parameter(n).grad.reshape(-1)[mask.indices[n]], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- Embedding kernel
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_kernel_equals_dense_gradient(padding_idx):
+    """Repeated tokens, the padding row, selected rows absent from the batch, unselected rows present."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(20, 6, padding_idx=padding_idx)
+    reference = copy.deepcopy(emb)
+    idx = torch.tensor([0, 5, 6 * 3 + 1, 6 * 3 + 5, 6 * 7, 6 * 12 + 2, 6 * 19 + 5])  # rows 0, 3, 7, 12, 19
+    sm = saftune.sparsify(emb, saftune.SparseMask({"weight": idx}, {"weight": (20, 6)}))
+    assert sm._slots[0].path == "embedding"
+    ids = torch.tensor([[3, 3, 0, 5], [7, 0, 3, 11]])  # 12 and 19 absent, 5 and 11 unselected
+    upstream = torch.randn(2, 4, 6)
+    (emb(ids) * upstream).sum().backward()
+    (reference(ids) * upstream).sum().backward()
+    torch.testing.assert_close(sm.trainable_parameters()[0].grad, reference.weight.grad.reshape(-1)[idx])
+    assert sm.trainable_parameters()[0].grad[-2:].abs().sum() == 0
+
+
+def test_embedding_kernel_on_a_batch_without_selected_tokens():
+    emb = nn.Embedding(10, 4)
+    sm = saftune.sparsify(emb, saftune.SparseMask({"weight": torch.tensor([8, 9])}, {"weight": (10, 4)}))
+    emb(torch.tensor([[5, 6]])).sum().backward()
+    assert torch.equal(sm.trainable_parameters()[0].grad, torch.zeros(2))
+    emb(torch.zeros(0, 3, dtype=torch.long)).sum().backward()
+    assert torch.equal(sm.trainable_parameters()[0].grad, torch.zeros(2))
+
+
+def test_no_autograd_graph_below_the_lowest_selected_parameter():
+    """Layers under the lowest trained tensor run without saving anything for backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    saftune.sparsify(model, saftune.SparseMask({"4.weight": torch.tensor([0, 9])}, {"4.weight": (3, 8)}))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        hidden = model[:4](torch.randn(5, 8))
+        assert not hidden.requires_grad and not saved
+        model[4](hidden).sum().backward()
+    assert saved  # only the top layer saved its (column of the) input

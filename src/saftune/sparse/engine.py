@@ -27,19 +27,27 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from saftune.sparse.delta import SparseDelta
-from saftune.sparse.kernels import SparseEmbeddingFunction, SparseLinearFunction
+from saftune.sparse.kernels import (
+    LinearSelection,
+    SparseEmbeddingFunction,
+    SparseLinearFunction,
+)
 from saftune.sparse.mask import SparseMask
 
 logger = logging.getLogger(__name__)
 
-# Above this density the dense x^T dy (one GEMM) beats the gathered dot products. benchmarks/kernels.py on
-# 2 CPU threads: the gathered kernel is 2.5-12x faster at density 1e-3 and still faster at 3e-3 for every
-# shape tried (384..3072 x 384..768, 256..2048 tokens); at 1e-2 the dense gradient wins on some shapes.
-LINEAR_KERNEL_MAX_DENSITY = 0.005
+# Above this density the dense x^T dy (one GEMM, then a gather) beats the sampled dot products of
+# `SparseLinearFunction`. benchmarks/kernel_crossover.py (random masks, shapes 384..4096 x 384..3072, 128..2048 tokens,
+# 1 thread, thread CPU time on a busy 2-core machine), sparse / dense time, median (max) over shapes:
+# density 1e-3 0.11 (0.3), 1e-2 0.14 (0.97, one noisy point), 3e-2 0.20 (0.78), 0.1 0.39 (0.96), 0.3 0.90 (2.0).
+# 0.05 stays well below the first crossovers (0.1-0.3). Masks chosen by a score cluster in few rows and columns,
+# which favours the sparse kernel further (on BERT-base the grad-score mask uses at most about half of them).
+LINEAR_KERNEL_MAX_DENSITY = 0.05
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 _HOOK_HANDLE = None
@@ -90,8 +98,10 @@ def _choose_path(param: nn.Parameter, owners: list[tuple[nn.Module, str]], densi
     return "hook"
 
 
-def _linear_forward(module: nn.Linear, slot: _Slot, rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor):
-    return SparseLinearFunction.apply(x, module.weight, module.bias, slot.values, rows, cols)
+def _linear_forward(module: nn.Linear, slot: _Slot, selection: LinearSelection, x: torch.Tensor):
+    if not (torch.is_grad_enabled() and slot.values.requires_grad):  # eval / no_grad: nothing to save
+        return F.linear(x, module.weight, module.bias)
+    return SparseLinearFunction.apply(x, module.weight, module.bias, slot.values, *selection.tensors(), selection.save_columns)
 
 
 def _embedding_forward(module: nn.Embedding, slot: _Slot, unique_rows, row_slot, cols, ids: torch.Tensor):
@@ -154,9 +164,8 @@ class SparseModel:
     def _install(self, slot: _Slot, module: nn.Module) -> None:
         """Route the gradient of the slot's selected entries into `slot.values.grad`."""
         if slot.path == "linear":
-            in_features = slot.param.shape[1]
-            rows, cols = slot.indices // in_features, slot.indices % in_features
-            module.forward = partial(_linear_forward, module, slot, rows, cols)
+            selection = LinearSelection.from_indices(slot.indices, tuple(slot.param.shape))
+            module.forward = partial(_linear_forward, module, slot, selection)
             self._forwards.append(module)
         elif slot.path == "embedding":
             dim = slot.param.shape[1]
@@ -270,7 +279,7 @@ def sparsify(model: nn.Module, mask: SparseMask, *, kernels: str = "auto", maste
     Args:
         model: the pretrained model (any `nn.Module`; fp32, bf16 or fp16 weights).
         mask: a `SparseMask` from `select_mask` (or loaded with `SparseMask.load`).
-        kernels: "auto" (sparse gradient kernels for nn.Linear at density <= 0.5% and for nn.Embedding),
+        kernels: "auto" (sparse gradient kernels for nn.Linear at density <= 5% and for nn.Embedding),
             "on" (kernels for every eligible Linear), or "off" (gradient hooks everywhere).
         master_dtype: dtype of the trainable values (fp32 by default, even for bf16 weights).
 

@@ -2,8 +2,16 @@
 
 For y = x W^T + b, dL/dW[r, c] = sum_n dy[n, r] * x[n, c]: a dot product over the N rows of the batch
 for each selected (r, c). At density 1e-3 this is ~1000x fewer multiply-adds than the dense x^T dy, and
-it needs O(N * chunk) temporary memory instead of a dense out x in gradient. For an embedding,
-dL/dE[r, c] = sum of dy[n, c] over positions n whose token is r: an index_add into the selected rows only.
+it needs no dense out x in gradient. Only the rows of dy and the columns of x that some selected entry
+uses take part: the forward saves x[:, unique_cols] (transposed, so each column is one contiguous
+vector) instead of the whole input, and the backward gathers dy[:, unique_rows] the same way. The d dot
+products then run as one sampled dense-dense product (`torch.sparse.sampled_addmm`, a vectorised C++
+loop over the selected entries, nothing materialised) on the CPU, or as chunked gather-multiply-sum
+elsewhere (other devices, `torch.compile`).
+
+For an embedding, dL/dE[r, c] = sum of dy[n, c] over positions n whose token is r: the output gradients
+are summed per distinct selected token present in the batch (O(N * dim), however many rows the mask
+touches), and each selected entry reads its row's sum (zero when its token is absent).
 
 These autograd functions take the (frozen) weight for the forward and the trainable `values` vector
 as an extra input, so autograd delivers the selected entries' gradient straight into `values.grad`.
@@ -11,11 +19,103 @@ as an extra input, so autograd delivers the selected entries' gradient straight 
 
 from __future__ import annotations
 
+import functools
+import warnings
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-# Upper bound on the temporary [chunk, N] products of the gathered dot products (elements).
+# Upper bound on the temporary [chunk, N] products of the chunked gathered dot products (elements).
 _CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class LinearSelection:
+    """Where the selected entries of one [out, in] weight are, in the form the kernel uses them.
+
+    Entry k (in sorted flat-index order) is (unique_rows[row_slot[k]], unique_cols[col_slot[k]]);
+    `crow` is the CSR row pointer of the [len(unique_rows), len(unique_cols)] pattern of the entries
+    (sorted flat indices are sorted by row then column, so CSR order is the entries' own order).
+    """
+
+    unique_rows: torch.Tensor
+    row_slot: torch.Tensor
+    unique_cols: torch.Tensor
+    col_slot: torch.Tensor
+    crow: torch.Tensor
+    # Save x[:, unique_cols] in the forward (a copy) rather than a reference to x: when few columns are
+    # used, this keeps much less activation memory alive; when most are, x itself is cheaper.
+    save_columns: bool
+
+    @classmethod
+    def from_indices(cls, indices: torch.Tensor, shape: tuple[int, int]) -> LinearSelection:
+        """Build from sorted flat indices into a weight of `shape` ([out, in])."""
+        in_features = shape[1]
+        rows, cols = indices // in_features, indices % in_features
+        unique_rows, row_slot = torch.unique(rows, return_inverse=True)
+        unique_cols, col_slot = torch.unique(cols, return_inverse=True)
+        crow = torch.zeros(unique_rows.numel() + 1, dtype=torch.int64, device=indices.device)
+        crow[1:] = torch.bincount(row_slot, minlength=unique_rows.numel()).cumsum(0)
+        return cls(unique_rows, row_slot, unique_cols, col_slot, crow, 2 * unique_cols.numel() <= in_features)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.unique_rows, self.row_slot, self.unique_cols, self.col_slot, self.crow
+
+    def columns(self, x2d: torch.Tensor) -> torch.Tensor:
+        """x2d[:, unique_cols] transposed: the [len(unique_cols), N] part of an [N, in] input the kernel reads."""
+        return _columns(x2d, self.unique_cols)
+
+
+@functools.cache
+def _quiet_csr_warning() -> None:
+    """torch warns once per process that sparse CSR support is in beta: take that warning here, silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.sparse_csr_tensor(torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0), (0, 0),
+                                check_invariants=False)
+
+
+def _sampled_addmm_ok(a: torch.Tensor) -> bool:
+    return a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+
+
+def sampled_dots(a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor, col_slot: torch.Tensor, crow: torch.Tensor) -> torch.Tensor:
+    """result[k] = a[row_slot[k]] . b[col_slot[k]] for the entries of a CSR pattern (`crow`, `col_slot`).
+
+    Args:
+        a: [R, N] contiguous; b: [C, N] contiguous (same dtype).
+        row_slot, col_slot: int64 [d], in CSR order (row_slot sorted).
+        crow: int64 [R + 1] CSR row pointer of row_slot.
+    """
+    d, n = row_slot.numel(), a.shape[1]
+    if d == 0 or n == 0:
+        return torch.zeros(d, dtype=a.dtype, device=a.device)
+    if _sampled_addmm_ok(a):
+        _quiet_csr_warning()
+        pattern = torch.sparse_csr_tensor(crow, col_slot, torch.zeros(d, dtype=a.dtype), (a.shape[0], b.shape[0]),
+                                          check_invariants=False)
+        # sampled_addmm wants mat2 as [N, C]; b.t() is a view whose transpose is b itself: no copy.
+        return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
+    step = max(1, _CHUNK_ELEMENTS // n)
+    result = torch.empty(d, dtype=a.dtype, device=a.device)
+    for start in range(0, d, step):
+        r, c = row_slot[start : start + step], col_slot[start : start + step]
+        result[start : start + step] = (a.index_select(0, r) * b.index_select(0, c)).sum(1)
+    return result
+
+
+def _columns(x2d: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x2d[:, index] transposed, as a contiguous [len(index), N] tensor (`index` sorted and unique).
+
+    Gathering the columns first and transposing the [N, len(index)] result is 2-4x faster than a gather
+    from the transposed view, unless nearly all columns are taken: then transpose everything and gather rows.
+    """
+    if index.numel() == x2d.shape[1]:
+        return x2d.t().contiguous()
+    if 4 * index.numel() <= 3 * x2d.shape[1]:
+        return x2d.index_select(1, index).t().contiguous()
+    return x2d.t().contiguous().index_select(0, index)
 
 
 def gathered_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -24,7 +124,7 @@ def gathered_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, rows: tor
     Args:
         grad_out: [N, out] output gradient.
         inputs: [N, in] layer input (as the forward used it).
-        rows, cols: int64 [d] coordinates of the selected entries.
+        rows, cols: int64 [d] coordinates of the selected entries, sorted by (row, col).
 
     Example:
         >>> g, x = torch.randn(5, 3), torch.randn(5, 4)
@@ -32,42 +132,59 @@ def gathered_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, rows: tor
         >>> torch.allclose(gathered_weight_grad(g, x, r, c), (g.T @ x)[r, c], atol=1e-6)
         True
     """
-    # Transposed copies make each gathered row contiguous: [out, N] and [in, N].
-    grad_t = grad_out.t().contiguous()
-    inputs_t = inputs.t().contiguous()
-    n = max(grad_out.shape[0], 1)
-    step = max(1, _CHUNK_ELEMENTS // n)
-    result = torch.empty(rows.numel(), dtype=torch.float32, device=grad_out.device)
-    for start in range(0, rows.numel(), step):
-        r, c = rows[start : start + step], cols[start : start + step]
-        result[start : start + step] = (grad_t.index_select(0, r).float() * inputs_t.index_select(0, c).float()).sum(1)
-    return result
+    selection = LinearSelection.from_indices(rows * inputs.shape[1] + cols, (grad_out.shape[1], inputs.shape[1]))
+    return selected_weight_grad(grad_out, selection.columns(inputs), selection)
+
+
+def selected_weight_grad(grad_out: torch.Tensor, x_columns: torch.Tensor, selection: LinearSelection) -> torch.Tensor:
+    """The selected entries of grad_out^T @ x in fp32, given x_columns = `selection.columns(x)`.
+
+    Args:
+        grad_out: [N, out] output gradient.
+        x_columns: [len(selection.unique_cols), N], the used input columns (transposed).
+        selection: the selected entries' `LinearSelection`.
+    """
+    s = selection
+    return sampled_dots(_columns(grad_out, s.unique_rows).float(), x_columns.float(), s.row_slot, s.col_slot, s.crow)
 
 
 class SparseLinearFunction(torch.autograd.Function):
-    """y = F.linear(x, weight, bias), with d(loss)/d(values) = selected entries of dW."""
+    """y = F.linear(x, weight, bias), with d(loss)/d(values) = selected entries of dW.
+
+    Call it only when a gradient is wanted (grad mode on, `values` requiring grad); otherwise F.linear
+    does the same forward without saving anything.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, rows, cols):
+    def forward(ctx, x, weight, bias, values, unique_rows, row_slot, unique_cols, col_slot, crow, save_columns):
         out = F.linear(x, weight, bias)  # under autocast this runs in the autocast dtype
-        x_used = x if x.dtype == out.dtype else x.to(out.dtype)
-        ctx.save_for_backward(x_used, weight, rows, cols)
+        x2d = x.reshape(-1, x.shape[-1])
+        if not ctx.needs_input_grad[3]:
+            saved = x2d[:0]
+        elif save_columns:  # the selected columns only, already in the dtype of the product
+            saved = _columns(x2d, unique_cols).to(out.dtype)
+        else:
+            saved = x2d
+        ctx.save_for_backward(saved, weight, unique_rows, row_slot, unique_cols, col_slot, crow)
+        ctx.save_columns = save_columns
+        ctx.out_dtype = out.dtype
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_used, weight, rows, cols = ctx.saved_tensors
+        saved, weight, unique_rows, row_slot, unique_cols, col_slot, crow = ctx.saved_tensors
         grad_x = grad_bias = grad_values = None
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[0]:  # one 2-D GEMM, as autograd does for F.linear (a 3-D matmul can turn into bmm)
+            grad_x = grad_2d.mm(weight.to(grad_out.dtype)).view(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
-            grad_values = gathered_weight_grad(grad_2d, x_used.reshape(-1, x_used.shape[-1]), rows, cols)
-        return grad_x, None, grad_bias, grad_values, None, None
+            x_cols = saved if ctx.save_columns else _columns(saved, unique_cols).to(ctx.out_dtype)
+            grad_values = sampled_dots(_columns(grad_2d, unique_rows).float(), x_cols.float(), row_slot, col_slot, crow)
+        return grad_x, None, grad_bias, grad_values, None, None, None, None, None, None
 
 
 class SparseEmbeddingFunction(torch.autograd.Function):
@@ -85,11 +202,23 @@ class SparseEmbeddingFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[2]:
             return None, None, None, None, None, None, None
         ids = ids.reshape(-1)
+        result = torch.zeros(row_slot.numel(), dtype=torch.float32, device=grad_out.device)
+        if ids.numel() == 0 or unique_rows.numel() == 0:
+            return None, None, result, None, None, None, None
         grad_2d = grad_out.reshape(ids.numel(), -1)
+        # Positions whose token is a selected row; their output gradients summed per distinct such token
+        # (at most one row per position: O(N * dim) work and memory, whatever the number of selected rows).
         slot = torch.searchsorted(unique_rows, ids).clamp_max_(unique_rows.numel() - 1)
         hit = unique_rows[slot] == ids
         if ctx.padding_idx is not None:  # F.embedding gives the padding row no gradient
             hit &= ids != ctx.padding_idx
-        rows_grad = torch.zeros(unique_rows.numel(), grad_2d.shape[1], dtype=torch.float32, device=grad_out.device)
-        rows_grad.index_add_(0, slot[hit], grad_2d[hit].float())
-        return None, None, rows_grad[row_slot, cols], None, None, None, None
+        present, position = torch.unique(slot[hit], return_inverse=True)
+        if present.numel() == 0:
+            return None, None, result, None, None, None, None
+        summed = torch.zeros(present.numel(), grad_2d.shape[1], dtype=torch.float32, device=grad_out.device)
+        summed.index_add_(0, position, grad_2d[hit].float())
+        # Selected entries whose row occurred in the batch: look their row up among the present ones.
+        where = torch.searchsorted(present, row_slot).clamp_max_(present.numel() - 1)
+        found = present[where] == row_slot
+        result[found] = summed[where[found], cols[found]]
+        return None, None, result, None, None, None, None

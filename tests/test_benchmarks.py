@@ -1,0 +1,53 @@
+"""Smoke test of benchmarks/scale.py: its worker runs on a ~1M-parameter model and reports sane numbers."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+SCALE = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+
+
+@pytest.fixture(scope="module")
+def scale():
+    spec = importlib.util.spec_from_file_location("saftune_bench_scale", SCALE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _worker(scale, capsys, method):
+    threads = torch.get_num_threads()
+    try:  # one thread: tiny ops on two threads crawl when the machine is busy
+        scale.main(["--worker", "--quick", "--method", method, "--size", "128x2", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_param_count_shapes_and_random_mask(scale):
+    model = scale.build_model(128, 2, 6000, torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == scale.param_count(128, 2, 6000)
+    mask = scale.random_mask(model, 1e-3)
+    assert mask.num_selected == math.floor(1e-3 * scale.param_count(128, 2, 6000))
+    assert scale.param_count(*scale.parse_size(scale.shape_for(5e9))) <= 5e9
+    assert scale.fit_line([(1, 3), (2, 5), (4, 9)]) == pytest.approx((1, 2))
+
+
+def test_scale_worker_reports_every_method(scale, capsys):
+    rows = {m: _worker(scale, capsys, m) for m in ("saft", "saft-bf16", "lora", "limit")}
+    params = scale.param_count(128, 2, 6000)
+    assert 0.5e6 < params < 2e6
+    for method, r in rows.items():
+        assert r["method"] == method and r["params"] == params
+        assert r["step_seconds"] > 0 and all(t > 0 for t in r["step_seconds_each"]), method
+        # in-process (not a fresh process, as in the benchmark) the RSS may shrink a little during the run
+        assert r["memory_mib"] > -32 and r["peak_mib"] > r["model_mib"] - 32 > 0, method
+    for method in ("saft", "saft-bf16"):
+        assert rows[method]["trainable"] == math.floor(rows[method]["sparsity"] * params)
+    assert rows["saft-bf16"]["dtype"] == "bfloat16" and rows["saft"]["dtype"] == "float32"
+    assert rows["limit"]["trainable"] == 0
+    assert 0 < rows["lora"]["trainable"] < params
