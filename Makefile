@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SAFTUNE := $(VENV)/bin/saftune
 
-.PHONY: setup assets test test-all demo bench-engine lint clean
+.PHONY: setup assets test test-all demo bench-engine bench-scale bench-distributed lint clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ demo: assets
 
 bench-engine: assets
 	$(PY) benchmarks/engine.py
+
+bench-scale: setup  # model size, sparsity, phase-1 data size, largest trainable model (about 45 min)
+	$(PY) benchmarks/scale.py
+
+bench-distributed: assets  # bytes all-reduced per step with 2 processes
+	$(PY) benchmarks/distributed.py
 
 lint: setup
 	$(PY) -m pip install --quiet ruff
