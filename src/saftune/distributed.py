@@ -138,7 +138,7 @@ def all_reduce_gradients(params: Sequence[torch.Tensor]) -> int:
     """
     if not is_distributed():
         return 0
-    device = _device_of([p for p in params])
+    device = _device_of(params)
     has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
     dist.all_reduce(has_grad)
     grads = []

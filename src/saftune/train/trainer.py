@@ -303,8 +303,8 @@ def fit(
                 micro_terms = _sum_over_processes({name: float(v.detach()) * weight for name, v in terms.items()})
                 loss_value = sum(micro_terms.values())
                 if not math.isfinite(loss_value):  # every process sees the same sum, so all stop together
-                    kept = f"; the last good checkpoint is {find_checkpoint(run_dir)}" if run_dir else ""
-                    raise NonFiniteLossError(f"step {step + 1}: the loss is {loss_value} (terms {micro_terms}){kept}. "
+                    raise NonFiniteLossError(f"step {step + 1}: the loss is {loss_value} (terms {micro_terms})"
+                                             f"{_last_good(run_dir)}. "
                                              "Lower the learning rate, or use fp32 / bf16 instead of fp16.")
                 if terms:
                     scaled = sum(terms.values()) * weight / config.grad_accum
@@ -325,9 +325,8 @@ def fit(
                 scaler.update()
                 skipped = scaler.get_scale() < scale
             elif not math.isfinite(grad_norm):  # a finite loss whose gradients overflowed: never step on them
-                kept = f"; the last good checkpoint is {find_checkpoint(run_dir)}" if run_dir else ""
                 raise NonFiniteLossError(f"step {step + 1}: the gradient norm is {grad_norm} although the loss is finite "
-                                         f"(terms {terms_total}){kept}. Lower the learning rate, or train in fp32.")
+                                         f"(terms {terms_total}){_last_good(run_dir)}. Lower the learning rate, or train in fp32.")
             else:
                 optimizer.step()
             scheduler.step()
@@ -370,6 +369,11 @@ def fit(
         writer.close()
     method.finalize(model)
     return TrainResult(steps=total_steps, seconds=time.perf_counter() - started, history=history, resumed_from=start)
+
+
+def _last_good(run_dir: Path | None) -> str:
+    """The end of a NonFiniteLossError message: where the checkpoint that is kept lies."""
+    return f"; the last good checkpoint is {find_checkpoint(run_dir)}" if run_dir else ""
 
 
 def _sum_over_processes(terms: dict[str, float]) -> dict[str, float]:
