@@ -32,8 +32,22 @@ def _launch(out: Path, methods: list[str], processes: int) -> None:
     env.pop("WORLD_SIZE", None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     cmd = [*(launcher if processes > 1 else [sys.executable]), str(WORKER), str(out), *methods]
+    _run(cmd, env)
+
+
+def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run a torchrun launch; once more if a process died of SIGABRT.
+
+    Rarely (seen in ~1 of 3 full-suite runs on 2 busy cores, never when this file runs alone) a gloo
+    worker aborts in native code ("terminate called without an active exception"). A second launch
+    starts from scratch; the results are still compared exactly as below.
+    """
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if done.returncode != 0 and "SIGABRT" in done.stderr:
+        print(f"torchrun launch aborted (SIGABRT), launching again:\n{done.stderr[-2000:]}", file=sys.stderr)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +99,7 @@ def test_torchrun_cli_train_writes_once_and_reduces_only_the_selected_values(tmp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "saftune.cli",
            "train", "--model", "tiny-sentence", "--dataset", "toy-text", "--method", "saft",
            "--set", "train.epochs=1", "--set", "train.batch_size=4", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = _run(cmd, env)
     assert done.stdout.count("saft on toy-text") == 1  # rank 0 reports; rank 1 stays quiet
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     d = SparseDelta.from_pretrained(tmp_path / "result").num_entries
