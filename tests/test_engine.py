@@ -76,7 +76,7 @@ def test_engine_matches_naive_dense_masked_adamw(name, clip):
         torch.testing.assert_close(p.detach(), q.detach(), atol=2e-6, rtol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("name", ["mlp", "bert", "t5", "clip"])
+@pytest.mark.parametrize("name", ["mlp", "mha", "bert", "t5", "clip"])
 def test_gradient_kernels_equal_the_hook_path(name):
     """The Linear/Embedding kernels give the same values.grad as gathering the dense gradient."""
     grads = {}
@@ -340,6 +340,22 @@ def test_linear_kernel_empty_batch_gives_zero_gradient():
     sm = saftune.sparsify(linear, saftune.SparseMask({"weight": idx}, {"weight": (6, 8)}), kernels="on")
     linear(torch.randn(0, 8)).sum().backward()
     assert torch.equal(sm.trainable_parameters()[0].grad, torch.zeros(3))
+
+
+def test_linear_selection_reads_a_whole_dimension_when_most_of_it_is_used():
+    """Gather the rows (columns) the entries use when at most half are; otherwise read them all, no gather."""
+    from saftune.sparse.kernels import LinearSelection, selected_weight_grad
+
+    idx = torch.tensor([0 * 10 + 1, 0 * 10 + 2, 1 * 10 + 1, 3 * 10 + 7])  # rows 0, 1, 3 of 4; columns 1, 2, 7 of 10
+    s = LinearSelection.from_indices(idx, (4, 10))
+    assert s.unique_rows.tolist() == [0, 1, 2, 3] and s.row_slot.tolist() == [0, 0, 1, 3]
+    assert s.unique_cols.tolist() == [1, 2, 7] and s.col_slot.tolist() == [0, 1, 0, 2] and s.save_columns
+    assert s.crow.tolist() == [0, 2, 3, 3, 4]
+    g, x = torch.randn(9, 4), torch.randn(9, 10)
+    got = selected_weight_grad(g, s.columns(x), s)
+    torch.testing.assert_close(got, (g.T @ x).reshape(-1)[idx], atol=1e-6, rtol=1e-6)
+    wide = LinearSelection.from_indices(torch.arange(0, 40, 3), (4, 10))  # 10 of 10 columns
+    assert wide.unique_cols.tolist() == list(range(10)) and not wide.save_columns
 
 
 def test_linear_kernel_saves_only_the_used_columns():

@@ -44,20 +44,20 @@ class LinearSelection:
     unique_cols: torch.Tensor
     col_slot: torch.Tensor
     crow: torch.Tensor
-    # Save x[:, unique_cols] in the forward (a copy) rather than a reference to x: when few columns are
-    # used, this keeps much less activation memory alive; when most are, x itself is cheaper.
+    # Save x[:, unique_cols] in the forward (a copy) rather than a reference to x: when at most half the
+    # columns are used, this keeps less activation memory alive; when all are read, x itself is cheaper.
     save_columns: bool
 
     @classmethod
     def from_indices(cls, indices: torch.Tensor, shape: tuple[int, int]) -> LinearSelection:
         """Build from sorted flat indices into a weight of `shape` ([out, in])."""
-        in_features = shape[1]
+        out_features, in_features = shape
         rows, cols = indices // in_features, indices % in_features
-        unique_rows, row_slot = torch.unique(rows, return_inverse=True)
-        unique_cols, col_slot = torch.unique(cols, return_inverse=True)
+        unique_rows, row_slot = _used(rows, out_features)
+        unique_cols, col_slot = _used(cols, in_features)
         crow = torch.zeros(unique_rows.numel() + 1, dtype=torch.int64, device=indices.device)
         crow[1:] = torch.bincount(row_slot, minlength=unique_rows.numel()).cumsum(0)
-        return cls(unique_rows, row_slot, unique_cols, col_slot, crow, 2 * unique_cols.numel() <= in_features)
+        return cls(unique_rows, row_slot, unique_cols, col_slot, crow, unique_cols.numel() < in_features)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.unique_rows, self.row_slot, self.unique_cols, self.col_slot, self.crow
@@ -105,17 +105,27 @@ def sampled_dots(a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor, col_s
     return result
 
 
+def _used(coordinate: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the rows or columns the kernel reads, each entry's slot among them) for one weight dimension.
+
+    When more than half of the dimension is used, all of it is read: transposing the whole activation
+    is one copy, while gathering most of it costs a gather and then a copy of nearly the same size.
+    """
+    used, slot = torch.unique(coordinate, return_inverse=True)
+    if 2 * used.numel() > size:
+        return torch.arange(size, device=coordinate.device), coordinate
+    return used, slot
+
+
 def _columns(x2d: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x2d[:, index] transposed, as a contiguous [len(index), N] tensor (`index` sorted and unique).
 
     Gathering the columns first and transposing the [N, len(index)] result is 2-4x faster than a gather
-    from the transposed view, unless nearly all columns are taken: then transpose everything and gather rows.
+    from the transposed view; `LinearSelection` takes every column when more than half are used.
     """
     if index.numel() == x2d.shape[1]:
         return x2d.t().contiguous()
-    if 4 * index.numel() <= 3 * x2d.shape[1]:
-        return x2d.index_select(1, index).t().contiguous()
-    return x2d.t().contiguous().index_select(0, index)
+    return x2d.index_select(1, index).t().contiguous()
 
 
 def gathered_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
