@@ -2,13 +2,16 @@
 
 `sparsify(model, mask)` gives each touched parameter an fp32 *value vector* holding its selected entries
 (the only tensors an optimizer sees) and keeps their pretrained values for the delta. Gradients reach the
-value vectors in one of three ways, chosen per tensor:
+value vectors in one of four ways, chosen per tensor:
 
 * `linear`: an exact `nn.Linear` weight at low density. Its forward is routed through
   `SparseLinearFunction`, which computes only the selected entries of dW (no dense weight gradient).
+* `attention`: a projection weight of an `nn.MultiheadAttention` (`in_proj_weight`, `q/k/v_proj_weight`,
+  `out_proj.weight`) at low density: torch's attention runs with those projections routed through the
+  same kernel (`saftune.sparse.attention`).
 * `embedding`: an exact `nn.Embedding` weight: `SparseEmbeddingFunction` adds output gradients into the
   selected rows only.
-* `hook`: anything else (convolutions, LayerNorm, fused attention projections, raw parameters). The
+* `hook`: anything else (convolutions, LayerNorm, raw parameters, denser tensors). The
   tensor keeps `requires_grad`, and a post-accumulate-grad hook gathers the selected entries of its dense
   gradient into `values.grad` and frees the dense gradient at once, tensor by tensor.
 
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from saftune.sparse.attention import LinearRoute, attention_forward
 from saftune.sparse.delta import SparseDelta
 from saftune.sparse.kernels import (
     LinearSelection,
@@ -62,7 +66,7 @@ class _Slot:
     indices: torch.Tensor  # int64 [d_t], sorted flat indices, on the parameter's device
     values: nn.Parameter  # master copy [d_t], fp32 (or the parameter's dtype when that is wider)
     pretrained: torch.Tensor  # [d_t] in the parameter's own dtype: exact unmerge
-    path: str  # "linear" | "embedding" | "hook"
+    path: str  # "linear" | "attention" | "embedding" | "hook"
 
 
 def _sync_after_step(optimizer, args, kwargs) -> None:
@@ -84,14 +88,29 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return owners
 
 
-def _choose_path(param: nn.Parameter, owners: list[tuple[nn.Module, str]], density: float, kernels: str) -> str:
+def _attention_projections(model: nn.Module) -> dict[int, nn.MultiheadAttention]:
+    """Parameter id -> the nn.MultiheadAttention that uses it as a projection weight (when its forward is torch's)."""
+    found = {}
+    for module in model.modules():
+        if type(module).forward is not nn.MultiheadAttention.forward or "forward" in module.__dict__:
+            continue
+        for weight in (module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight, module.out_proj.weight):
+            if weight is not None:
+                found[id(weight)] = module
+    return found
+
+
+def _choose_path(param: nn.Parameter, owners: list[tuple[nn.Module, str]], density: float, kernels: str, in_attention: bool) -> str:
     if kernels == "off" or len(owners) != 1:
         return "hook"
+    sparse_enough = kernels == "on" or density <= LINEAR_KERNEL_MAX_DENSITY
+    if in_attention and param.dim() == 2:
+        return "attention" if sparse_enough else "hook"
     module, attr = owners[0]
     if attr != "weight" or "forward" in module.__dict__:  # someone already wraps this forward
         return "hook"
-    # Exact types only: subclasses such as MultiheadAttention's out_proj bypass their own forward.
-    if type(module) is nn.Linear and (kernels == "on" or density <= LINEAR_KERNEL_MAX_DENSITY):
+    # Exact types only: a subclass may have its own forward.
+    if type(module) is nn.Linear and sparse_enough:
         return "linear"
     if type(module) is nn.Embedding and module.max_norm is None and not module.sparse and not module.scale_grad_by_freq:
         return "embedding"
@@ -139,6 +158,8 @@ class SparseModel:
         for p in model.parameters():
             p.requires_grad_(False)
         owners = _owners(model)
+        attention_of = _attention_projections(model)
+        self._attention_routes: dict[nn.MultiheadAttention, dict[int, LinearRoute]] = {}
         # Slots follow the model's parameter order, so optimizer state lines up whatever the mask's dict order.
         for name in [n for n in params if n in mask.indices]:
             idx, param = mask.indices[name], params[name]
@@ -146,10 +167,13 @@ class SparseModel:
             pretrained = param.detach().reshape(-1)[idx].clone()
             dtype = torch.promote_types(param.dtype, master_dtype)
             values = nn.Parameter(pretrained.to(dtype).clone())
-            path = _choose_path(param, owners.get(id(param), []), idx.numel() / param.numel(), kernels)
+            path = _choose_path(param, owners.get(id(param), []), idx.numel() / param.numel(), kernels, id(param) in attention_of)
             slot = _Slot(name, param, idx, values, pretrained, path)
-            self._install(slot, owners[id(param)][0][0])
+            self._install(slot, attention_of[id(param)] if path == "attention" else owners[id(param)][0][0])
             self._slots.append(slot)
+        for module, routes in self._attention_routes.items():  # one forward per attention module, for all its routes
+            module.forward = partial(attention_forward, module, routes)
+            self._forwards.append(module)
         self._value_ids = {id(s.values) for s in self._slots}
         _LIVE.add(self)
         global _HOOK_HANDLE
@@ -157,8 +181,9 @@ class SparseModel:
             _HOOK_HANDLE = register_optimizer_step_post_hook(_sync_after_step)
         paths = [s.path for s in self._slots]
         logger.info(
-            "sparsify: %d trainable values in %d tensors (linear kernel %d, embedding kernel %d, hook %d)",
-            self.num_trainable, len(self._slots), paths.count("linear"), paths.count("embedding"), paths.count("hook"),
+            "sparsify: %d trainable values in %d tensors (linear kernel %d, attention kernel %d, embedding kernel %d, hook %d)",
+            self.num_trainable, len(self._slots), paths.count("linear"), paths.count("attention"), paths.count("embedding"),
+            paths.count("hook"),
         )
 
     def _install(self, slot: _Slot, module: nn.Module) -> None:
@@ -167,6 +192,10 @@ class SparseModel:
             selection = LinearSelection.from_indices(slot.indices, tuple(slot.param.shape))
             module.forward = partial(_linear_forward, module, slot, selection)
             self._forwards.append(module)
+        elif slot.path == "attention":
+            selection = LinearSelection.from_indices(slot.indices, tuple(slot.param.shape))
+            route = LinearRoute(slot.param, slot.values, slot.indices, selection)
+            self._attention_routes.setdefault(module, {})[id(slot.param)] = route
         elif slot.path == "embedding":
             dim = slot.param.shape[1]
             rows, cols = slot.indices // dim, slot.indices % dim
@@ -248,7 +277,7 @@ class SparseModel:
             del module.forward
         for p, flag in self._requires_grad.items():
             p.requires_grad_(flag)
-        self._handles, self._forwards = [], []
+        self._handles, self._forwards, self._attention_routes = [], [], {}
         _LIVE.discard(self)
         return self.model
 
@@ -256,7 +285,8 @@ class SparseModel:
         paths = [s.path for s in self._slots]
         return (
             f"SparseModel(trainable={self.num_trainable}, tensors={len(self._slots)}, "
-            f"linear={paths.count('linear')}, embedding={paths.count('embedding')}, hook={paths.count('hook')})"
+            f"linear={paths.count('linear')}, attention={paths.count('attention')}, embedding={paths.count('embedding')}, "
+            f"hook={paths.count('hook')})"
         )
 
 

@@ -1,0 +1,127 @@
+"""The sparse Linear kernel for `nn.MultiheadAttention`'s projections (open_clip's attention).
+
+`nn.MultiheadAttention` never calls its projections as modules: `F.multi_head_attention_forward` calls
+`F.linear` on `in_proj_weight` (or views of it, or `q/k/v_proj_weight`) and on `out_proj.weight`. A
+`TorchFunctionMode` cannot see those inner calls (torch hands the whole `multi_head_attention_forward`
+to the mode, with the mode switched off inside), and re-implementing the attention would drift from
+torch's masks and layouts. Instead this module runs torch's own code with one name changed: private
+copies of `MultiheadAttention.forward`, `multi_head_attention_forward` and the in-projection helpers
+whose global `linear` is `_routed_linear`. That function sends a weight saftune trains (or a row
+block of it, as the cross-attention paths slice `in_proj_weight`) to `SparseLinearFunction` and every
+other call to `F.linear`. Nothing in torch is patched; which weights route where is a context variable
+set for the duration of one attention call, so threads and nested models do not interfere.
+
+After each call the routes that were expected to run are checked: if a future torch stopped calling
+`linear` there, training would fail loudly instead of silently leaving the projections untrained.
+"""
+
+from __future__ import annotations
+
+import types
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import activation
+
+from saftune.sparse.kernels import LinearSelection, SparseLinearFunction
+
+
+@dataclass
+class LinearRoute:
+    """One trained projection weight: its value vector and where its selected entries are."""
+
+    weight: torch.Tensor
+    values: torch.Tensor  # the slot's value vector (sorted flat-index order)
+    indices: torch.Tensor  # sorted flat indices into `weight`
+    selection: LinearSelection
+    _blocks: dict = field(default_factory=dict)
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """F.linear(x, weight, bias) with the selected entries' gradient sent to `values`.
+
+        `weight` is the routed weight itself or a block of its rows (`in_proj_weight.split(...)`).
+        """
+        if weight is self.weight:
+            values, selection = self.values, self.selection
+        else:
+            values, selection = self._block(weight)
+        return SparseLinearFunction.apply(x, weight, bias, values, *selection.tensors(), selection.save_columns)
+
+    def _block(self, view: torch.Tensor) -> tuple[torch.Tensor, LinearSelection]:
+        """The values and selection of the rows of `self.weight` that `view` covers."""
+        in_features = self.weight.shape[1]
+        offset = view.storage_offset() - self.weight.storage_offset()
+        first, rows = offset // in_features, view.shape[0]
+        if offset % in_features or view.shape[1] != in_features or not view.is_contiguous():
+            raise RuntimeError(f"saftune cannot route a {tuple(view.shape)} view of a {tuple(self.weight.shape)} projection; "
+                               "sparsify with kernels='off'")
+        if (first, rows) not in self._blocks:
+            # Sorted flat indices: the entries of rows [first, first + rows) are one contiguous range.
+            bounds = torch.tensor([first * in_features, (first + rows) * in_features], device=self.indices.device)
+            start, stop = torch.searchsorted(self.indices, bounds).tolist()
+            local = self.indices[start:stop] - first * in_features
+            self._blocks[first, rows] = (start, stop, LinearSelection.from_indices(local, (rows, in_features)))
+        start, stop, selection = self._blocks[first, rows]
+        return self.values[start:stop], selection
+
+
+# (routes by weight id, ids of the routes that ran) for the attention call in progress.
+_ACTIVE: ContextVar[tuple[dict[int, LinearRoute], set[int]] | None] = ContextVar("saftune_attention_routes", default=None)
+
+
+def _routed_linear(input, weight, bias=None):  # noqa: A002 - torch's own parameter name, called positionally and by keyword
+    active = _ACTIVE.get()
+    if active is not None:
+        routes, used = active
+        key = id(weight) if id(weight) in routes else id(weight._base) if weight._base is not None else None
+        if key in routes:
+            used.add(key)
+            return routes[key].apply(input, weight, bias)
+    return F.linear(input, weight, bias)
+
+
+def _rebind(function, namespace: dict):
+    """A copy of `function` that looks its global names up in `namespace`."""
+    copy = types.FunctionType(function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return copy
+
+
+def _routed_attention_forward():
+    """`nn.MultiheadAttention.forward`, running torch's code with `linear` routed."""
+    functional = types.ModuleType("saftune_routed_functional")
+    functional.__dict__.update(vars(F))
+    functional.linear = _routed_linear
+    for name in ("_in_projection_packed", "_in_projection", "multi_head_attention_forward"):
+        setattr(functional, name, _rebind(getattr(F, name), functional.__dict__))
+    return _rebind(nn.MultiheadAttention.forward, {**vars(activation), "F": functional})
+
+
+_ROUTED_FORWARD = _routed_attention_forward()
+
+
+def attention_forward(module: nn.MultiheadAttention, routes: dict[int, LinearRoute], *args, **kwargs):
+    """`module.forward` once some of its projections are trained sparsely (installed by `sparsify`)."""
+    if not (torch.is_grad_enabled() and any(r.values.requires_grad for r in routes.values())):
+        return nn.MultiheadAttention.forward(module, *args, **kwargs)  # nothing to train: torch's path, fast path included
+    # The fused fast path (eval mode, nothing requiring grad) skips the projections' F.linear: turn it off for this call.
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    used: set[int] = set()
+    token = _ACTIVE.set((routes, used))
+    try:
+        if fast_path:
+            torch.backends.mha.set_fastpath_enabled(False)
+        result = _ROUTED_FORWARD(module, *args, **kwargs)
+    finally:
+        if fast_path:
+            torch.backends.mha.set_fastpath_enabled(True)
+        _ACTIVE.reset(token)
+    if used != set(routes):
+        raise RuntimeError(
+            f"nn.MultiheadAttention ran without using {len(set(routes) - used)} trained projection(s): this torch version "
+            "computes attention differently from what saftune expects. Sparsify with kernels='off' (gradient hooks)."
+        )
+    return result
