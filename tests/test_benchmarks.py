@@ -51,3 +51,25 @@ def test_scale_worker_reports_every_method(scale, capsys):
     assert rows["saft-bf16"]["dtype"] == "bfloat16" and rows["saft"]["dtype"] == "float32"
     assert rows["limit"]["trainable"] == 0
     assert 0 < rows["lora"]["trainable"] < params
+
+
+def test_attention_benchmark_compares_the_two_attention_paths(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("saftune_bench_attention", SCALE.parent / "attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from saftune.sparse import engine
+
+    projections = engine._attention_projections
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--width", "128", "--layers", "1", "--vocab", "500", "--context", "16", "--batch", "2",
+                     "--rounds", "1", "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path / "a.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert engine._attention_projections is projections  # the hook-path run puts the attention kernel back
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert set(report["step_seconds"]) == set(module.METHODS)
+    assert all(t > 0 for t in report["step_seconds"].values())
+    assert report["ratios"]["saft_time_vs_saft_hook_attn"] == pytest.approx(
+        report["step_seconds"]["saft"] / report["step_seconds"]["saft-hook-attn"])
+    assert "saft_time_vs_limit" in capsys.readouterr().out
