@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SAFTUNE := $(VENV)/bin/saftune
 
-.PHONY: setup assets test test-all demo bench-engine bench-scale bench-distributed lint clean
+.PHONY: setup assets test test-all demo bench-engine bench-scale bench-attention bench-distributed lint clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,9 @@ bench-engine: assets
 
 bench-scale: setup  # model size, sparsity, phase-1 data size, largest trainable model (about 45 min)
 	$(PY) benchmarks/scale.py
+
+bench-attention: setup  # nn.MultiheadAttention transformer: attention kernel vs dense-gradient hooks (about 5 min)
+	$(PY) benchmarks/attention.py
 
 bench-distributed: assets  # bytes all-reduced per step with 2 processes
 	$(PY) benchmarks/distributed.py
