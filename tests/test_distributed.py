@@ -1,8 +1,9 @@
 """Data-parallel training (torchrun, gloo, 2 CPU processes) lands where one process does.
 
-Every method trains a few steps of gradient accumulation over uneven micro-batches (the last global
-micro-batch has 2 examples, one per process), once in a single process and once under torchrun with 2
-processes; the masks must be identical and the trained tensors equal to fp32 tolerance.
+Every method trains a few steps of gradient accumulation over uneven micro-batches (3 examples: shares
+of 2 and 1; the last global micro-batch has 1 example: process 1's share is empty), once in a single
+process and once under torchrun with 2 processes; the masks must be identical and the trained tensors
+(the linear probe's head) equal to fp32 tolerance.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ from saftune.methods import list_methods
 from saftune.sparse import SparseDelta
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-# FLYP's contrastive loss takes its negatives from each process's share of the batch; it is compared
-# separately below. Zero-shot and the linear probe do not enter the training loop.
-METHODS = [m for m in list_methods() if m not in ("zeroshot", "lp", "flyp")]
+METHODS = [m for m in list_methods() if m != "zeroshot"]  # zero-shot trains nothing
+KEY_BIASES = ("attention.self.key.bias", "self_attn.k_proj.bias")
 
 
 def _launch(out: Path, methods: list[str], processes: int) -> None:
@@ -53,8 +53,8 @@ def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    _launch(root / "one", [*METHODS, "flyp"], 1)
-    _launch(root / "two", [*METHODS, "flyp"], 2)
+    _launch(root / "one", METHODS, 1)
+    _launch(root / "two", METHODS, 2)
     return root / "one", root / "two"
 
 
@@ -71,24 +71,37 @@ def test_two_processes_train_like_one(runs, method):
     for key in one:
         if key.startswith("mask/"):
             assert torch.equal(one[key], two[key]), f"{method}: mask of {key} differs"
-        elif key.startswith("trainable/") and "attention.self.key.bias" not in key:
-            # Key biases are left out: their exact gradient is zero (softmax ignores a shift of every
-            # score), so AdamW turns the fp32 rounding noise of either run into steps of +-lr.
+        elif key.startswith("trainable/") and not any(bias in key for bias in KEY_BIASES):
+            # Key biases (BERT's, CLIP's) are left out: their exact gradient is zero (softmax ignores a shift
+            # of every score), so AdamW turns the fp32 rounding noise of either run into steps of +-lr.
             torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-3, msg=f"{method}: {key}")
             assert (two[key] - one[key]).abs().mean() < 1e-5, f"{method}: {key} differs on average"
     assert one["val"].item() == two["val"].item()
 
 
-def test_flyp_runs_with_negatives_from_each_process(runs):
-    """FLYP trains under torchrun; with per-process negatives it is not the single-process result."""
-    one, two = (load_file(str(r / "flyp.safetensors")) for r in runs)
-    assert one.keys() == two.keys()
-    assert two["moved"].item() > 1e-3
-    assert all(torch.isfinite(v).all() for v in two.values())
+@pytest.mark.parametrize("launch", [0, 1], ids=["one", "two"])
+def test_gather_rows_concatenates_in_rank_order_and_backpropagates_into_own_rows(runs, launch):
+    """`gather_rows_check` in tests/distributed_worker.py: unequal row counts, zero included."""
+    files = sorted(runs[launch].glob("gather_rows.rank*.safetensors"))
+    assert len(files) == launch + 1
+    counts = {"rows": [3] + [0] * launch, "more": list(range(1, launch + 2))}
+    for r, file in enumerate(files):
+        got = load_file(str(file))
+        for name, per_rank in counts.items():
+            values = torch.cat([10.0 * rank + torch.arange(n, dtype=torch.float32) for rank, n in enumerate(per_rank)])
+            torch.testing.assert_close(got[name], values.unsqueeze(1).repeat(1, 2))
+            assert torch.equal(got[f"{name}.labels"], values.long())
+            # d sum(weight * gathered) / d own rows is this process's slice of the weights: no other process's
+            # backward reaches them (a gradient summed over the processes would be W times as large)
+            start = sum(per_rank[:r])
+            weight = torch.arange(1, got[name].numel() + 1, dtype=torch.float32).view_as(got[name])
+            torch.testing.assert_close(got[f"{name}.grad"], weight[start : start + per_rank[r]])
 
 
 def test_single_process_helpers_are_identities():
     assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
+    rows = torch.ones(2, 3, requires_grad=True)
+    assert distributed.gather_rows(rows) is rows and distributed.unsharded_index(4) == 4
     grads = [torch.ones(3)]
     assert distributed.all_reduce_(grads) == 0 and torch.equal(grads[0], torch.ones(3))
     assert distributed.any_process(True) and not distributed.any_process(False)

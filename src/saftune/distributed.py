@@ -4,7 +4,10 @@ Every process holds the whole model and runs the same steps. Each global micro-b
 the processes (process r takes examples r, r + W, r + 2W, ...); each scales its loss by its share of
 the examples, so the *sum* of the processes' gradients is exactly the gradient of the global batch.
 After the backward passes of a step the gradients of the trainable tensors are summed with one
-all-reduce per bucket, then every process takes the same optimizer step.
+all-reduce per bucket, then every process takes the same optimizer step. A loss that couples the
+examples of a batch (FLYP's contrastive loss) is instead computed over the whole global micro-batch in
+every process, from rows gathered with `gather_rows`, and weighted 1: each process's backward reaches
+only its own rows, so the sum of the gradients is again the global batch's.
 
 Why not `DistributedDataParallel`: DDP reduces the dense gradients of the module's own parameters,
 but SAFT's trainable tensors are the value vectors that live *beside* the module (the module's
@@ -22,6 +25,8 @@ Example (a single process: everything is the identity):
     (1, 0, True)
     >>> list(shard(range(5)))
     [0, 1, 2, 3, 4]
+    >>> gather_rows(torch.ones(2, 3)).shape
+    torch.Size([2, 3])
 """
 
 from __future__ import annotations
@@ -89,6 +94,11 @@ def shard(items: Iterable) -> Iterator:
             yield item
 
 
+def unsharded_index(i: int) -> int:
+    """Where this process's i-th item of `shard(items)` stands in `items`: r + W * i."""
+    return rank() + world_size() * i
+
+
 def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
     # NCCL only reduces CUDA tensors; gloo reduces CPU (and CUDA) tensors.
     if dist.get_backend() == "nccl":
@@ -148,6 +158,33 @@ def all_reduce_gradients(params: Sequence[torch.Tensor]) -> int:
         if flag:
             grads.append(p.grad)
     return all_reduce_(grads)
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of `local` [n_r, ...], concatenated in rank order; `local` itself in one process.
+
+    For losses that couple the examples of a batch (a contrastive loss takes its negatives from the
+    whole global batch). The row counts may differ between processes, zero included (the other
+    dimensions and the dtype may not). The gradient flows back only into this process's own rows, the
+    others' are constants: each process backpropagates through its own examples, so the sum of the
+    processes' gradients of the same global loss is that loss's gradient.
+    """
+    if not is_distributed():
+        return local
+    device = _device_of([local])
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([len(local)], device=device))
+    counts = [int(c) for c in counts]
+    if max(counts) == 0:
+        return local
+    # all_gather needs tensors of one shape: pad every process's rows to the most any process has
+    padded = local.new_zeros((max(counts), *local.shape[1:]), device=device)
+    padded[: len(local)] = local.detach()
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    rows = [part[:count].to(local.device) for part, count in zip(parts, counts)]
+    rows[rank()] = local
+    return torch.cat(rows)
 
 
 def gather_objects(obj) -> list:

@@ -70,6 +70,14 @@ class Method:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     help: ClassVar[str] = ""
     trains: ClassVar[bool] = True  # False: nothing for the trainer's loop (zero-shot, linear probe)
+    # True: the loss couples the examples of a batch (a contrastive loss: each example's negatives are the
+    # others). Under torchrun the trainer then calls `training_step` in every process, with batch None for
+    # an empty share, so that each joins the collectives gathering the global micro-batch (the batch is its
+    # share as `distributed.shard` splits it). The step returns the whole global micro-batch's loss, the
+    # same in every process, with gradients only through this process's examples (`distributed.gather_rows`)
+    # and, for what every example shares (a logit scale), in the main process only. The trainer weights it
+    # 1, logs it once, and skips the backward where it has no gradient path.
+    couples_batch: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config or self.config_class()
@@ -89,8 +97,8 @@ class Method:
         return [{"params": self.trainable_parameters(model), "weight_decay": self.config.weight_decay}]
 
     # -- training ---------------------------------------------------------------------------------------
-    def training_step(self, model: Classifier, batch: dict) -> dict[str, torch.Tensor]:
-        """Named loss terms of one batch; the trainer sums them."""
+    def training_step(self, model: Classifier, batch: dict | None) -> dict[str, torch.Tensor]:
+        """Named loss terms of one batch; the trainer sums them. batch is None only with `couples_batch`."""
         return {"ce_loss": classification_loss(model, batch).mean()}
 
     def after_step(self, model: Classifier, step: int, total_steps: int) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from saftune import distributed
 from saftune.config import option
 from saftune.methods.base import Method, MethodConfig, register_method
 from saftune.methods.results import save_partial_weights
@@ -23,16 +24,23 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def extract_features(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of every batch, in eval mode."""
+def extract_features(model, batches, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [N, width] and labels of every batch, in eval mode.
+
+    Under torchrun each process extracts its share of the batches (`distributed.shard`) and every
+    process gets all of them, in another order than a single process's (harmless to a full-batch fit).
+    """
     was_training = model.training
     model.eval()
-    feats, labels = [], []
-    for batch in batches:
+    device = next(model.parameters()).device
+    # a process without a batch (fewer batches than processes) still joins the gathers, with no rows
+    feats = [torch.zeros(0, width, device=device)]
+    labels = [torch.zeros(0, dtype=torch.int64, device=device)]
+    for batch in distributed.shard(batches):
         feats.append(model.features(batch).float())
         labels.append(batch["labels"])
     model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return distributed.gather_rows(torch.cat(feats)), distributed.gather_rows(torch.cat(labels))
 
 
 def fit_probe(head: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor, *, steps: int, lr: float,
@@ -65,7 +73,7 @@ class LinearProbeConfig(MethodConfig):
 def probe(model, context, config: LinearProbeConfig) -> list[str]:
     """Fit the model's linear head on frozen features; return the head's parameter names."""
     head = model.linear_head()
-    features, labels = extract_features(model, context.batches())
+    features, labels = extract_features(model, context.batches(), width=head.in_features)
     loss = fit_probe(head, features, labels, steps=config.probe_steps, lr=config.probe_lr,
                      weight_decay=config.probe_weight_decay)
     logger.info("linear probe: %d features of dim %d, final loss %.4f", len(labels), features.shape[1], loss)

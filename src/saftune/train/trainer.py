@@ -295,19 +295,23 @@ def fit(
                 batch, share, size = batches(step * config.grad_accum + k)
                 # This process's part of the global micro-batch: 1 in a single process. Weighting each
                 # process's mean loss by it makes the sum over processes the global batch's mean loss.
-                weight = share / size
+                # A loss coupling the batch's examples is the global batch's already, in every process.
+                weight = 1.0 if method.couples_batch else share / size
                 terms = {}
-                if batch is not None:
+                if batch is not None or method.couples_batch:  # a coupled loss gathers from every process
                     with _autocast(device, config.precision):
                         terms = method.training_step(model, batch)
-                micro_terms = _sum_over_processes({name: float(v.detach()) * weight for name, v in terms.items()})
+                values = {name: float(v.detach()) * weight for name, v in terms.items()}
+                # every process has the same coupled loss: the main process's value is logged
+                micro_terms = distributed.gather_objects(values)[0] if method.couples_batch else _sum_over_processes(values)
                 loss_value = sum(micro_terms.values())
                 if not math.isfinite(loss_value):  # every process sees the same sum, so all stop together
                     raise NonFiniteLossError(f"step {step + 1}: the loss is {loss_value} (terms {micro_terms})"
                                              f"{_last_good(run_dir)}. "
                                              "Lower the learning rate, or use fp32 / bf16 instead of fp16.")
-                if terms:
-                    scaled = sum(terms.values()) * weight / config.grad_accum
+                scaled = sum(terms.values()) * weight / config.grad_accum if terms else None
+                # An empty share gives a coupled loss no gradient path here: nothing of this process's to backprop.
+                if scaled is not None and (scaled.requires_grad or not method.couples_batch):
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 for name, value in micro_terms.items():
                     terms_total[name] = terms_total.get(name, 0.0) + value / config.grad_accum
