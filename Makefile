@@ -35,10 +35,10 @@ demo: assets
 bench-engine: assets
 	$(PY) benchmarks/engine.py
 
-bench-scale: setup  # model size, sparsity, phase-1 data size, largest trainable model (about 45 min)
+bench-scale: setup  # model size, sparsity, phase-1 data size, largest trainable model, targets (about an hour)
 	$(PY) benchmarks/scale.py
 
-bench-attention: setup  # nn.MultiheadAttention transformer: attention kernel vs dense-gradient hooks (about 5 min)
+bench-attention: setup  # nn.MultiheadAttention transformer: attention kernel vs dense-gradient hooks (about 1 min)
 	$(PY) benchmarks/attention.py
 
 bench-distributed: assets  # bytes all-reduced per step with 2 processes

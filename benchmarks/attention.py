@@ -13,7 +13,7 @@ The mask is random per tensor (benchmarks/scale.py `random_mask`), sparsity 1e-3
 over --rounds in one process (only time is measured) and the median step time per method is reported.
 
 Usage:
-    python benchmarks/attention.py                      # width 512, 12 layers, 8 x 77 tokens (~5 min)
+    python benchmarks/attention.py                      # width 512, 12 layers, 8 x 77 tokens (about 1 min)
     python benchmarks/attention.py --width 256 --layers 2 --rounds 1 --steps 2
 Results: benchmarks/results/attention.json
 """

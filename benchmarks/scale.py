@@ -27,11 +27,16 @@ Parts (--parts, all by default):
     capacity   peak RSS = a + b * parameters fitted per method on the size part; the largest model under
                --budget-gib predicted from it, then checked by one run (one step) of SAFT-bf16 and of
                full FT at ~95% of their predicted limits (--no-verify skips the runs).
+    target     the step-time targets on the largest model that fits: SAFT's largest trainable model has
+               bf16 weights, so limit-bf16 / lora-bf16 / saft-bf16 run on a model at 90% of the smaller
+               of LoRA-bf16's and SAFT-bf16's predicted limits (needs the capacity fits: run it with
+               capacity, or later with --update).
 
 Usage:
-    python benchmarks/scale.py                     # everything: about 45 min on 2 quiet CPU cores
+    python benchmarks/scale.py                     # everything: about an hour on 2 quiet CPU cores
     python benchmarks/scale.py --quick             # smoke run on ~1M-parameter models (~2 min)
     python benchmarks/scale.py --parts size --sizes 256x4 768x12
+    python benchmarks/scale.py --parts target --update --repeats 1   # add the target part to the saved JSON
 Results: benchmarks/results/scale.json and benchmarks/results/scale.png
 """
 
@@ -333,6 +338,31 @@ def part_capacity(args, report) -> None:
             print(f"  {key}: {capacity[key]:.1f}x (target >= 4: {'met' if capacity[key] >= 4 else 'NOT met'})")
 
 
+def part_target(args, report) -> None:
+    fits = report.get("capacity", {}).get("fits", {})
+    if not all(m in fits for m in ("lora-bf16", "saft-bf16")):
+        print("target: needs the capacity fits of lora-bf16 and saft-bf16 (run the size and capacity parts first)")
+        return
+    largest = min(fits[m]["predicted_max_params"] for m in ("lora-bf16", "saft-bf16"))
+    size = shape_for(0.9 * largest, args.vocab)
+    row = {"size": size, "params": param_count(*parse_size(size), args.vocab)}
+    for method in ("limit-bf16", "lora-bf16", "saft-bf16"):
+        row[method] = run(method, size, args, repeats=args.repeats)
+    row["ratios"] = ratios(row)
+    row["targets_met"] = {k: row["ratios"][k] <= bound for k, bound in TARGETS.items() if k in row["ratios"]}
+    report["target"] = row
+    print(f"\ntarget: largest model both LoRA-bf16 and SAFT-bf16 fit in {args.budget_gib} GiB: {largest / 1e9:.2f}B; "
+          f"measured at {size} ({row['params'] / 1e9:.2f}B)")
+    for method in ("limit-bf16", "lora-bf16", "saft-bf16"):
+        r = row[method]
+        print(f"  {method:<10} " + (f"step {r['step_seconds']:8.3f}s  memory {r['memory_mib']:9.1f} MiB  peak {r['peak_mib'] / 1024:6.2f} GiB"
+                                     if _ok(r) else r.get("failed", "")[:300]))
+    for key, value in row["ratios"].items():
+        bound = TARGETS.get(key)
+        mark = "" if bound is None else f"  (target <= {bound}: {'met' if value <= bound else 'NOT met'})"
+        print(f"  {key:<30} {value:.3f}{mark}", flush=True)
+
+
 def plot(report, path: Path) -> None:
     import matplotlib
 
@@ -395,8 +425,9 @@ def plot(report, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["size", "sparsity", "phase1", "capacity"],
-                        choices=["size", "sparsity", "phase1", "capacity"])
+    parser.add_argument("--parts", nargs="+", default=["size", "sparsity", "phase1", "capacity", "target"],
+                        choices=["size", "sparsity", "phase1", "capacity", "target"])
+    parser.add_argument("--update", action="store_true", help="add the parts to the results already in --out")
     parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, help="HIDDENxLAYERS shapes of the size part")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--mid-size", default="1024x24", help="model of the sparsity and phase-1 parts")
@@ -427,14 +458,19 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
 
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+    previous = json.loads(args.out.read_text()) if args.update and args.out.exists() else {}
+    report = {**previous, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
               "settings": {k: getattr(args, k) for k in ("sizes", "methods", "mid_size", "sparsities", "phase1_batches", "batch",
                                                           "seq", "steps", "warmup", "repeats", "sparsity", "vocab", "threads",
                                                           "skip_gib", "budget_gib", "verify")},
               "targets": TARGETS}
-    started = time.perf_counter()
+    if previous:  # the settings the earlier parts ran with stay in the JSON
+        report["settings"] = previous["settings"]
+        report.setdefault("update_settings", []).append({"parts": args.parts, "repeats": args.repeats, "steps": args.steps})
+    started = time.perf_counter() - 60 * previous.get("minutes", 0.0)
     for part in args.parts:
-        {"size": part_size, "sparsity": part_sparsity, "phase1": part_phase1, "capacity": part_capacity}[part](args, report)
+        {"size": part_size, "sparsity": part_sparsity, "phase1": part_phase1, "capacity": part_capacity,
+         "target": part_target}[part](args, report)
         report["minutes"] = (time.perf_counter() - started) / 60
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")  # after every part: a long run keeps what it has

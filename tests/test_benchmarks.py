@@ -73,3 +73,13 @@ def test_attention_benchmark_compares_the_two_attention_paths(tmp_path, capsys):
     assert report["ratios"]["saft_time_vs_saft_hook_attn"] == pytest.approx(
         report["step_seconds"]["saft"] / report["step_seconds"]["saft-hook-attn"])
     assert "saft_time_vs_limit" in capsys.readouterr().out
+
+
+def test_scale_ratios_compare_each_dtype_with_itself(scale):
+    row = {m: {"step_seconds": s, "memory_mib": mem, "peak_mib": mem + 100}
+           for m, s, mem in [("saft", 2.0, 10), ("lora", 4.0, 20), ("limit", 1.0, 5),
+                             ("saft-bf16", 1.0, 8), ("lora-bf16", 1.25, 16), ("limit-bf16", 0.5, 4)]}
+    r = scale.ratios(row)
+    assert r["saft_time_vs_lora"] == 0.5 and r["limit_time_vs_lora"] == 0.25 and r["saft_memory_vs_lora"] == 0.5
+    assert r["saft_bf16_time_vs_lora_bf16"] == 0.8 and r["limit_bf16_time_vs_lora_bf16"] == 0.4
+    assert r["saft_bf16_time_vs_limit_bf16"] == 2.0 and "saft_time_vs_ft" not in r
