@@ -46,11 +46,12 @@ from saftune.sparse.mask import SparseMask
 logger = logging.getLogger(__name__)
 
 # Above this density the dense x^T dy (one GEMM, then a gather) beats the sampled dot products of
-# `SparseLinearFunction`. benchmarks/kernel_crossover.py (random masks, shapes 384..4096 x 384..3072, 128..2048 tokens,
-# 1 thread, thread CPU time on a busy 2-core machine), sparse / dense time, median (max) over shapes:
-# density 1e-3 0.11 (0.3), 1e-2 0.14 (0.97, one noisy point), 3e-2 0.20 (0.78), 0.1 0.39 (0.96), 0.3 0.90 (2.0).
-# 0.05 stays well below the first crossovers (0.1-0.3). Masks chosen by a score cluster in few rows and columns,
-# which favours the sparse kernel further (on BERT-base the grad-score mask uses at most about half of them).
+# `SparseLinearFunction`. benchmarks/kernel_crossover.py (random masks, 7 shapes 384..4096 x 384..3072, 128..2048
+# tokens, 2 threads), sparse / dense time, median (max) over shapes and token counts: density 1e-3 0.14 (0.27),
+# 1e-2 0.19 (1.07), 3e-2 0.25 (1.14), 0.1 0.44 (1.26), 0.3 0.90 (1.87). The max above 1 from 3e-3 up is one small
+# shape with many tokens (384 x 384, 2048 tokens), where the page faults of two fresh transposed copies cost more
+# than its small GEMM. Masks chosen by a score cluster in few rows and columns, which favours the sparse kernel
+# further (on BERT-base the grad-score mask uses at most about half of them).
 LINEAR_KERNEL_MAX_DENSITY = 0.05
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
