@@ -151,3 +151,15 @@ def test_dense_projections_stay_on_the_hook_path():
     mha = nn.MultiheadAttention(E, HEADS, batch_first=True)
     sm = saftune.sparsify(mha, _mask(mha, density=0.5))  # above LINEAR_KERNEL_MAX_DENSITY
     assert "attention=0" in repr(sm)
+
+
+def test_training_mode_leaves_the_process_wide_fast_path_flag_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.backends.mha, "set_fastpath_enabled", lambda value: calls.append(value))
+    mha = nn.MultiheadAttention(E, HEADS, batch_first=True)
+    saftune.sparsify(mha, _mask(mha))
+    mha(X, X, X)[0].sum().backward()
+    assert calls == []
+    mha.eval()
+    mha(X, X, X)[0].sum().backward()
+    assert calls == [False, True]

@@ -107,8 +107,9 @@ def attention_forward(module: nn.MultiheadAttention, routes: dict[int, LinearRou
     """`module.forward` once some of its projections are trained sparsely (installed by `sparsify`)."""
     if not (torch.is_grad_enabled() and any(r.values.requires_grad for r in routes.values())):
         return nn.MultiheadAttention.forward(module, *args, **kwargs)  # nothing to train: torch's path, fast path included
-    # The fused fast path (eval mode, nothing requiring grad) skips the projections' F.linear: turn it off for this call.
-    fast_path = torch.backends.mha.get_fastpath_enabled()
+    # The fused fast path (eval mode, nothing requiring grad) skips the projections' F.linear: turn it off for this
+    # call (a process-wide flag, so only when the module could take it: never in training mode).
+    fast_path = not module.training and torch.backends.mha.get_fastpath_enabled()
     used: set[int] = set()
     token = _ACTIVE.set((routes, used))
     try:
