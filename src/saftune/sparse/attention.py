@@ -31,7 +31,8 @@ from saftune.sparse.kernels import LinearSelection, SparseLinearFunction
 
 @dataclass
 class LinearRoute:
-    """One trained projection weight: its value vector and where its selected entries are."""
+    """One sparsely trained [out, in] weight (an nn.Linear's or an attention projection): its value vector and
+    where its selected entries are. `sparsify` makes one per such weight; `apply` is the forward both use."""
 
     weight: torch.Tensor
     values: torch.Tensor  # the slot's value vector (sorted flat-index order)

@@ -39,7 +39,6 @@ from saftune.sparse.delta import SparseDelta
 from saftune.sparse.kernels import (
     LinearSelection,
     SparseEmbeddingFunction,
-    SparseLinearFunction,
 )
 from saftune.sparse.mask import SparseMask
 
@@ -118,10 +117,10 @@ def _choose_path(param: nn.Parameter, owners: list[tuple[nn.Module, str]], densi
     return "hook"
 
 
-def _linear_forward(module: nn.Linear, slot: _Slot, selection: LinearSelection, x: torch.Tensor):
-    if not (torch.is_grad_enabled() and slot.values.requires_grad):  # eval / no_grad: nothing to save
+def _linear_forward(module: nn.Linear, route: LinearRoute, x: torch.Tensor):
+    if not (torch.is_grad_enabled() and route.values.requires_grad):  # eval / no_grad: nothing to save
         return F.linear(x, module.weight, module.bias)
-    return SparseLinearFunction.apply(x, module.weight, module.bias, slot.values, *selection.tensors(), selection.save_columns)
+    return route.apply(x, module.weight, module.bias)
 
 
 def _embedding_forward(module: nn.Embedding, slot: _Slot, unique_rows, row_slot, cols, ids: torch.Tensor):
@@ -189,14 +188,14 @@ class SparseModel:
 
     def _install(self, slot: _Slot, module: nn.Module) -> None:
         """Route the gradient of the slot's selected entries into `slot.values.grad`."""
-        if slot.path == "linear":
-            selection = LinearSelection.from_indices(slot.indices, tuple(slot.param.shape))
-            module.forward = partial(_linear_forward, module, slot, selection)
-            self._forwards.append(module)
-        elif slot.path == "attention":
+        if slot.path in ("linear", "attention"):
             selection = LinearSelection.from_indices(slot.indices, tuple(slot.param.shape))
             route = LinearRoute(slot.param, slot.values, slot.indices, selection)
-            self._attention_routes.setdefault(module, {})[id(slot.param)] = route
+            if slot.path == "linear":
+                module.forward = partial(_linear_forward, module, route)
+                self._forwards.append(module)
+            else:  # the attention module's forward is installed once, for all its routes
+                self._attention_routes.setdefault(module, {})[id(slot.param)] = route
         elif slot.path == "embedding":
             dim = slot.param.shape[1]
             rows, cols = slot.indices // dim, slot.indices % dim
