@@ -7,9 +7,10 @@ to the mode, with the mode switched off inside), and re-implementing the attenti
 torch's masks and layouts. Instead this module runs torch's own code with one name changed: private
 copies of `MultiheadAttention.forward`, `multi_head_attention_forward` and the in-projection helpers
 whose global `linear` is `_routed_linear`. That function sends a weight saftune trains (or a row
-block of it, as the cross-attention paths slice `in_proj_weight`) to `SparseLinearFunction` and every
-other call to `F.linear`. Nothing in torch is patched; which weights route where is a context variable
-set for the duration of one attention call, so threads and nested models do not interfere.
+block of it, as the cross-attention paths slice `in_proj_weight`) to its `LinearRoute` (the kernels'
+`SparseLinearFunction`) and every other call to `F.linear`. Nothing in torch is patched; which weights
+route where is a context variable set for the duration of one attention call, so threads and nested
+models do not interfere.
 
 After each call the routes that were expected to run are checked: if a future torch stopped calling
 `linear` there, training would fail loudly instead of silently leaving the projections untrained.
@@ -19,54 +20,13 @@ from __future__ import annotations
 
 import types
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import activation
 
-from saftune.sparse.kernels import LinearSelection, SparseLinearFunction
-
-
-@dataclass
-class LinearRoute:
-    """One sparsely trained [out, in] weight (an nn.Linear's or an attention projection): its value vector and
-    where its selected entries are. `sparsify` makes one per such weight; `apply` is the forward both use."""
-
-    weight: torch.Tensor
-    values: torch.Tensor  # the slot's value vector (sorted flat-index order)
-    indices: torch.Tensor  # sorted flat indices into `weight`
-    selection: LinearSelection
-    _blocks: dict = field(default_factory=dict)
-
-    def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """F.linear(x, weight, bias) with the selected entries' gradient sent to `values`.
-
-        `weight` is the routed weight itself or a block of its rows (`in_proj_weight.split(...)`).
-        """
-        if weight is self.weight:
-            values, selection = self.values, self.selection
-        else:
-            values, selection = self._block(weight)
-        return SparseLinearFunction.apply(x, weight, bias, values, *selection.tensors(), selection.save_columns)
-
-    def _block(self, view: torch.Tensor) -> tuple[torch.Tensor, LinearSelection]:
-        """The values and selection of the rows of `self.weight` that `view` covers."""
-        in_features = self.weight.shape[1]
-        offset = view.storage_offset() - self.weight.storage_offset()
-        first, rows = offset // in_features, view.shape[0]
-        if offset % in_features or view.shape[1] != in_features or not view.is_contiguous():
-            raise RuntimeError(f"saftune cannot route a {tuple(view.shape)} view of a {tuple(self.weight.shape)} projection; "
-                               "sparsify with kernels='off'")
-        if (first, rows) not in self._blocks:
-            # Sorted flat indices: the entries of rows [first, first + rows) are one contiguous range.
-            bounds = torch.tensor([first * in_features, (first + rows) * in_features], device=self.indices.device)
-            start, stop = torch.searchsorted(self.indices, bounds).tolist()
-            local = self.indices[start:stop] - first * in_features
-            self._blocks[first, rows] = (start, stop, LinearSelection.from_indices(local, (rows, in_features)))
-        start, stop, selection = self._blocks[first, rows]
-        return self.values[start:stop], selection
+from saftune.sparse.kernels import LinearRoute
 
 
 # (routes by weight id, ids of the routes that ran) for the attention call in progress.

@@ -34,12 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from saftune.sparse.attention import LinearRoute, attention_forward
+from saftune.sparse.attention import attention_forward
 from saftune.sparse.delta import SparseDelta
-from saftune.sparse.kernels import (
-    LinearSelection,
-    SparseEmbeddingFunction,
-)
+from saftune.sparse.kernels import LinearRoute, LinearSelection, SparseEmbeddingFunction
 from saftune.sparse.mask import SparseMask
 
 logger = logging.getLogger(__name__)

@@ -15,13 +15,15 @@ touches), and each selected entry reads its row's sum (zero when its token is ab
 
 These autograd functions take the (frozen) weight for the forward and the trainable `values` vector
 as an extra input, so autograd delivers the selected entries' gradient straight into `values.grad`.
+`LinearRoute` ties one sparsely trained weight to its `values` and `LinearSelection`: it is the
+forward that `nn.Linear` and `nn.MultiheadAttention`'s projections both call.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +197,46 @@ class SparseLinearFunction(torch.autograd.Function):
             x_cols = saved if ctx.save_columns else _columns(saved, unique_cols).to(ctx.out_dtype)
             grad_values = sampled_dots(_columns(grad_2d, unique_rows).float(), x_cols.float(), row_slot, col_slot, crow)
         return grad_x, None, grad_bias, grad_values, None, None, None, None, None, None
+
+
+@dataclass
+class LinearRoute:
+    """One sparsely trained [out, in] weight (an nn.Linear's or an attention projection): its value vector and
+    where its selected entries are. `sparsify` makes one per such weight; `apply` is the forward both use."""
+
+    weight: torch.Tensor
+    values: torch.Tensor  # the slot's value vector (sorted flat-index order)
+    indices: torch.Tensor  # sorted flat indices into `weight`
+    selection: LinearSelection
+    _blocks: dict = field(default_factory=dict)
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """F.linear(x, weight, bias) with the selected entries' gradient sent to `values`.
+
+        `weight` is the routed weight itself or a block of its rows (`in_proj_weight.split(...)`).
+        """
+        if weight is self.weight:
+            values, selection = self.values, self.selection
+        else:
+            values, selection = self._block(weight)
+        return SparseLinearFunction.apply(x, weight, bias, values, *selection.tensors(), selection.save_columns)
+
+    def _block(self, view: torch.Tensor) -> tuple[torch.Tensor, LinearSelection]:
+        """The values and selection of the rows of `self.weight` that `view` covers."""
+        in_features = self.weight.shape[1]
+        offset = view.storage_offset() - self.weight.storage_offset()
+        first, rows = offset // in_features, view.shape[0]
+        if offset % in_features or view.shape[1] != in_features or not view.is_contiguous():
+            raise RuntimeError(f"saftune cannot route a {tuple(view.shape)} view of a {tuple(self.weight.shape)} projection; "
+                               "sparsify with kernels='off'")
+        if (first, rows) not in self._blocks:
+            # Sorted flat indices: the entries of rows [first, first + rows) are one contiguous range.
+            bounds = torch.tensor([first * in_features, (first + rows) * in_features], device=self.indices.device)
+            start, stop = torch.searchsorted(self.indices, bounds).tolist()
+            local = self.indices[start:stop] - first * in_features
+            self._blocks[first, rows] = (start, stop, LinearSelection.from_indices(local, (rows, in_features)))
+        start, stop, selection = self._blocks[first, rows]
+        return self.values[start:stop], selection
 
 
 class SparseEmbeddingFunction(torch.autograd.Function):
