@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from saftune.data import templates as T
-from saftune.data.transforms import (
+from saftune.models.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     BadImageError,
@@ -214,7 +214,7 @@ def test_skip_bad_with_count(tmp_path, caplog):
     bad = tmp_path / "b.png"
     bad.write_bytes(b"junk")
     assert load_image(bad, skip_bad=True) is None
-    with caplog.at_level(logging.WARNING, logger="saftune.data.transforms"):
+    with caplog.at_level(logging.WARNING, logger="saftune.models.transforms"):
         out = load_images([good1, bad, good2], transform=clip_preprocess(8), skip_bad=True)
     assert out.kept == [0, 2] and out.num_skipped == 1 and out.skipped == [bad]
     assert len(out.images) == 2 and out.images[0].shape == (3, 8, 8)

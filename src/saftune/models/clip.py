@@ -1,7 +1,7 @@
 """CLIP as a zero-shot classifier: `transformers.CLIPModel` by default, open_clip optionally.
 
 Both encoders are trainable; logits = exp(logit_scale) * cos(image, class prompt). Images are
-preprocessed with PIL + numpy (`saftune.data.transforms`), never torchvision.
+preprocessed with PIL + numpy (`saftune.models.transforms`), never torchvision.
 
 Example (a tiny random CLIP built from a config):
     >>> import numpy as np, torch
@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from saftune.data.transforms import CLIP_MEAN, CLIP_STD, clip_preprocess, clip_train_transform
 from saftune.models.base import collate_images
+from saftune.models.transforms import CLIP_MEAN, CLIP_STD, clip_preprocess, clip_train_transform
 from saftune.models.zero_shot import DualEncoderClassifier
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from saftune.data.transforms import clip_train_transform
 from saftune.models.base import Classifier, collate_images
+from saftune.models.transforms import clip_preprocess, clip_train_transform
 
 
 class ImageClassifier(Classifier):
@@ -38,8 +38,6 @@ class ImageClassifier(Classifier):
         super().__init__()
         self.network = network
         self.image_size = image_size
-        from saftune.data.transforms import clip_preprocess
-
         self.eval_transform = clip_preprocess(image_size, pixel_mean, pixel_std)
         self.train_transform = clip_train_transform(image_size, scale=(0.8, 1.0), hflip=False, mean=pixel_mean,
                                                     std=pixel_std, seed=seed)
