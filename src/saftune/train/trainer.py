@@ -6,6 +6,10 @@ resumed run needs to land on the same weights is a function of (seed, step): the
 epoch, the augmentation of each micro-batch and the dropout of each step are seeded from them, so a
 checkpoint holds only the trained tensors, the optimizer/scheduler state and the step.
 
+`fit` reads top to bottom. One optimizer step is `_forward_backward` (micro-batches -> named loss terms
+-> backward), the all-reduce of the gradients over processes, then `_clip_and_step`; `_RunLog` keeps,
+writes and plots the records; a checkpoint is written every `checkpoint_every` steps and on Ctrl-C.
+
 Example:
     >>> from saftune.models import create
     >>> from saftune.methods import create_method
@@ -24,6 +28,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -227,152 +232,232 @@ def fit(
     config = config or TrainConfig()
     device = resolve_device(config.device)
     run_dir = Path(run_dir) if run_dir is not None else None
-    progress = config.progress if config.progress is not None else __import__("sys").stderr.isatty()
+    progress = config.progress if config.progress is not None else sys.stderr.isatty()
     torch.manual_seed(config.seed)
     model.to(device)
     check_split(train, model.classnames, role="training")  # bad data fails before phase 1 or a checkpoint read
     batches = _Batches(model, train, config, device)
     fingerprint = config_fingerprint({"train": config.semantic(), "method": method.name,
                                       "method_config": method.config.to_dict(), **(identity or {})})
-    if run_dir is not None and not resume and distributed.is_main():
-        # Kept, an older attempt's checkpoint would be resumed after a crash before this run's first one.
-        discard_checkpoint(run_dir)
-    checkpoint = find_checkpoint(run_dir) if (run_dir is not None and resume) else None
-    context = PrepareContext(batches=batches.fixed, seed=config.seed, device=device, out_dir=run_dir,
-                             resuming=checkpoint is not None, progress=progress)
     # Read (and refuse a foreign) checkpoint before the expensive prepare; restore it after.
-    state = load_checkpoint(checkpoint, fingerprint) if checkpoint is not None else None
-    method.prepare(model, context)
+    checkpoint, state = _checkpoint_to_resume(run_dir, resume, fingerprint)
+    method.prepare(model, PrepareContext(batches=batches.fixed, seed=config.seed, device=device, out_dir=run_dir,
+                                         resuming=checkpoint is not None, progress=progress))
     if not method.trains:
         method.finalize(model)
         return TrainResult(steps=0, seconds=0.0)
 
     total_steps = config.max_steps or math.ceil(config.epochs * batches.per_epoch / config.grad_accum)
-    groups = method.parameter_groups(model)
-    params = [p for g in groups for p in g["params"]]
-    if not params:
-        raise ValueError(f"method {method.name!r} left nothing to train")
-    optimizer = torch.optim.AdamW(groups, lr=method.config.lr, weight_decay=method.config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, total_steps=total_steps, warmup_steps=config.warmup_steps,
-                                           schedule=config.schedule))
+    params, optimizer, scheduler = _optimizer(model, method, config, total_steps)
     start = 0
-    if state is not None:
+    if state is not None:  # the trained tensors, AdamW's moments, the schedule's position
         method.load_state_dict(model, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
         logger.info("resumed from %s at step %d of %d", checkpoint, start, total_steps)
-    log_path = run_dir / LOG_FILE if (run_dir is not None and distributed.is_main()) else None
-    if log_path is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if start:
-            _trim_log(log_path, start)
-        elif log_path.exists():
-            log_path.unlink()  # a fresh run: the old log belongs to a discarded attempt
-    writer = _tensorboard(run_dir) if (config.tensorboard and log_path is not None) else None
-    scaler = torch.amp.GradScaler("cuda") if (config.precision == "fp16" and device.type == "cuda") else None
-    if config.precision == "fp16" and scaler is None:
-        raise ValueError("precision fp16 needs CUDA (loss scaling); use bf16 or fp32 on this device")
+    log = _RunLog(run_dir, start, config, total_steps, batches.per_epoch)
+    scaler = _grad_scaler(config.precision, device)
 
-    def checkpoint_now(step: int) -> None:
+    def save(step: int) -> None:
         if run_dir is not None and distributed.is_main():
             save_checkpoint(run_dir, step=step, trainable=method.state_dict(model), optimizer=optimizer,
                             scheduler=scheduler, fingerprint=fingerprint, extra={"method": method.name})
 
-    history: list[dict] = []
-    started = time.perf_counter()
     model.train()
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc=f"train {method.name}",
                unit="step", disable=not progress, dynamic_ncols=True)
-    step = start
-    with _DeferredInterrupt() as interrupt, (open(log_path, "a") if log_path else contextlib.nullcontext()) as log:
+    with _DeferredInterrupt() as interrupt, log:
         for step in bar:
             torch.manual_seed(config.seed * 1_000_003 + step)  # dropout of this step, independent of resuming
+            lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
-            terms_total: dict[str, float] = {}
-            for k in range(config.grad_accum):
-                batch, share, size = batches(step * config.grad_accum + k)
-                # This process's part of the global micro-batch: 1 in a single process. Weighting each
-                # process's mean loss by it makes the sum over processes the global batch's mean loss.
-                # A loss coupling the batch's examples is the global batch's already, in every process.
-                weight = 1.0 if method.couples_batch else share / size
-                terms = {}
-                if batch is not None or method.couples_batch:  # a coupled loss gathers from every process
-                    with _autocast(device, config.precision):
-                        terms = method.training_step(model, batch)
-                values = {name: float(v.detach()) * weight for name, v in terms.items()}
-                # every process has the same coupled loss: the main process's value is logged
-                micro_terms = distributed.gather_objects(values)[0] if method.couples_batch else _sum_over_processes(values)
-                loss_value = sum(micro_terms.values())
-                if not math.isfinite(loss_value):  # every process sees the same sum, so all stop together
-                    raise NonFiniteLossError(f"step {step + 1}: the loss is {loss_value} (terms {micro_terms})"
-                                             f"{_last_good(run_dir)}. "
-                                             "Lower the learning rate, or use fp32 / bf16 instead of fp16.")
-                scaled = sum(terms.values()) * weight / config.grad_accum if terms else None
-                # An empty share gives a coupled loss no gradient path here: nothing of this process's to backprop.
-                if scaled is not None and (scaled.requires_grad or not method.couples_batch):
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                for name, value in micro_terms.items():
-                    terms_total[name] = terms_total.get(name, 0.0) + value / config.grad_accum
+            terms = _forward_backward(model, method, batches, step, config, scaler, run_dir)
             # Sum the trainable tensors' gradients over processes (SAFT: the d selected values only).
             reduced_bytes = distributed.all_reduce_gradients(params)
-            if scaler:
-                scaler.unscale_(optimizer)
-            # The norm is needed anyway to refuse non-finite gradients (an infinite max_norm clips nothing).
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
-            lr = optimizer.param_groups[0]["lr"]
-            skipped = False
-            if scaler:  # fp16: an overflowing step is skipped by the scaler, which then lowers the loss scale
-                scale = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                skipped = scaler.get_scale() < scale
-            elif not math.isfinite(grad_norm):  # a finite loss whose gradients overflowed: never step on them
-                raise NonFiniteLossError(f"step {step + 1}: the gradient norm is {grad_norm} although the loss is finite "
-                                         f"(terms {terms_total}){_last_good(run_dir)}. Lower the learning rate, or train in fp32.")
-            else:
-                optimizer.step()
+            grad_norm, skipped = _clip_and_step(optimizer, scaler, params, config.max_grad_norm,
+                                                step=step, terms=terms, run_dir=run_dir)
             scheduler.step()
             method.after_step(model, step + 1, total_steps)
 
-            record = {"step": step + 1, "epoch": round((step + 1) * config.grad_accum / batches.per_epoch, 4),
-                      "lr": lr, "loss": sum(terms_total.values()), **terms_total,
-                      "grad_norm": grad_norm, "seconds": round(time.perf_counter() - started, 3)}
-            if skipped:
-                record["skipped"] = True  # fp16 overflow: no update this step
-            if distributed.is_distributed():
-                record["allreduce_bytes"] = reduced_bytes
-            history.append(record)
+            record = log.step(step + 1, lr, terms, grad_norm, skipped, reduced_bytes)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if log and ((step + 1) % config.log_every == 0 or step + 1 == total_steps):
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            if writer:
-                for name in ("loss", "lr", *terms_total):
-                    writer.add_scalar(f"train/{name}", record[name], step + 1)
             if evaluate_fn and config.eval_every and (step + 1) % config.eval_every == 0:
-                metrics = evaluate_fn(model)
+                log.eval(step + 1, evaluate_fn(model))
                 model.train()
-                history.append({"step": step + 1, "eval": metrics})
-                if log:
-                    log.write(json.dumps({"step": step + 1, "eval": metrics}) + "\n")
-                    log.flush()
-            done = step + 1 == total_steps
-            stop = distributed.any_process(interrupt.requested)  # a Ctrl-C that reached one process stops all
-            if config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0 or done or stop):
-                checkpoint_now(step + 1)
-            if stop and not done:
+            # A Ctrl-C that reached one process stops all; after the last step there is nothing left to stop.
+            stop = distributed.any_process(interrupt.requested) and step + 1 < total_steps
+            if stop or _ends_interval(step + 1, config.checkpoint_every, total_steps):
+                save(step + 1)
+            if stop:
                 bar.close()
-                if not config.checkpoint_every:
-                    checkpoint_now(step + 1)
                 logger.warning("stopped after step %d; run again with the same settings to resume", step + 1)
                 raise KeyboardInterrupt
     bar.close()
-    if writer:
-        writer.close()
     method.finalize(model)
-    return TrainResult(steps=total_steps, seconds=time.perf_counter() - started, history=history, resumed_from=start)
+    return TrainResult(steps=total_steps, seconds=time.perf_counter() - log.started, history=log.history,
+                       resumed_from=start)
+
+
+def _checkpoint_to_resume(run_dir: Path | None, resume: bool, fingerprint: str) -> tuple[Path | None, dict | None]:
+    """The checkpoint this run continues from and its state, or (None, None) for a fresh start."""
+    if run_dir is None:
+        return None, None
+    if not resume:
+        if distributed.is_main():
+            # Kept, an older attempt's checkpoint would be resumed after a crash before this run's first one.
+            discard_checkpoint(run_dir)
+        return None, None
+    checkpoint = find_checkpoint(run_dir)
+    return checkpoint, (load_checkpoint(checkpoint, fingerprint) if checkpoint is not None else None)
+
+
+def _optimizer(model: Classifier, method: Method, config: TrainConfig,
+               total_steps: int) -> tuple[list[torch.Tensor], torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """(the trainable tensors, AdamW over the method's parameter groups, the warmup + `schedule` scheduler).
+
+    The learning rate and weight decay are the method's; the schedule is a pure function of the step.
+    """
+    groups = method.parameter_groups(model)
+    params = [p for g in groups for p in g["params"]]
+    if not params:
+        raise ValueError(f"method {method.name!r} left nothing to train")
+    optimizer = torch.optim.AdamW(groups, lr=method.config.lr, weight_decay=method.config.weight_decay)
+    # A lambda, not a callable object: LambdaLR leaves it out of the checkpointed state.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, total_steps=total_steps, warmup_steps=config.warmup_steps,
+                                           schedule=config.schedule))
+    return params, optimizer, scheduler
+
+
+def _grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16's loss scaling (CUDA only); bf16 has fp32's range and fp32 needs none."""
+    if precision != "fp16":
+        return None
+    if device.type != "cuda":
+        raise ValueError("precision fp16 needs CUDA (loss scaling); use bf16 or fp32 on this device")
+    return torch.amp.GradScaler("cuda")
+
+
+def _forward_backward(model: Classifier, method: Method, batches: _Batches, step: int, config: TrainConfig,
+                      scaler: torch.amp.GradScaler | None, run_dir: Path | None) -> dict[str, float]:
+    """Forward and backward of the `grad_accum` micro-batches of `step`, accumulating into the gradients.
+
+    Returns the step's named loss terms: each the global batch's mean, averaged over the micro-batches.
+    Raises `NonFiniteLossError` (in every process at once) when a micro-batch's loss is NaN or Inf.
+    """
+    terms_total: dict[str, float] = {}
+    for k in range(config.grad_accum):
+        batch, share, size = batches(step * config.grad_accum + k)
+        # This process's part of the global micro-batch: 1 in a single process. Weighting each
+        # process's mean loss by it makes the sum over processes the global batch's mean loss.
+        # A loss coupling the batch's examples is the global batch's already, in every process.
+        weight = 1.0 if method.couples_batch else share / size
+        terms = {}
+        if batch is not None or method.couples_batch:  # a coupled loss gathers from every process
+            with _autocast(batches.device, config.precision):
+                terms = method.training_step(model, batch)
+        values = {name: float(v.detach()) * weight for name, v in terms.items()}
+        # every process has the same coupled loss: the main process's value is logged
+        micro_terms = distributed.gather_objects(values)[0] if method.couples_batch else _sum_over_processes(values)
+        loss_value = sum(micro_terms.values())
+        if not math.isfinite(loss_value):  # every process sees the same sum, so all stop together
+            raise NonFiniteLossError(f"step {step + 1}: the loss is {loss_value} (terms {micro_terms})"
+                                     f"{_last_good(run_dir)}. "
+                                     "Lower the learning rate, or use fp32 / bf16 instead of fp16.")
+        scaled = sum(terms.values()) * weight / config.grad_accum if terms else None
+        # An empty share gives a coupled loss no gradient path here: nothing of this process's to backprop.
+        if scaled is not None and (scaled.requires_grad or not method.couples_batch):
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        for name, value in micro_terms.items():
+            terms_total[name] = terms_total.get(name, 0.0) + value / config.grad_accum
+    return terms_total
+
+
+def _clip_and_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list,
+                   max_grad_norm: float | None, *, step: int, terms: dict, run_dir: Path | None) -> tuple[float, bool]:
+    """Clip the gradients and step the optimizer: (the norm before clipping, whether fp16 skipped the step)."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    # The norm is needed anyway to refuse non-finite gradients (an infinite max_norm clips nothing).
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf))
+    if scaler:  # fp16: an overflowing step is skipped by the scaler, which then lowers the loss scale
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        return grad_norm, scaler.get_scale() < scale
+    if not math.isfinite(grad_norm):  # a finite loss whose gradients overflowed: never step on them
+        raise NonFiniteLossError(f"step {step + 1}: the gradient norm is {grad_norm} although the loss is finite "
+                                 f"(terms {terms}){_last_good(run_dir)}. Lower the learning rate, or train in fp32.")
+    optimizer.step()
+    return grad_norm, False
+
+
+def _ends_interval(step: int, every: int | None, total_steps: int) -> bool:
+    """Whether step `step` (counted from 1) ends a period of `every` steps, or the run (never when `every` is None)."""
+    return bool(every) and (step % every == 0 or step == total_steps)
+
+
+class _RunLog:
+    """A run's records: kept in `history`, written one JSON line each to `run_dir/log.jsonl`, sent to TensorBoard.
+
+    Only the main process writes. A fresh run starts a new log; a resumed one keeps the lines up to its
+    checkpoint's step, since it writes the later ones again. Used as a context manager around the loop.
+    """
+
+    def __init__(self, run_dir: Path | None, start: int, config: TrainConfig, total_steps: int, per_epoch: int):
+        self.config, self.total_steps, self.per_epoch = config, total_steps, per_epoch
+        self.history: list[dict] = []
+        self.path = run_dir / LOG_FILE if (run_dir is not None and distributed.is_main()) else None
+        if self.path is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if start:
+                _trim_log(self.path, start)
+            elif self.path.exists():
+                self.path.unlink()  # a fresh run: the old log belongs to a discarded attempt
+        self.writer = _tensorboard(run_dir) if (config.tensorboard and self.path is not None) else None
+        self._file = None
+
+    def __enter__(self) -> _RunLog:
+        self.started = time.perf_counter()  # a record's "seconds" count from here
+        if self.path is not None:
+            self._file = open(self.path, "a")  # closed in __exit__
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._file is not None:
+            self._file.close()
+        if self.writer is not None:
+            self.writer.close()
+        return False
+
+    def step(self, step: int, lr: float, terms: dict[str, float], grad_norm: float, skipped: bool,
+             reduced_bytes: int) -> dict:
+        """Record optimizer step `step` (counted from 1); log.jsonl gets every `log_every`-th and the last."""
+        record = {"step": step, "epoch": round(step * self.config.grad_accum / self.per_epoch, 4),
+                  "lr": lr, "loss": sum(terms.values()), **terms,
+                  "grad_norm": grad_norm, "seconds": round(time.perf_counter() - self.started, 3)}
+        if skipped:
+            record["skipped"] = True  # fp16 overflow: no update this step
+        if distributed.is_distributed():
+            record["allreduce_bytes"] = reduced_bytes
+        self.history.append(record)
+        if _ends_interval(step, self.config.log_every, self.total_steps):
+            self._write(record)
+        if self.writer is not None:
+            for name in ("loss", "lr", *terms):
+                self.writer.add_scalar(f"train/{name}", record[name], step)
+        return record
+
+    def eval(self, step: int, metrics: dict) -> None:
+        """Record the validation metrics after step `step` (always written)."""
+        self.history.append({"step": step, "eval": metrics})
+        self._write(self.history[-1])
+
+    def _write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
 
 def _last_good(run_dir: Path | None) -> str:
