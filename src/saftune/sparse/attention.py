@@ -28,7 +28,6 @@ from torch.nn.modules import activation
 
 from saftune.sparse.kernels import LinearRoute
 
-
 # (routes by weight id, ids of the routes that ran) for the attention call in progress.
 _ACTIVE: ContextVar[tuple[dict[int, LinearRoute], set[int]] | None] = ContextVar("saftune_attention_routes", default=None)
 
