@@ -10,7 +10,7 @@ import pytest
 
 from saftune.data.base import Benchmark
 from saftune.data.registry import load_dataset
-from saftune.data.text.boss import NLI_SEPARATOR, TASKS, boss_dir, build_boss, read_boss_tsv
+from saftune.data.text.boss import NLI_SEPARATOR, TASKS, boss_dir, read_boss_tsv
 from saftune.data.vision.paths import DatasetNotFoundError
 
 
@@ -150,7 +150,7 @@ def test_boss_toxicity_and_root_forms(tmp_path, monkeypatch):
     write_tsv(task / "civil_comments" / "test.tsv", ["Text", "Label"], [["t", 0]])
     for d in ("adv_civil", "implicit_hate", "toxigen"):
         write_tsv(task / d / "test.tsv", ["Text", "Label"], [[f"{d} text", 1]])
-    b = build_boss("toxicity", root=tmp_path, shots=3)  # BOSS's own datasets/process/ layout
+    b = load_dataset("boss-toxicity", root=tmp_path, shots=3)  # BOSS's own datasets/process/ layout
     assert b.classnames == ["benign", "toxic"] and b.templates == ["a {} comment."]
     assert set(b.ood) == {"adv_civil", "implicit_hate", "toxigen"}
     monkeypatch.setenv("SAFTUNE_DATA", str(tmp_path / "datasets" / "process"))

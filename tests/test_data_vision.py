@@ -17,11 +17,9 @@ from saftune.data.registry import load_dataset
 from saftune.data.vision import fewshot, protocol
 from saftune.data.vision.base2new import base_new_classes, select_classes
 from saftune.data.vision.coop import COOP_DATASETS, SplitFileError, coop_source, read_split_file
-from saftune.data.vision.cross_dataset import build_cross_dataset
-from saftune.data.vision.custom import build_image_folder
 from saftune.data.vision.fewshot import few_shot_indices
 from saftune.data.vision.folder import image_folder
-from saftune.data.vision.imagenet import build_imagenet, build_imagenet_shift, imagenet_variant, project_logits
+from saftune.data.vision.imagenet import imagenet_variant, project_logits
 from saftune.data.vision.paths import DatasetNotFoundError
 
 
@@ -364,7 +362,7 @@ def test_select_classes_relabels():
 
 def test_imagenet_reader_labels_follow_sorted_wnids(tmp_path):
     make_imagenet(tmp_path)
-    b = build_imagenet(root=tmp_path, shots=4, seed=1)
+    b = load_dataset("imagenet", root=tmp_path, shots=4, seed=1)
     assert b.classnames == ["tench", "goldfish", "shark", "hen", "ostrich", "robin"]
     assert b.train.class_counts(6).tolist() == [4] * 6
     assert b.val.class_counts(6).tolist() == [4] * 6
@@ -379,7 +377,7 @@ def test_imagenet_reader_labels_follow_sorted_wnids(tmp_path):
 
 def test_imagenet_full_data_holds_out_validation(tmp_path):
     make_imagenet(tmp_path, n_train=10)
-    b = build_imagenet(root=tmp_path, shots=None)
+    b = load_dataset("imagenet", root=tmp_path, shots=None)
     # 4 per class asked, capped at 10% of a class's 10 images: 1 held out, 9 left to train on.
     assert b.val.class_counts(6).tolist() == [1] * 6 and b.train.class_counts(6).tolist() == [9] * 6
     assert not set(b.train.inputs) & set(b.val.inputs) and b.info["fewshot_cache"] is None
@@ -387,7 +385,7 @@ def test_imagenet_full_data_holds_out_validation(tmp_path):
 
 def test_imagenet_cache_hit_does_not_list_training_folders(tmp_path, monkeypatch):
     make_imagenet(tmp_path)
-    first = build_imagenet(root=tmp_path, shots=2, seed=1)
+    first = load_dataset("imagenet", root=tmp_path, shots=2, seed=1)
     import saftune.data.vision.imagenet as inet
 
     real = inet._wnid_folder_split
@@ -396,7 +394,7 @@ def test_imagenet_cache_hit_does_not_list_training_folders(tmp_path, monkeypatch
         "_wnid_folder_split",
         lambda folder, *a: pytest.fail("listed the training pool") if folder.name == "train" else real(folder, *a),
     )
-    assert build_imagenet(root=tmp_path, shots=2, seed=1).train.inputs == first.train.inputs
+    assert load_dataset("imagenet", root=tmp_path, shots=2, seed=1).train.inputs == first.train.inputs
 
 
 def test_imagenet_flat_val_folder_is_explained(tmp_path):
@@ -408,12 +406,12 @@ def test_imagenet_flat_val_folder_is_explained(tmp_path):
         if d.is_dir():
             d.rmdir()
     with pytest.raises(DatasetNotFoundError, match="18 images directly.*one folder per"):
-        build_imagenet(root=tmp_path, shots=2)
+        load_dataset("imagenet", root=tmp_path, shots=2)
 
 
 def test_imagenet_shift_ood_and_200_class_projection(tmp_path):
     make_imagenet(tmp_path)
-    b = build_imagenet_shift(root=tmp_path, shots=2, seed=1)
+    b = load_dataset("imagenet-shift", root=tmp_path, shots=2, seed=1)
     assert set(b.ood) == {"imagenet-v2", "imagenet-sketch", "imagenet-a", "imagenet-r"}
     assert b.info["variants"] == ["imagenet-v2", "imagenet-sketch", "imagenet-a", "imagenet-r"]
     v2, sketch = b.ood["imagenet-v2"], b.ood["imagenet-sketch"]
@@ -449,13 +447,13 @@ def test_imagenet_shift_missing_variant(tmp_path):
 
     shutil.rmtree(tmp_path / "imagenet-rendition")
     with pytest.raises(DatasetNotFoundError, match="imagenet-rendition"):
-        build_imagenet_shift(root=tmp_path, shots=2)
-    b = build_imagenet_shift(root=tmp_path, shots=2, skip_missing=True)
+        load_dataset("imagenet-shift", root=tmp_path, shots=2)
+    b = load_dataset("imagenet-shift", root=tmp_path, shots=2, skip_missing=True)
     assert set(b.ood) == {"imagenet-v2", "imagenet-sketch", "imagenet-a"}
-    only_a = build_imagenet_shift(root=tmp_path, shots=2, variants=["imagenet-a"])
+    only_a = load_dataset("imagenet-shift", root=tmp_path, shots=2, variants=["imagenet-a"])
     assert set(only_a.ood) == {"imagenet-a"}
     with pytest.raises(ValueError, match="unknown ImageNet variants"):
-        build_imagenet_shift(root=tmp_path, variants=["imagenet-c"])
+        load_dataset("imagenet-shift", root=tmp_path, variants=["imagenet-c"])
 
 
 def test_variant_reader_alone(tmp_path):
@@ -473,8 +471,8 @@ def test_cross_dataset_uses_targets_own_classnames_and_templates(tmp_path):
     make_coop(tmp_path, "dtd", ["banded", "woven"], n_train=(4,), n_test=3)
     make_coop(tmp_path, "eurosat", ["forest", "river", "sea lake"], n_train=(4,), n_test=2)
     with pytest.raises(DatasetNotFoundError):
-        build_cross_dataset(root=tmp_path, shots=2)  # the other eight targets are missing
-    b = build_cross_dataset(root=tmp_path, shots=2, skip_missing=True)
+        load_dataset("cross-dataset", root=tmp_path, shots=2)  # the other eight targets are missing
+    b = load_dataset("cross-dataset", root=tmp_path, shots=2, skip_missing=True)
     assert b.name == "cross-dataset" and b.info["source_dataset"] == "imagenet"
     assert set(b.ood) == {"dtd", "eurosat"} and b.info["targets"] == ["dtd", "eurosat"]
     assert b.classnames[0] == "tench" and b.templates == ["a photo of a {}."]
@@ -486,18 +484,18 @@ def test_cross_dataset_uses_targets_own_classnames_and_templates(tmp_path):
     assert b.prompts(euro)[2] == ["a centered satellite photo of sea lake."]
     assert b.prompts(b.test)[0] == ["a photo of a tench."]
     # A kind applies to every dataset; targets can be chosen.
-    b7 = build_cross_dataset(root=tmp_path, shots=2, targets=["dtd"], templates="openai-7")
+    b7 = load_dataset("cross-dataset", root=tmp_path, shots=2, targets=["dtd"], templates="openai-7")
     assert set(b7.ood) == {"dtd"} and len(b7.ood["dtd"].templates) == 7 and len(b7.templates) == 7
 
 
 def test_cross_dataset_other_source(tmp_path):
     make_coop(tmp_path, "dtd", ["banded", "woven"], n_train=(4,))
     make_coop(tmp_path, "caltech101", ["face", "leopard", "motorbike"], n_train=(4,), n_test=2)
-    b = build_cross_dataset(root=tmp_path, source="dtd", targets=["caltech101"], shots=2)
+    b = load_dataset("cross-dataset", root=tmp_path, source="dtd", targets=["caltech101"], shots=2)
     assert b.classnames == ["banded", "woven"] and b.templates == ["{} texture."]
     assert b.ood["caltech101"].classnames == ["face", "leopard", "motorbike"]
     with pytest.raises(ValueError, match="source"):
-        build_cross_dataset(root=tmp_path, source="dtd", targets=["dtd"])
+        load_dataset("cross-dataset", root=tmp_path, source="dtd", targets=["dtd"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,7 +524,7 @@ def test_image_folder_benchmark_with_partial_ood(tmp_path):
         for cls in classes:
             for i in range(n):
                 Image.new("RGB", (4, 4)).save(touch(tmp_path / part / cls / f"{i}.png"))
-    b = build_image_folder(tmp_path, shots=2, seed=1)
+    b = load_dataset("image-folder", root=tmp_path, shots=2, seed=1)
     assert b.classnames == ["cat", "dog", "red fox"]
     assert b.train.class_counts(3).tolist() == [2, 2, 2] and b.val.class_counts(3).tolist() == [2, 2, 2]
     assert not set(b.train.inputs) & set(b.val.inputs)
@@ -535,7 +533,7 @@ def test_image_folder_benchmark_with_partial_ood(tmp_path):
     assert (tmp_path / "split_fewshot" / "shot_2-seed_1.json").is_file()
     (tmp_path / "ood" / "sketch" / "wolf").mkdir()
     with pytest.raises(ValueError, match="wolf"):
-        build_image_folder(tmp_path, shots=2)
+        load_dataset("image-folder", root=tmp_path, shots=2)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ Protocol:
   as the raters saw it.
 
 Example:
-    >>> b = sentiment_domains(shots=16, seed=1)          # doctest: +SKIP
+    >>> b = load_dataset("sentiment-domains", shots=16, seed=1)   # doctest: +SKIP
     >>> len(b.train), b.train.class_counts().tolist()    # doctest: +SKIP
     (32, [16, 16])
     >>> b.prompts()                                      # doctest: +SKIP
@@ -36,10 +36,12 @@ from __future__ import annotations
 import html
 import json
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
 from saftune.assets import VADER_FILES, asset_path
+from saftune.config import Config, option
 from saftune.data.base import Benchmark, Split
 from saftune.data.embedded.sampling import few_shot, fixed_balanced, subsample
 from saftune.data.registry import register_dataset
@@ -123,30 +125,36 @@ def _split(name: str, texts: list[str], labels: np.ndarray, indices: np.ndarray)
     return Split(name, [texts[i] for i in indices], labels[indices])
 
 
-@register_dataset("sentiment-domains",
-                  "VADER human-rated sentences: train on movie snippets, test on tweets / Amazon / NYT (embedded default)")
-def sentiment_domains(shots: int | None = 16, seed: int = 1, *, val_per_class: int = 64,
-                      extra_domains: bool = False, max_test: int | None = None,
-                      max_ood: int | None = None) -> Benchmark:
-    """Build the `sentiment-domains` benchmark (see the module docstring for the protocol).
+@dataclass
+class SentimentOptions(Config):
+    """Options of `sentiment-domains` (see the module docstring for the protocol)."""
 
-    Args:
-        shots: training sentences per class, drawn by `seed` from the movie pool; None: the whole pool
-            minus the validation set.
-        seed: run seed (the protocol uses 1, 2, 3); changes train and val only.
-        val_per_class: validation sentences per class, from the pool, disjoint from train.
-        extra_domains: add the `food-reviews` OOD split (needs the optional `modeldata` asset).
-        max_test: shrink the ID test set to at most this many sentences (class-balanced, fixed seed).
-        max_ood: same for each OOD split. None (default): full sets.
+    shots: int | None = option(16, "training sentences per class, drawn by `seed` from the ID pool; none: the whole "
+                               "pool minus the validation set", low=1)
+    seed: int = option(1, "run seed (the protocol uses 1, 2, 3); changes train and val only", low=0)
+    val_per_class: int = option(64, "validation sentences per class, from the pool, disjoint from train", low=0)
+    extra_domains: bool = option(False, "add the food-reviews OOD split (needs the optional modeldata asset)")
+    max_test: int | None = option(None, "shrink the ID test set to at most this many sentences (class-balanced, "
+                                  "fixed seed); none: full set", low=1)
+    max_ood: int | None = option(None, "same for each OOD split", low=1)
+
+
+@register_dataset("sentiment-domains",
+                  "VADER human-rated sentences: train on movie snippets, test on tweets / Amazon / NYT (embedded default)",
+                  options=SentimentOptions)
+def sentiment_domains(options: SentimentOptions) -> Benchmark:
+    """Build the `sentiment-domains` benchmark (see the module docstring for the protocol).
 
     Raises:
         AssetMissingError: `vader` (or, with extra_domains, `modeldata`) was not fetched.
 
     Example:
-        >>> b = sentiment_domains(shots=4, seed=2, max_test=200, max_ood=200)  # doctest: +SKIP
-        >>> len(b.test), sorted(b.ood)                                          # doctest: +SKIP
+        >>> b = sentiment_domains(SentimentOptions(shots=4, seed=2, max_test=200, max_ood=200))  # doctest: +SKIP
+        >>> len(b.test), sorted(b.ood)                                                          # doctest: +SKIP
         (200, ['amazon', 'nyt', 'tweets'])
     """
+    shots, seed, val_per_class = options.shots, options.seed, options.val_per_class
+    extra_domains, max_test, max_ood = options.extra_domains, options.max_test, options.max_ood
     texts, ratings = read_vader_domain(ID_DOMAIN)
     polar_texts, polar_labels = binarise(texts, ratings)
     movie_texts, movie_labels = _dedupe(polar_texts, polar_labels)
