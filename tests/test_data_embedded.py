@@ -1,5 +1,8 @@
 """The embedded benchmarks on the real fetched data: counts, few-shot protocol, determinism, disjointness."""
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 
@@ -124,6 +127,61 @@ def test_sentiment_quick_eval_sets(sentiment):
         assert texts(split) <= texts(sentiment.ood[domain])
     assert quick.train.inputs == sentiment.train.inputs, "max_test/max_ood must not change training data"
     assert load_dataset("sentiment-domains", shots=16, seed=3, max_test=200).test.inputs == quick.test.inputs
+
+
+def _fingerprint(bench: Benchmark) -> str:
+    digest = hashlib.sha256()
+    for name, split in [("train", bench.train), ("val", bench.val), ("test", bench.test), *sorted(bench.ood.items())]:
+        digest.update(json.dumps([name, list(split.inputs), split.labels.tolist()]).encode())
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("options, fingerprint", [
+    # Computed with saftune before `id_domain` existed (commit 54b88ed): the default ID domain, movies,
+    # must give exactly the splits it gave then (the demo's numbers depend on them).
+    ({"shots": 16, "seed": 1}, "8e7d3d179012da1e"),
+    ({"shots": 16, "seed": 2, "val_per_class": 200, "max_test": 500, "max_ood": 500}, "ec0e466ab484fa55"),
+    ({"shots": None, "seed": 3, "max_test": 300, "max_ood": 1000}, "b62fba42f4d74dca"),
+])
+def test_sentiment_default_id_domain_keeps_the_splits_it_always_had(options, fingerprint):
+    assert _fingerprint(load_dataset("sentiment-domains", **options)) == fingerprint
+    assert _fingerprint(load_dataset("sentiment-domains", id_domain="movies", **options)) == fingerprint
+
+
+@pytest.fixture(scope="module")
+def every_direction():
+    return {d: load_dataset("sentiment-domains", id_domain=d, shots=8, seed=1, max_test=600, max_ood=600)
+            for d in ("movies", "tweets", "amazon", "nyt")}
+
+
+def test_sentiment_any_id_domain_tests_on_the_sentences_it_has_when_ood(every_direction):
+    for id_domain, bench in every_direction.items():
+        others = {"movies", "tweets", "amazon", "nyt"} - {id_domain}
+        assert sorted(bench.ood) == sorted(others) and bench.info["id_domain"] == id_domain
+        assert bench.train.name == f"{id_domain}/train" and bench.train.class_counts(2).tolist() == [8, 8]
+        assert bench.test.class_counts(2).tolist() == [300, 300]
+        for other in others:  # the ID test set is the domain's OOD set under every other ID domain
+            assert every_direction[other].ood[id_domain].inputs == bench.test.inputs, (id_domain, other)
+            assert every_direction[other].ood[id_domain].labels.tolist() == bench.test.labels.tolist()
+        train, val, test = texts(bench.train), texts(bench.val), texts(bench.test)
+        assert not train & val and not train & test and not val & test
+
+
+def test_sentiment_other_id_domains_hold_out_500_per_class(every_direction):
+    amazon = load_dataset("sentiment-domains", id_domain="amazon", shots=None, seed=1)
+    assert amazon.test.class_counts(2).tolist() == [500, 500] and amazon.info["id_test_per_class"] == 500
+    # amazon repeats 8 sentences: a pool sentence whose text is held out (or already in the pool) is dropped.
+    assert amazon.info["pool_size"] <= 2943 - 1000 and len(texts(amazon.train)) == len(amazon.train)
+    assert not texts(amazon.train) & texts(amazon.test) and not texts(amazon.val) & texts(amazon.test)
+    assert len(amazon.ood["tweets"]) == 3362 and len(amazon.ood["movies"]) == 2000  # uncapped evaluation sets
+    # with a cap, the ID test set is a subset of the held-out part
+    assert texts(every_direction["amazon"].test) <= texts(amazon.test)
+
+
+def test_sentiment_unknown_id_domain_is_refused():
+    with pytest.raises(ValueError, match=r"dataset 'sentiment-domains': SentimentOptions.id_domain = 'imdb' is not "
+                                         r"allowed; choose from movies, tweets, amazon, nyt"):
+        load_dataset("sentiment-domains", id_domain="imdb")
 
 
 def test_sentiment_food_reviews_domain(require_asset):
