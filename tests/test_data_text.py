@@ -315,5 +315,8 @@ def test_text_files_missing_files_and_options_are_named(tmp_path):
         load_dataset("text-files", root=tmp_path, train="train.csv")
     with pytest.raises(DatasetNotFoundError, match=r"text file '.*nowhere.csv' not found; give an existing"):
         load_dataset("text-files", root=tmp_path, train="train.csv", test="nowhere.csv")
+    with pytest.raises(ValueError, match=r"no validation examples could be carved from '.*train.csv' .*; give a "
+                                         r"validation file \(val=<file>\) or train few-shot \(shots=K\)"):
+        load_dataset("text-files", root=tmp_path, train="train.csv", test="train.csv")
     with pytest.raises(ValueError, match=r"TextFilesOptions.templates: a prompt template needs exactly one"):
         load_dataset("text-files", root=tmp_path, train="train.csv", test="train.csv", templates="a review")

@@ -280,6 +280,10 @@ def build_text_files(options: TextFilesOptions) -> Benchmark:
             train_idx = few_shot_indices(pool.labels, shots, options.seed, stream=0, keys=keys, classnames=classnames)
             val_idx = few_shot_indices(pool.labels, val_shots, options.seed, stream=1, keys=keys, exclude=train_idx,
                                        classnames=classnames)
+        if not len(val_idx):
+            raise ValueError(f"text-files: no validation examples could be carved from {str(train_rows.path)!r} (with "
+                             f"the whole training file, at most 10% of a class goes to validation, and no class has "
+                             "10 examples); give a validation file (val=<file>) or train few-shot (shots=K)")
         val = pool.subset(val_idx, f"{options.name}/val")
     train = pool.subset(train_idx, f"{options.name}/train")
     return Benchmark(
