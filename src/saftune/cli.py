@@ -135,8 +135,10 @@ def cmd_list(args) -> int:
         for name, text in entries.items():
             print(f"  {name:<26} {text}")
             if args.verbose or what == section:
-                for option, kind, default, help_text in options_class(name).describe():
-                    print(f"      {option:<20} {kind:<12} default {default!r:<14} {help_text}")
+                rows = options_class(name).describe()
+                width = max([12] + [len(kind) for _, kind, _, _ in rows])  # "str | list[str] | None" fits
+                for option, kind, default, help_text in rows:
+                    print(f"      {option:<20} {kind:<{width}} default {default!r:<14} {help_text}")
 
     if what in ("all", "models"):
         show("models", list_models(), model_options_class)

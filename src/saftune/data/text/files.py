@@ -65,7 +65,8 @@ class TextFilesOptions(Config):
     train: str | None = option(None, "training file (.csv, .tsv or .jsonl)")
     test: str | None = option(None, "ID test file")
     val: str | None = option(None, "validation file (default: carved from the training file)")
-    ood: dict = option(help="OOD test files by name, e.g. {tweets: tweets.jsonl}", default_factory=dict)
+    ood: dict = option(help="OOD test files by name: {tweets: tweets.jsonl}, or on the command line "
+                       "--dataset-option ood.tweets=tweets.jsonl", default_factory=dict)
     root: str | None = option(None, "folder that relative file paths start from (default: the working directory)")
     text_column: str = option("text", "column (or JSON field) holding the text")
     text_pair_column: str | None = option(None, "column holding the second text of a pair (NLI, paraphrase)")
