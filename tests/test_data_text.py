@@ -237,7 +237,8 @@ def test_text_files_few_shot_carves_validation_and_follows_the_seed(tmp_path):
 def test_text_files_pairs_given_class_names_and_index_labels(tmp_path, caplog):
     (tmp_path / "nli.jsonl").write_text("".join(
         json.dumps({"premise": f"p{i}", "hypothesis": f"h{i}", "label": i % 3}) + "\n" for i in range(9)))
-    options = {"train": "nli.jsonl", "test": "nli.jsonl", "text_column": "premise", "text_pair_column": "hypothesis"}
+    options = {"train": "nli.jsonl", "val": "nli.jsonl", "test": "nli.jsonl", "text_column": "premise",
+               "text_pair_column": "hypothesis"}
     b = load_dataset("text-files", root=tmp_path, classnames=["entailment", "neutral", "contradiction"], **options)
     assert b.classnames == ["entailment", "neutral", "contradiction"] and b.test.labels.tolist() == [0, 1, 2] * 3
     assert b.test.inputs[0] == "p0\nh0"

@@ -24,9 +24,10 @@ Example:
     >>> _ = (d / "train.csv").write_text("text,label\\ngreat,pos\\nawful,neg\\nfine,pos\\nbad,neg\\n")
     >>> _ = (d / "test.jsonl").write_text('{"text": "superb", "label": "pos"}\\n')
     >>> from saftune.data.registry import load_dataset
-    >>> b = load_dataset("text-files", root=d, train="train.csv", test="test.jsonl", templates="a {} review.")
-    >>> b.classnames, b.prompts(), len(b.train) + len(b.val)
-    (['neg', 'pos'], [['a neg review.'], ['a pos review.']], 4)
+    >>> b = load_dataset("text-files", root=d, train="train.csv", test="test.jsonl", templates="a {} review.",
+    ...                  shots=1)
+    >>> b.classnames, b.prompts(), len(b.train), len(b.val)
+    (['neg', 'pos'], [['a neg review.'], ['a pos review.']], 2, 2)
 """
 
 from __future__ import annotations
