@@ -241,12 +241,43 @@ def test_an_unknown_config_key_names_the_closest_valid_one(values, message):
 @pytest.mark.parametrize("values, message", [
     ({"method_options": {"sparsty": 0.1}}, r"unknown option 'sparsty' for SAFTConfig; did you mean 'sparsity'\?"),
     ({"dataset_options": {"shot": 4}},
-     r"dataset 'toy-text' has no option 'shot'; did you mean 'shots'\? Its options: shots, seed, test_size"),
-    ({"model_options": {"sead": 1}}, r"model 'tiny-sentence' has no option 'sead'; did you mean 'seed'\?"),
+     r"dataset 'toy-text': unknown option 'shot' for ToyOptions; did you mean 'shots'\? Options: shots, seed, "
+     r"test_size"),
+    ({"model_options": {"sead": 1}}, r"model 'tiny-sentence': unknown option 'sead' for ModelOptions; did you mean "
+                                     r"'seed'\?"),
 ])
 def test_an_unknown_builder_or_method_option_is_refused_before_anything_loads(nothing_loads, values, message):
     with pytest.raises(ValueError, match=message):
         run_experiment(_config(**values))
+
+
+def _registered_datasets():
+    from saftune.data.registry import list_datasets
+
+    return sorted(list_datasets())
+
+
+@pytest.mark.parametrize("name", _registered_datasets())
+def test_every_dataset_refuses_a_misspelt_option_with_the_closest_name(name):
+    from saftune.data.registry import dataset_options_class, load_dataset
+
+    first = dataset_options_class(name).field_names()[0]
+    with pytest.raises(ValueError, match=rf"^dataset '{name}': unknown option '{first}x' for \w+Options; "
+                                         rf"did you mean '{first}'\? Options: {first}, "):
+        load_dataset(name, **{first + "x": 1})
+
+
+@pytest.mark.parametrize("spec", ["minilm", "hf-clip:x", "open-clip:x", "sentence:x", "hf-classifier:x", "t5:x",
+                                  "efficientnet-lite0", "tiny-sentence", "tiny-clip", "tiny-bert-classifier",
+                                  "tiny-t5", "tiny-cnn"])
+def test_every_model_takes_the_run_seed_and_refuses_a_misspelt_option(spec):
+    from saftune.models.registry import list_models, model_config
+
+    assert spec.partition(":")[0] in {s.partition(":")[0] for s in list_models()}
+    assert model_config(spec, {"seed": "3"}).seed == 3  # runs pass their seed to every model
+    with pytest.raises(ValueError, match=rf"^model '{spec.partition(':')[0]}': unknown option 'sed' .*did you mean "
+                                         r"'seed'\?"):
+        create(spec, sed=1)
 
 
 # -- damaged or foreign files -----------------------------------------------------------------------

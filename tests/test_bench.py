@@ -72,13 +72,16 @@ def test_every_paper_recipe_parses_and_names_registered_things():
     from pathlib import Path
 
     from saftune.data import list_datasets
-    from saftune.models.registry import _MODELS
+    from saftune.data.registry import check_dataset
+    from saftune.models.registry import _MODELS, check_model
 
     recipes = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")) + [Path("demo")]
     assert len(recipes) >= 6
     for path in recipes:
         bench = BenchConfig.load(path)
         assert bench.variants(), path
-        for name, _ in bench.dataset_entries():
+        for name, options in bench.dataset_entries():
             assert name in list_datasets(), (path, name)
+            check_dataset(name, options)  # every option exists and is in range
         assert bench.model.partition(":")[0] in _MODELS, path
+        check_model(bench.model, bench.model_options)

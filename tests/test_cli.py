@@ -1,6 +1,7 @@
 """Every `saftune` subcommand on tiny models and generated data: outputs exist, parse and agree."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -27,6 +28,14 @@ def test_list_shows_every_registry(capsys):
         assert word in text
     assert main(["list", "methods"]) == 0
     assert "sparsity" in capsys.readouterr().out  # method options with help text
+    # Models and datasets show every option's type, default and help the same way.
+    assert main(["list", "datasets"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"\n      test_size +int +default 16 +examples in the ID test set", text)
+    assert re.search(r"\n      subsample +str +default 'all' +base-to-new protocol", text)
+    assert main(["list", "models"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"\n  minilm .*\n      seed +int +default 0 .*\n      scale +float +default 30.0 +logit scale", text)
 
 
 def test_select_writes_a_mask_and_its_summary(tmp_path, capsys):

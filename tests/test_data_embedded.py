@@ -1,11 +1,13 @@
 """The embedded benchmarks on the real fetched data: counts, few-shot protocol, determinism, disjointness."""
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 
 from saftune.assets import AssetMissingError
 from saftune.data import Benchmark, load_dataset
-from saftune.data.embedded import digits_shift, sentiment_domains
 from saftune.data.embedded.digits import corrupt
 from saftune.data.embedded.sampling import few_shot, fixed_balanced, subsample
 
@@ -60,7 +62,7 @@ def test_fixed_balanced_and_subsample():
 
 @pytest.fixture(scope="module")
 def sentiment() -> Benchmark:
-    return sentiment_domains(shots=16, seed=1)
+    return load_dataset("sentiment-domains", shots=16, seed=1)
 
 
 def test_sentiment_counts_after_binarisation(sentiment):
@@ -88,15 +90,15 @@ def test_sentiment_task_and_prompts(sentiment):
 
 @pytest.mark.parametrize("shots", [1, 4, 16])
 def test_sentiment_exact_k_per_class(shots):
-    b = sentiment_domains(shots=shots, seed=2)
+    b = load_dataset("sentiment-domains", shots=shots, seed=2)
     assert b.train.class_counts(2).tolist() == [shots, shots]
     assert b.val.class_counts(2).tolist() == [64, 64]
 
 
 def test_sentiment_seeds(sentiment):
-    again = sentiment_domains(shots=16, seed=1)
+    again = load_dataset("sentiment-domains", shots=16, seed=1)
     assert again.train.inputs == sentiment.train.inputs and again.val.inputs == sentiment.val.inputs
-    others = [sentiment_domains(shots=16, seed=s) for s in (2, 3)]
+    others = [load_dataset("sentiment-domains", shots=16, seed=s) for s in (2, 3)]
     for other in others:
         assert texts(other.train) != texts(sentiment.train) and texts(other.val) != texts(sentiment.val)
         # Test sets never change with the seed.
@@ -109,27 +111,82 @@ def test_sentiment_splits_are_disjoint_and_nested(sentiment):
     train, val, test = texts(sentiment.train), texts(sentiment.val), texts(sentiment.test)
     assert len(train) == 32 and len(val) == 128 and len(test) == 2000  # no repeated sentence inside a split
     assert not train & val and not train & test and not val & test
-    four = sentiment_domains(shots=4, seed=1)
+    four = load_dataset("sentiment-domains", shots=4, seed=1)
     assert texts(four.train) <= train and four.val.inputs == sentiment.val.inputs
-    full = sentiment_domains(shots=None, seed=1)
+    full = load_dataset("sentiment-domains", shots=None, seed=1)
     assert len(full.train) == sentiment.info["pool_size"] - 128
     assert not texts(full.train) & test and not texts(full.train) & val
 
 
 def test_sentiment_quick_eval_sets(sentiment):
-    quick = sentiment_domains(shots=16, seed=1, max_test=200, max_ood=300)
+    quick = load_dataset("sentiment-domains", shots=16, seed=1, max_test=200, max_ood=300)
     assert quick.test.class_counts(2).tolist() == [100, 100]
     assert texts(quick.test) <= texts(sentiment.test)
     for domain, split in quick.ood.items():
         assert split.class_counts(2).tolist() == [150, 150]
         assert texts(split) <= texts(sentiment.ood[domain])
     assert quick.train.inputs == sentiment.train.inputs, "max_test/max_ood must not change training data"
-    assert sentiment_domains(shots=16, seed=3, max_test=200).test.inputs == quick.test.inputs
+    assert load_dataset("sentiment-domains", shots=16, seed=3, max_test=200).test.inputs == quick.test.inputs
+
+
+def _fingerprint(bench: Benchmark) -> str:
+    digest = hashlib.sha256()
+    for name, split in [("train", bench.train), ("val", bench.val), ("test", bench.test), *sorted(bench.ood.items())]:
+        digest.update(json.dumps([name, list(split.inputs), split.labels.tolist()]).encode())
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("options, fingerprint", [
+    # Computed with saftune before `id_domain` existed (commit 54b88ed): the default ID domain, movies,
+    # must give exactly the splits it gave then (the demo's numbers depend on them).
+    ({"shots": 16, "seed": 1}, "8e7d3d179012da1e"),
+    ({"shots": 16, "seed": 2, "val_per_class": 200, "max_test": 500, "max_ood": 500}, "ec0e466ab484fa55"),
+    ({"shots": None, "seed": 3, "max_test": 300, "max_ood": 1000}, "b62fba42f4d74dca"),
+])
+def test_sentiment_default_id_domain_keeps_the_splits_it_always_had(options, fingerprint):
+    assert _fingerprint(load_dataset("sentiment-domains", **options)) == fingerprint
+    assert _fingerprint(load_dataset("sentiment-domains", id_domain="movies", **options)) == fingerprint
+
+
+@pytest.fixture(scope="module")
+def every_direction():
+    return {d: load_dataset("sentiment-domains", id_domain=d, shots=8, seed=1, max_test=600, max_ood=600)
+            for d in ("movies", "tweets", "amazon", "nyt")}
+
+
+def test_sentiment_any_id_domain_tests_on_the_sentences_it_has_when_ood(every_direction):
+    for id_domain, bench in every_direction.items():
+        others = {"movies", "tweets", "amazon", "nyt"} - {id_domain}
+        assert sorted(bench.ood) == sorted(others) and bench.info["id_domain"] == id_domain
+        assert bench.train.name == f"{id_domain}/train" and bench.train.class_counts(2).tolist() == [8, 8]
+        assert bench.test.class_counts(2).tolist() == [300, 300]
+        for other in others:  # the ID test set is the domain's OOD set under every other ID domain
+            assert every_direction[other].ood[id_domain].inputs == bench.test.inputs, (id_domain, other)
+            assert every_direction[other].ood[id_domain].labels.tolist() == bench.test.labels.tolist()
+        train, val, test = texts(bench.train), texts(bench.val), texts(bench.test)
+        assert not train & val and not train & test and not val & test
+
+
+def test_sentiment_other_id_domains_hold_out_500_per_class(every_direction):
+    amazon = load_dataset("sentiment-domains", id_domain="amazon", shots=None, seed=1)
+    assert amazon.test.class_counts(2).tolist() == [500, 500] and amazon.info["id_test_per_class"] == 500
+    # amazon repeats 8 sentences: a pool sentence whose text is held out (or already in the pool) is dropped.
+    assert amazon.info["pool_size"] <= 2943 - 1000 and len(texts(amazon.train)) == len(amazon.train)
+    assert not texts(amazon.train) & texts(amazon.test) and not texts(amazon.val) & texts(amazon.test)
+    assert len(amazon.ood["tweets"]) == 3362 and len(amazon.ood["movies"]) == 2000  # uncapped evaluation sets
+    # with a cap, the ID test set is a subset of the held-out part
+    assert texts(every_direction["amazon"].test) <= texts(amazon.test)
+
+
+def test_sentiment_unknown_id_domain_is_refused():
+    with pytest.raises(ValueError, match=r"dataset 'sentiment-domains': SentimentOptions.id_domain = 'imdb' is not "
+                                         r"allowed; choose from movies, tweets, amazon, nyt"):
+        load_dataset("sentiment-domains", id_domain="imdb")
 
 
 def test_sentiment_food_reviews_domain(require_asset):
     require_asset("modeldata")
-    b = sentiment_domains(shots=16, seed=1, extra_domains=True, max_ood=400)
+    b = load_dataset("sentiment-domains", shots=16, seed=1, extra_domains=True, max_ood=400)
     c = b.info["counts"]["food-reviews"]
     print("food-reviews", c)
     assert (c["negative"], c["positive"]) == (1742, 3258)
@@ -142,9 +199,9 @@ def test_sentiment_registered_and_missing_asset_message(monkeypatch, tmp_path):
     assert b.name == "sentiment-domains" and len(b.train) == 4
     monkeypatch.setenv("SAFTUNE_HOME", str(tmp_path))
     with pytest.raises(AssetMissingError, match="run: saftune fetch vader"):
-        sentiment_domains()
+        load_dataset("sentiment-domains")
     with pytest.raises(AssetMissingError, match="run: saftune fetch mnist5k"):
-        digits_shift()
+        load_dataset("digits-shift")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,7 +210,7 @@ def test_sentiment_registered_and_missing_asset_message(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def digits() -> Benchmark:
-    return digits_shift(shots=16, seed=1)
+    return load_dataset("digits-shift", shots=16, seed=1)
 
 
 def test_digits_shapes_dtypes_and_sizes(digits):
@@ -186,15 +243,15 @@ def test_digits_corruptions_differ_from_clean(digits):
 
 
 def test_digits_seeds_and_disjointness(digits):
-    again = digits_shift(shots=16, seed=1)
+    again = load_dataset("digits-shift", shots=16, seed=1)
     assert np.array_equal(again.train.inputs, digits.train.inputs)
-    other = digits_shift(shots=16, seed=2)
+    other = load_dataset("digits-shift", shots=16, seed=2)
     assert image_keys(other.train) != image_keys(digits.train)
     assert np.array_equal(other.test.inputs, digits.test.inputs)
     assert np.array_equal(other.ood["noise"].inputs, digits.ood["noise"].inputs)
     train, val, test = image_keys(digits.train), image_keys(digits.val), image_keys(digits.test)
     assert len(train) == 160 and not train & val and not train & test and not val & test
-    quick = digits_shift(shots=16, seed=1, max_test=100, max_ood=50)
+    quick = load_dataset("digits-shift", shots=16, seed=1, max_test=100, max_ood=50)
     assert quick.test.class_counts(10).tolist() == [10] * 10
     assert all(len(s) == 50 for s in quick.ood.values())
     assert image_keys(quick.ood["blur"]) <= image_keys(digits.ood["blur"])

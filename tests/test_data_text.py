@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from saftune.data.base import Benchmark
 from saftune.data.registry import load_dataset
-from saftune.data.text.boss import NLI_SEPARATOR, TASKS, boss_dir, build_boss, read_boss_tsv
+from saftune.data.text.boss import NLI_SEPARATOR, TASKS, boss_dir, read_boss_tsv
 from saftune.data.vision.paths import DatasetNotFoundError
 
 
@@ -150,7 +151,7 @@ def test_boss_toxicity_and_root_forms(tmp_path, monkeypatch):
     write_tsv(task / "civil_comments" / "test.tsv", ["Text", "Label"], [["t", 0]])
     for d in ("adv_civil", "implicit_hate", "toxigen"):
         write_tsv(task / d / "test.tsv", ["Text", "Label"], [[f"{d} text", 1]])
-    b = build_boss("toxicity", root=tmp_path, shots=3)  # BOSS's own datasets/process/ layout
+    b = load_dataset("boss-toxicity", root=tmp_path, shots=3)  # BOSS's own datasets/process/ layout
     assert b.classnames == ["benign", "toxic"] and b.templates == ["a {} comment."]
     assert set(b.ood) == {"adv_civil", "implicit_hate", "toxigen"}
     monkeypatch.setenv("SAFTUNE_DATA", str(tmp_path / "datasets" / "process"))
@@ -182,3 +183,141 @@ def test_boss_registered():
 
         names = set(_DATASETS)
     assert {"boss-sentiment", "boss-toxicity", "boss-nli"} <= names
+
+
+# --------------------------------------------------------------------------------------------------
+# text-files: the user's own CSV / TSV / JSONL files
+
+
+def make_text_files(d: Path) -> Path:
+    """train.csv (quoted commas, a multi-line field), val.csv, test.csv, an OOD TSV and an OOD JSONL file."""
+    rows = [("a great, warm film", "positive"), ("dull and\nlong", "negative")] + [
+        (f"good movie {i}", "positive") for i in range(5)] + [(f"bad movie {i}", "negative") for i in range(5)]
+    with open(d / "train.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "review", "sentiment"])
+        writer.writerows([(i, text, label) for i, (text, label) in enumerate(rows)])
+    (d / "val.csv").write_text("id,review,sentiment\n1,fine,positive\n2,poor,negative\n3,nice,positive\n")
+    (d / "test.csv").write_text("id,review,sentiment\n1,superb,positive\n2,awful,negative\n")
+    (d / "tweets.tsv").write_text("review\tsentiment\nlove it \u2764\tpositive\nmeh\tnegative\n", encoding="utf-8")
+    (d / "news.jsonl").write_text('{"review": "markets rally", "sentiment": "positive"}\n\n'
+                                  '{"review": "storm damage", "sentiment": "negative", "extra": 1}\n')
+    return d
+
+
+TEXT_OPTIONS = {"train": "train.csv", "test": "test.csv", "ood": {"tweets": "tweets.tsv", "news": "news.jsonl"},
+                "text_column": "review", "label_column": "sentiment"}
+
+
+def test_text_files_full_data_with_val_file_and_named_ood_files(tmp_path):
+    make_text_files(tmp_path)
+    b = load_dataset("text-files", root=tmp_path, val="val.csv", templates="a {} review.", **TEXT_OPTIONS)
+    b.validate()
+    assert b.modality == "text" and b.classnames == ["negative", "positive"]
+    assert b.prompts() == [["a negative review."], ["a positive review."]]
+    assert len(b.train) == 12 and b.train.inputs[:2] == ["a great, warm film", "dull and\nlong"]
+    assert b.train.labels[:2].tolist() == [1, 0]
+    assert b.val.inputs == ["fine", "poor", "nice"] and b.val.labels.tolist() == [1, 0, 1]
+    assert b.test.inputs == ["superb", "awful"] and b.test.labels.tolist() == [1, 0]
+    assert list(b.ood) == ["tweets", "news"]
+    assert b.ood["tweets"].inputs == ["love it \u2764", "meh"] and b.ood["news"].labels.tolist() == [1, 0]
+
+
+def test_text_files_few_shot_carves_validation_and_follows_the_seed(tmp_path):
+    make_text_files(tmp_path)
+    b = load_dataset("text-files", root=tmp_path, shots=2, seed=1, **TEXT_OPTIONS)
+    assert b.train.class_counts(2).tolist() == [2, 2] and b.val.class_counts(2).tolist() == [2, 2]
+    assert not set(b.train.inputs) & set(b.val.inputs)
+    assert load_dataset("text-files", root=tmp_path, shots=2, seed=1, **TEXT_OPTIONS).train.inputs == b.train.inputs
+    assert any(load_dataset("text-files", root=tmp_path, shots=2, seed=s, **TEXT_OPTIONS).train.inputs != b.train.inputs
+               for s in (2, 3, 4))
+    assert b.templates == ["{}"] and b.prompts() == [["negative"], ["positive"]]  # the default template
+
+
+def test_text_files_pairs_given_class_names_and_index_labels(tmp_path, caplog):
+    (tmp_path / "nli.jsonl").write_text("".join(
+        json.dumps({"premise": f"p{i}", "hypothesis": f"h{i}", "label": i % 3}) + "\n" for i in range(9)))
+    options = {"train": "nli.jsonl", "val": "nli.jsonl", "test": "nli.jsonl", "text_column": "premise",
+               "text_pair_column": "hypothesis"}
+    b = load_dataset("text-files", root=tmp_path, classnames=["entailment", "neutral", "contradiction"], **options)
+    assert b.classnames == ["entailment", "neutral", "contradiction"] and b.test.labels.tolist() == [0, 1, 2] * 3
+    assert b.test.inputs[0] == "p0\nh0"
+    assert load_dataset("text-files", root=tmp_path, pair="tuple", **options).test.inputs[1] == ("p1", "h1")
+    with caplog.at_level(logging.WARNING):
+        numeric = load_dataset("text-files", root=tmp_path, **options)
+    assert numeric.classnames == ["0", "1", "2"] and "give classnames=[...]" in caplog.text
+
+
+def test_text_files_run_through_a_run_config_with_the_run_seed(tmp_path):
+    from saftune.run import RunConfig, build_benchmark
+
+    make_text_files(tmp_path)
+    options = {**TEXT_OPTIONS, "root": str(tmp_path), "shots": 2}
+    b = build_benchmark(RunConfig(model="tiny-sentence", dataset="text-files", dataset_options=options, seed=3))
+    assert b.info["seed"] == 3 and len(b.train) == 4
+
+
+def _write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return path
+
+
+@pytest.mark.parametrize("files, options, message", [
+    # a column the options name is missing (CSV: the header line; JSON lines: the line)
+    ({"train.csv": "id,text,label\n1,a,x\n"}, {"text_column": "review"},
+     r"train.csv' line 1: no column 'review' \(text_column\); its columns are 'id', 'text', 'label': set "
+     r"--dataset-option text_column=<name>"),
+    ({"train.csv": "id,review,sentiment\n1,a,x\n"}, {"text_column": "review"},
+     r"train.csv' line 1: no column 'label' \(label_column\); its columns are .*'sentiment': set --dataset-option "
+     r"label_column=<name>"),
+    ({"test.jsonl": '{"text": "a", "label": "x"}\n{"text": "b"}\n'}, {"test": "test.jsonl"},
+     r"test.jsonl' line 2: no field 'label' \(label_column\); its fields are 'text': set --dataset-option "
+     r"label_column=<name>"),
+    ({"train.csv": "text,label\na,x\n", "pairs.csv": "text,label\na,x\n"}, {"text_pair_column": "hypothesis"},
+     r"train.csv' line 1: no column 'hypothesis' \(text_pair_column\)"),
+    # empty files
+    ({"train.csv": ""}, {}, r"train.csv' is empty; it needs a header line naming the columns, then one row per example"),
+    ({"train.csv": "text,label\n"}, {}, r"train.csv' has a header but no rows; add one row per example"),
+    ({"test.jsonl": "\n\n"}, {"test": "test.jsonl"}, r"test.jsonl' is empty; it needs one JSON object per line"),
+    # labels the training file does not have
+    ({"ood.tsv": "text\tlabel\na\tx\nb\tneutral\n"}, {"ood": {"shifted": "ood.tsv"}},
+     r"ood.tsv' line 3: label 'neutral' is not a class of the training file '.*train.csv' \(x, y\); fix the label, "
+     r"or give classnames=\[...\] listing every class"),
+    ({}, {"classnames": ["x", "z"]},
+     r"train.csv' line 3: label 'y' is not the class names \(x, z\); fix the label, or add it to classnames"),
+    # mixed encodings: a Latin-1 byte in a UTF-8 file
+    ({"test.csv": "text,label\ncaf\u00e9,x\n".encode("utf-8") + b"na\xefve,y\n"}, {},
+     r"test.csv' line 3: byte 0xef is not UTF-8 \(the file mixes encodings or is not UTF-8\); re-save it as UTF-8"),
+    # malformed rows
+    ({"test.csv": "text,label\na,x\nb,y,extra\n"}, {},
+     r"test.csv' line 3: 3 fields, but the header has 2 \(text, label\); quote fields that contain a comma"),
+    ({"test.jsonl": '{"text": "a", "label": "x"}\n{"text": "b", "label": \n'}, {"test": "test.jsonl"},
+     r"test.jsonl' line 2: not valid JSON \(.*\); each line must be one object like"),
+    ({"test.jsonl": '["a", "x"]\n'}, {"test": "test.jsonl"}, r"test.jsonl' line 1: a JSON list, not an object"),
+    ({"test.csv": "text,label\na,x\n ,y\n"}, {}, r"test.csv' line 3: empty text in column 'text'; fill it in or remove"),
+    ({"test.csv": "text,label\na,x\nb,\n"}, {}, r"test.csv' line 3: empty label in column 'label'; fill it in or"),
+    ({"test.txt": "a x\n"}, {"test": "test.txt"}, r"test.txt': unknown file type '.txt'; use .csv, .tsv or .jsonl"),
+])
+def test_text_files_malformed_input_names_the_file_line_and_fix(tmp_path, files, options, message):
+    from saftune.data.text.files import TextFileError
+
+    _write(tmp_path / "train.csv", "text,label\na,x\nb,y\nc,x\nd,y\n")
+    _write(tmp_path / "test.csv", "text,label\ne,x\nf,y\n")
+    for name, text in files.items():
+        _write(tmp_path / name, text)
+    with pytest.raises(TextFileError, match=message):
+        load_dataset("text-files", **{"root": tmp_path, "train": "train.csv", "test": "test.csv", **options})
+
+
+def test_text_files_missing_files_and_options_are_named(tmp_path):
+    _write(tmp_path / "train.csv", "text,label\na,x\nb,y\n")
+    with pytest.raises(DatasetNotFoundError, match=r"text-files needs test=<file>: e.g. --dataset-option "
+                                                   r"test=data/test.csv"):
+        load_dataset("text-files", root=tmp_path, train="train.csv")
+    with pytest.raises(DatasetNotFoundError, match=r"text file '.*nowhere.csv' not found; give an existing"):
+        load_dataset("text-files", root=tmp_path, train="train.csv", test="nowhere.csv")
+    with pytest.raises(ValueError, match=r"no validation examples could be carved from '.*train.csv' .*; give a "
+                                         r"validation file \(val=<file>\) or train few-shot \(shots=K\)"):
+        load_dataset("text-files", root=tmp_path, train="train.csv", test="train.csv")
+    with pytest.raises(ValueError, match=r"TextFilesOptions.templates: a prompt template needs exactly one"):
+        load_dataset("text-files", root=tmp_path, train="train.csv", test="train.csv", templates="a review")

@@ -17,11 +17,9 @@ from saftune.data.registry import load_dataset
 from saftune.data.vision import fewshot, protocol
 from saftune.data.vision.base2new import base_new_classes, select_classes
 from saftune.data.vision.coop import COOP_DATASETS, SplitFileError, coop_source, read_split_file
-from saftune.data.vision.cross_dataset import build_cross_dataset
-from saftune.data.vision.custom import build_image_folder
 from saftune.data.vision.fewshot import few_shot_indices
 from saftune.data.vision.folder import image_folder
-from saftune.data.vision.imagenet import build_imagenet, build_imagenet_shift, imagenet_variant, project_logits
+from saftune.data.vision.imagenet import imagenet_variant, project_logits
 from saftune.data.vision.paths import DatasetNotFoundError
 
 
@@ -364,7 +362,7 @@ def test_select_classes_relabels():
 
 def test_imagenet_reader_labels_follow_sorted_wnids(tmp_path):
     make_imagenet(tmp_path)
-    b = build_imagenet(root=tmp_path, shots=4, seed=1)
+    b = load_dataset("imagenet", root=tmp_path, shots=4, seed=1)
     assert b.classnames == ["tench", "goldfish", "shark", "hen", "ostrich", "robin"]
     assert b.train.class_counts(6).tolist() == [4] * 6
     assert b.val.class_counts(6).tolist() == [4] * 6
@@ -379,7 +377,7 @@ def test_imagenet_reader_labels_follow_sorted_wnids(tmp_path):
 
 def test_imagenet_full_data_holds_out_validation(tmp_path):
     make_imagenet(tmp_path, n_train=10)
-    b = build_imagenet(root=tmp_path, shots=None)
+    b = load_dataset("imagenet", root=tmp_path, shots=None)
     # 4 per class asked, capped at 10% of a class's 10 images: 1 held out, 9 left to train on.
     assert b.val.class_counts(6).tolist() == [1] * 6 and b.train.class_counts(6).tolist() == [9] * 6
     assert not set(b.train.inputs) & set(b.val.inputs) and b.info["fewshot_cache"] is None
@@ -387,7 +385,7 @@ def test_imagenet_full_data_holds_out_validation(tmp_path):
 
 def test_imagenet_cache_hit_does_not_list_training_folders(tmp_path, monkeypatch):
     make_imagenet(tmp_path)
-    first = build_imagenet(root=tmp_path, shots=2, seed=1)
+    first = load_dataset("imagenet", root=tmp_path, shots=2, seed=1)
     import saftune.data.vision.imagenet as inet
 
     real = inet._wnid_folder_split
@@ -396,7 +394,7 @@ def test_imagenet_cache_hit_does_not_list_training_folders(tmp_path, monkeypatch
         "_wnid_folder_split",
         lambda folder, *a: pytest.fail("listed the training pool") if folder.name == "train" else real(folder, *a),
     )
-    assert build_imagenet(root=tmp_path, shots=2, seed=1).train.inputs == first.train.inputs
+    assert load_dataset("imagenet", root=tmp_path, shots=2, seed=1).train.inputs == first.train.inputs
 
 
 def test_imagenet_flat_val_folder_is_explained(tmp_path):
@@ -408,12 +406,12 @@ def test_imagenet_flat_val_folder_is_explained(tmp_path):
         if d.is_dir():
             d.rmdir()
     with pytest.raises(DatasetNotFoundError, match="18 images directly.*one folder per"):
-        build_imagenet(root=tmp_path, shots=2)
+        load_dataset("imagenet", root=tmp_path, shots=2)
 
 
 def test_imagenet_shift_ood_and_200_class_projection(tmp_path):
     make_imagenet(tmp_path)
-    b = build_imagenet_shift(root=tmp_path, shots=2, seed=1)
+    b = load_dataset("imagenet-shift", root=tmp_path, shots=2, seed=1)
     assert set(b.ood) == {"imagenet-v2", "imagenet-sketch", "imagenet-a", "imagenet-r"}
     assert b.info["variants"] == ["imagenet-v2", "imagenet-sketch", "imagenet-a", "imagenet-r"]
     v2, sketch = b.ood["imagenet-v2"], b.ood["imagenet-sketch"]
@@ -449,13 +447,13 @@ def test_imagenet_shift_missing_variant(tmp_path):
 
     shutil.rmtree(tmp_path / "imagenet-rendition")
     with pytest.raises(DatasetNotFoundError, match="imagenet-rendition"):
-        build_imagenet_shift(root=tmp_path, shots=2)
-    b = build_imagenet_shift(root=tmp_path, shots=2, skip_missing=True)
+        load_dataset("imagenet-shift", root=tmp_path, shots=2)
+    b = load_dataset("imagenet-shift", root=tmp_path, shots=2, skip_missing=True)
     assert set(b.ood) == {"imagenet-v2", "imagenet-sketch", "imagenet-a"}
-    only_a = build_imagenet_shift(root=tmp_path, shots=2, variants=["imagenet-a"])
+    only_a = load_dataset("imagenet-shift", root=tmp_path, shots=2, variants=["imagenet-a"])
     assert set(only_a.ood) == {"imagenet-a"}
     with pytest.raises(ValueError, match="unknown ImageNet variants"):
-        build_imagenet_shift(root=tmp_path, variants=["imagenet-c"])
+        load_dataset("imagenet-shift", root=tmp_path, variants=["imagenet-c"])
 
 
 def test_variant_reader_alone(tmp_path):
@@ -473,8 +471,8 @@ def test_cross_dataset_uses_targets_own_classnames_and_templates(tmp_path):
     make_coop(tmp_path, "dtd", ["banded", "woven"], n_train=(4,), n_test=3)
     make_coop(tmp_path, "eurosat", ["forest", "river", "sea lake"], n_train=(4,), n_test=2)
     with pytest.raises(DatasetNotFoundError):
-        build_cross_dataset(root=tmp_path, shots=2)  # the other eight targets are missing
-    b = build_cross_dataset(root=tmp_path, shots=2, skip_missing=True)
+        load_dataset("cross-dataset", root=tmp_path, shots=2)  # the other eight targets are missing
+    b = load_dataset("cross-dataset", root=tmp_path, shots=2, skip_missing=True)
     assert b.name == "cross-dataset" and b.info["source_dataset"] == "imagenet"
     assert set(b.ood) == {"dtd", "eurosat"} and b.info["targets"] == ["dtd", "eurosat"]
     assert b.classnames[0] == "tench" and b.templates == ["a photo of a {}."]
@@ -486,18 +484,18 @@ def test_cross_dataset_uses_targets_own_classnames_and_templates(tmp_path):
     assert b.prompts(euro)[2] == ["a centered satellite photo of sea lake."]
     assert b.prompts(b.test)[0] == ["a photo of a tench."]
     # A kind applies to every dataset; targets can be chosen.
-    b7 = build_cross_dataset(root=tmp_path, shots=2, targets=["dtd"], templates="openai-7")
+    b7 = load_dataset("cross-dataset", root=tmp_path, shots=2, targets=["dtd"], templates="openai-7")
     assert set(b7.ood) == {"dtd"} and len(b7.ood["dtd"].templates) == 7 and len(b7.templates) == 7
 
 
 def test_cross_dataset_other_source(tmp_path):
     make_coop(tmp_path, "dtd", ["banded", "woven"], n_train=(4,))
     make_coop(tmp_path, "caltech101", ["face", "leopard", "motorbike"], n_train=(4,), n_test=2)
-    b = build_cross_dataset(root=tmp_path, source="dtd", targets=["caltech101"], shots=2)
+    b = load_dataset("cross-dataset", root=tmp_path, source="dtd", targets=["caltech101"], shots=2)
     assert b.classnames == ["banded", "woven"] and b.templates == ["{} texture."]
     assert b.ood["caltech101"].classnames == ["face", "leopard", "motorbike"]
     with pytest.raises(ValueError, match="source"):
-        build_cross_dataset(root=tmp_path, source="dtd", targets=["dtd"])
+        load_dataset("cross-dataset", root=tmp_path, source="dtd", targets=["dtd"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,7 +524,7 @@ def test_image_folder_benchmark_with_partial_ood(tmp_path):
         for cls in classes:
             for i in range(n):
                 Image.new("RGB", (4, 4)).save(touch(tmp_path / part / cls / f"{i}.png"))
-    b = build_image_folder(tmp_path, shots=2, seed=1)
+    b = load_dataset("image-folder", root=tmp_path, shots=2, seed=1)
     assert b.classnames == ["cat", "dog", "red fox"]
     assert b.train.class_counts(3).tolist() == [2, 2, 2] and b.val.class_counts(3).tolist() == [2, 2, 2]
     assert not set(b.train.inputs) & set(b.val.inputs)
@@ -535,7 +533,7 @@ def test_image_folder_benchmark_with_partial_ood(tmp_path):
     assert (tmp_path / "split_fewshot" / "shot_2-seed_1.json").is_file()
     (tmp_path / "ood" / "sketch" / "wolf").mkdir()
     with pytest.raises(ValueError, match="wolf"):
-        build_image_folder(tmp_path, shots=2)
+        load_dataset("image-folder", root=tmp_path, shots=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,6 +555,7 @@ VISION_NAMES = {
     "imagenet-shift",
     "cross-dataset",
     "image-folder",
+    "domainnet",
 }
 
 
@@ -574,3 +573,121 @@ def test_registered_names():
         names = {n: e.help for n, e in _DATASETS.items()}
     assert VISION_NAMES <= set(names)
     assert all(names[n] for n in VISION_NAMES)
+
+
+# --------------------------------------------------------------------------------------------------
+# DomainNet
+
+DN_CLASSES = ["aircraft_carrier", "cat", "the_eiffel_tower"]
+DN_DOMAINS = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
+
+
+def make_domainnet(root: Path, n_train=20, n_test=3) -> Path:
+    """A fake DomainNet in its own layout: <domain>/<class>/<image> and the official-style split lists."""
+    folder = root / "domainnet"
+    for domain in DN_DOMAINS:
+        for part, n in (("train", n_train), ("test", n_test)):
+            lines = []
+            for label, cls in enumerate(DN_CLASSES):
+                for i in range(n):
+                    rel = f"{domain}/{cls}/{domain}_{part}_{label}_{i:03d}.jpg"
+                    touch(folder / rel)
+                    lines.append(f"{rel} {label}")
+            (folder / f"{domain}_{part}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_domainnet_few_shot_trains_on_real_and_tests_on_the_five_other_domains(tmp_path):
+    folder = make_domainnet(tmp_path)
+    b = load_dataset("domainnet", root=tmp_path, shots=4, seed=1)
+    b.validate()
+    assert b.name == "domainnet" and b.classnames == ["aircraft carrier", "cat", "the eiffel tower"]
+    assert b.prompts()[0] == ["a photo of a aircraft carrier."]
+    assert b.train.class_counts(3).tolist() == [4, 4, 4] and b.val.class_counts(3).tolist() == [4, 4, 4]
+    assert not set(b.train.inputs) & set(b.val.inputs)
+    assert all(p.parent.parent.name == "real" and "_train_" in p.name for p in b.train.inputs + b.val.inputs)
+    assert all(DN_CLASSES[y] == p.parent.name for p, y in zip(b.train.inputs, b.train.labels))
+    assert len(b.test) == 9 and all("real_test_" in p.name for p in b.test.inputs)
+    assert list(b.ood) == ["clipart", "infograph", "painting", "quickdraw", "sketch"]
+    for domain, split in b.ood.items():
+        assert len(split) == 9 and all(p.name.startswith(f"{domain}_test_") for p in split.inputs)
+        assert all(DN_CLASSES[y] == p.parent.name for p, y in zip(split.inputs, split.labels))
+    # The same K-shot protocol as the other suites: cached per ID domain, the seed picks the sample.
+    assert (folder / "real" / "split_fewshot" / "shot_4-seed_1.json").is_file()
+    assert load_dataset("domainnet", root=tmp_path, shots=4, seed=1).train.inputs == b.train.inputs
+    assert load_dataset("domainnet", root=tmp_path, shots=4, seed=2).train.inputs != b.train.inputs
+    assert b.info["ood_domains"] == list(b.ood) and b.info["id_domain"] == "real"
+
+
+def test_domainnet_full_data_and_another_id_domain(tmp_path):
+    folder = make_domainnet(tmp_path)
+    full = load_dataset("domainnet", root=tmp_path, shots=None)
+    # the whole training list minus a held-out validation set (at most 10% of a class)
+    assert full.val.class_counts(3).tolist() == [2, 2, 2] and full.train.class_counts(3).tolist() == [18, 18, 18]
+    assert full.info["protocol"] == "full"
+    sketch = load_dataset("domainnet", root=tmp_path, shots=2, id_domain="sketch", ood_domains=["real", "clipart"])
+    assert list(sketch.ood) == ["real", "clipart"] and all("sketch_test_" in p.name for p in sketch.test.inputs)
+    assert (folder / "sketch" / "split_fewshot" / "shot_2-seed_1.json").is_file()
+    with pytest.raises(ValueError, match=r"ood_domains lists the ID domain 'sketch'.*remove it"):
+        load_dataset("domainnet", root=tmp_path, id_domain="sketch", ood_domains=["sketch"])
+    with pytest.raises(ValueError, match=r"DomainNetOptions.id_domain = 'photo' is not allowed; choose from clipart"):
+        load_dataset("domainnet", root=tmp_path, id_domain="photo")
+
+
+def test_domainnet_missing_files_are_named(tmp_path):
+    folder = make_domainnet(tmp_path)
+    (folder / "quickdraw_test.txt").unlink()
+    with pytest.raises(DatasetNotFoundError, match=r"quickdraw_test.txt' not found; expected this layout:\n"
+                                                   r"\$SAFTUNE_DATA/domainnet/"):
+        load_dataset("domainnet", root=tmp_path, shots=2)
+    b = load_dataset("domainnet", root=tmp_path, shots=2, skip_missing=True)
+    assert list(b.ood) == ["clipart", "infograph", "painting", "sketch"]
+    for rel in (folder / "real").iterdir():  # images unpacked elsewhere
+        rel.rename(tmp_path / rel.name)
+    with pytest.raises(DatasetNotFoundError, match=r"real_train.txt' line 1 refers to '.*real_train_0_000.jpg', "
+                                                   r"which does not exist; are the images in"):
+        load_dataset("domainnet", root=tmp_path, shots=2)
+
+
+@pytest.mark.parametrize("file, line, text, message", [
+    ("real_train.txt", 3, "real/cat/x.jpg", r"real_train.txt' line 3: expected '<domain>/<class>/<file> <label>'"),
+    ("real_train.txt", 2, "real/cat/x.jpg one", r"real_train.txt' line 2: expected '<domain>/<class>/<file> <label>'"),
+    ("real_train.txt", 1, "cat.jpg 0", r"real_train.txt' line 1: expected .* got 'cat.jpg 0'; use DomainNet's"),
+    # the same class folder under another label, in another file than the one that named it first
+    ("sketch_test.txt", 4, "sketch/cat/s.jpg 2",
+     r"sketch_test.txt' line 4: class 'cat' has label 2, but label 1 in '.*real_train.txt' line 21; every list "
+     r"must number the classes the same way"),
+    ("real_train.txt", 25, "real/dog/d.jpg 1",
+     r"real_train.txt' line 25: label 1 is class 'dog', but class 'cat' in '.*real_train.txt' line 21; one label "
+     r"per class folder"),
+    ("clipart_test.txt", 2, "clipart/dog/d.jpg 3",
+     r"clipart_test.txt' line 2: class folder 'dog' is not in the ID training list"),
+])
+def test_domainnet_malformed_list_lines_name_the_file_line_and_fix(tmp_path, file, line, text, message):
+    from saftune.data.vision.coop import SplitFileError
+
+    folder = make_domainnet(tmp_path)
+    lines = (folder / file).read_text().splitlines()
+    lines[line - 1] = text
+    (folder / file).write_text("\n".join(lines) + "\n")
+    with pytest.raises(SplitFileError, match=message):
+        load_dataset("domainnet", root=tmp_path, shots=2)
+
+
+def test_domainnet_empty_list_missing_class_and_bad_encoding_are_refused(tmp_path):
+    from saftune.data.vision.coop import SplitFileError
+
+    folder = make_domainnet(tmp_path)
+    (folder / "painting_test.txt").write_text("\n")
+    with pytest.raises(SplitFileError, match=r"painting_test.txt' lists no image; use DomainNet's official"):
+        load_dataset("domainnet", root=tmp_path, shots=2)
+    make_domainnet(tmp_path)
+    train = [ln for ln in (folder / "real_train.txt").read_text().splitlines() if not ln.endswith(" 1")]
+    (folder / "real_train.txt").write_text("\n".join(train) + "\n")
+    with pytest.raises(SplitFileError, match=r"real_train.txt': labels must be 0..2 with every class in the "
+                                             r"training list; no line has label \[1\]"):
+        load_dataset("domainnet", root=tmp_path, shots=2)
+    make_domainnet(tmp_path)
+    (folder / "real_test.txt").write_bytes("real/cat/caf\u00e9.jpg 1\n".encode("latin-1"))
+    with pytest.raises(SplitFileError, match=r"real_test.txt' is not UTF-8 text"):
+        load_dataset("domainnet", root=tmp_path, shots=2)

@@ -151,3 +151,11 @@ def test_minilm_zero_shot_on_sentiment_domains(require_asset):
     print("minilm zero-shot:", {k: round(v, 3) for k, v in metrics.items()})
     assert 0.6 < metrics["id"] < 0.75  # ~0.67 on the full ID set
     assert 0.62 < metrics["ood_avg"] < 0.78  # ~0.71 averaged over tweets/amazon/nyt
+
+
+def test_tiny_sentence_truncates_a_text_longer_than_its_position_table():
+    model = create("tiny-sentence")
+    model.set_classes(["negative", "positive"], ["a {} review."])
+    batch = model.collate([" ".join(["word"] * 200), "short"], [0, 1])
+    assert batch["input_ids"].shape[1] == 64  # max_position_embeddings
+    assert classification_loss(model, batch).shape == (2,)

@@ -204,6 +204,22 @@ def test_base_to_new_file_gets_base_new_and_hm_columns(tmp_path):
     assert [f["kind"] for f in report["figures"][0]] == ["id_vs_ood"]  # Base vs New scatter
 
 
+def test_domainnet_table_has_a_column_per_ood_domain_and_their_average(tmp_path):
+    domains = ["clipart", "infograph", "painting", "quickdraw", "sketch"]
+    runs = []
+    for v, base in (("ft", 0.50), ("wiseft", 0.60)):
+        for s in (1, 3):
+            ood = {f"ood/{d}": base + i / 100 + s / 1000 for i, d in enumerate(domains)}
+            runs.append({"variant": v, "method": v, "dataset": "domainnet", "model": "clip", "seed": s,
+                         "metrics": {"id": 0.8, **ood, "ood_avg": sum(ood.values()) / 5}})
+    text = summarize(_write(tmp_path / "domainnet.jsonl", runs))
+    header = next(line for line in text.splitlines() if line.startswith("| Method"))
+    assert [c.strip() for c in header.strip("|").split("|")][:8] == ["Method", "ID", *domains, "OOD avg"]
+    rows = _markdown_rows(text)
+    assert rows["wiseft"]["quickdraw"] == "**63.2 ± 0.1**" and rows["ft"]["clipart"] == "<u>50.2 ± 0.1</u>"
+    assert rows["wiseft"]["OOD avg"] == "**62.2 ± 0.1**"
+
+
 def test_tables_are_grouped_by_dataset_and_model(tmp_path):
     runs = [_record("ft", None, 1, (0.7, 0.6, 0.5)), _record("ft", None, 1, (0.9, 0.8, 0.7), model="tiny-clip"),
             _record("saft", 0.001, 1, (0.7, 0.6, 0.5))]

@@ -122,25 +122,30 @@ def cmd_list(args) -> int:
     from saftune.assets import list_assets
     from saftune.bench import RECIPES
     from saftune.data import list_datasets
+    from saftune.data.registry import dataset_options_class
     from saftune.methods import list_methods, method_class
     from saftune.models import list_models
+    from saftune.models.registry import model_options_class
 
     what = args.what
+
+    def show(section: str, entries: dict[str, str], options_class) -> None:
+        # Every registry lists its entries; options (type, default, help) with `list <section>` or -v.
+        print(f"{section}:")
+        for name, text in entries.items():
+            print(f"  {name:<26} {text}")
+            if args.verbose or what == section:
+                rows = options_class(name).describe()
+                width = max([12] + [len(kind) for _, kind, _, _ in rows])  # "str | list[str] | None" fits
+                for option, kind, default, help_text in rows:
+                    print(f"      {option:<20} {kind:<{width}} default {default!r:<14} {help_text}")
+
     if what in ("all", "models"):
-        print("models:")
-        for name, text in list_models().items():
-            print(f"  {name:<26} {text}")
+        show("models", list_models(), model_options_class)
     if what in ("all", "datasets"):
-        print("datasets:")
-        for name, text in list_datasets().items():
-            print(f"  {name:<26} {text}")
+        show("datasets", list_datasets(), dataset_options_class)
     if what in ("all", "methods"):
-        print("methods:")
-        for name, text in list_methods().items():
-            print(f"  {name:<26} {text}")
-            if args.verbose or what == "methods":
-                for option, kind, default, help_text in method_class(name).config_class.describe():
-                    print(f"      {option:<20} {kind:<12} default {default!r:<14} {help_text}")
+        show("methods", list_methods(), lambda name: method_class(name).config_class)
     if what in ("all", "assets"):
         print("assets (saftune fetch NAME):")
         for name, text in list_assets().items():

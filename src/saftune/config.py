@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import MISSING, field, fields
@@ -107,6 +108,8 @@ def _coerce(value, annotation, name: str, owner: str):
         except (TypeError, ValueError):
             raise ValueError(f"{owner}.{name} must be a number, got {value!r}") from None
     if annotation is str:
+        if isinstance(value, os.PathLike):  # folders and files given as pathlib.Path
+            return os.fspath(value)
         if not isinstance(value, str):
             raise ValueError(f"{owner}.{name} must be a string, got {value!r}")
         return value

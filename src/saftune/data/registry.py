@@ -1,41 +1,63 @@
 """Datasets by name: `load_dataset("sentiment-domains", shots=16, seed=1)`.
 
-Each entry is a builder `(**options) -> Benchmark` with a one-line help text. Builders register
-themselves with the `@register_dataset` decorator when their module is imported.
+Every dataset declares its options as a `Config` dataclass (type, default, help, validation) and
+registers a builder `(options) -> Benchmark` with the `@register_dataset` decorator, which runs when
+its module is imported. `load_dataset` turns keyword options into that dataclass with
+`Config.from_dict`, so an unknown option is refused with the closest valid name and a bad value with
+the allowed range, before any file is read.
 
 Example:
     >>> "sentiment-domains" in list_datasets()
     True
+    >>> [row[0] for row in dataset_options_class("toy-text").describe()]
+    ['shots', 'seed', 'test_size']
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from saftune.config import Config
 from saftune.data.base import Benchmark
 
 
 @dataclass(frozen=True)
 class DatasetEntry:
     name: str
-    builder: Callable[..., Benchmark]
+    build: Callable[[Config], Benchmark]
     help: str
+    options: type[Config]
 
 
 _DATASETS: dict[str, DatasetEntry] = {}
 
 
-def register_dataset(name: str, help: str):
-    """Decorator: register `builder(**options) -> Benchmark` under `name`."""
+def register_dataset(name: str, help: str, options: type[Config]):
+    """Decorator: register `build(options) -> Benchmark` under `name`, with its options dataclass.
 
-    def wrap(builder):
+    Example:
+        >>> from dataclasses import dataclass
+        >>> from saftune.config import option
+        >>> @dataclass
+        ... class EchoOptions(Config):
+        ...     size: int = option(2, "examples per split", low=1)
+        >>> @register_dataset("doc-echo", "doctest dataset", options=EchoOptions)
+        ... def build_echo(options):
+        ...     return options.size
+        >>> load_dataset("doc-echo", size="3")
+        3
+        >>> del _DATASETS["doc-echo"]
+    """
+    if not (isinstance(options, type) and issubclass(options, Config)):
+        raise TypeError(f"dataset {name!r}: options must be a Config dataclass, got {options!r}")
+
+    def wrap(build):
         if name in _DATASETS:
             raise ValueError(f"a dataset named {name!r} is already registered")
-        _DATASETS[name] = DatasetEntry(name, builder, help)
-        return builder
+        _DATASETS[name] = DatasetEntry(name, build, help, options)
+        return build
 
     return wrap
 
@@ -54,15 +76,22 @@ def list_datasets() -> dict[str, str]:
     return {name: entry.help for name, entry in sorted(_DATASETS.items())}
 
 
-def _named_parameters(builder: Callable) -> tuple[list[str], bool]:
-    """(named parameters, whether it also takes **options) of a builder."""
-    params = inspect.signature(builder).parameters.values()
-    named = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return named, any(p.kind == p.VAR_KEYWORD for p in params)
+def _entry(name: str) -> DatasetEntry:
+    _load_builtin()
+    if name not in _DATASETS:
+        close = difflib.get_close_matches(name, _DATASETS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(sorted(_DATASETS))}")
+    return _DATASETS[name]
+
+
+def dataset_options_class(name: str) -> type[Config]:
+    """The options dataclass of dataset `name` (its `describe()` lists type, default and help)."""
+    return _entry(name).options
 
 
 def dataset_options(name: str) -> set[str]:
-    """The option names the builder of dataset `name` accepts (empty for unknown names).
+    """The option names dataset `name` accepts (empty for unknown names).
 
     Example:
         >>> "seed" in dataset_options("toy-text")
@@ -70,32 +99,30 @@ def dataset_options(name: str) -> set[str]:
     """
     _load_builtin()
     entry = _DATASETS.get(name)
-    return set(_named_parameters(entry.builder)[0]) if entry else set()
+    return set(entry.options.field_names()) if entry else set()
+
+
+def dataset_config(name: str, options: dict | None = None) -> Config:
+    """The validated options of dataset `name`: unknown keys name the closest valid one, values their range.
+
+    Example:
+        >>> dataset_config("toy-text", {"shot": 4})
+        Traceback (most recent call last):
+        ...
+        ValueError: dataset 'toy-text': unknown option 'shot' for ToyOptions; did you mean 'shots'? Options: shots, seed, test_size
+    """
+    entry = _entry(name)
+    try:
+        return entry.options.from_dict(options or {})
+    except ValueError as e:
+        raise ValueError(f"dataset {name!r}: {e}") from None
 
 
 def check_dataset(name: str, options: dict | None = None) -> None:
-    """Refuse an unknown dataset name or option before anything is read, naming the closest valid one.
-
-    Example:
-        >>> check_dataset("toy-text", {"shot": 4})
-        Traceback (most recent call last):
-        ...
-        ValueError: dataset 'toy-text' has no option 'shot'; did you mean 'shots'? Its options: shots, seed, test_size
-    """
-    _load_builtin()
-    if name not in _DATASETS:
-        close = difflib.get_close_matches(name, _DATASETS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(sorted(_DATASETS))}")
-    named, takes_any = _named_parameters(_DATASETS[name].builder)
-    unknown = [key for key in options or {} if key not in named]
-    if unknown and not takes_any:
-        close = difflib.get_close_matches(unknown[0], named, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "."
-        raise ValueError(f"dataset {name!r} has no option {unknown[0]!r}{hint} Its options: {', '.join(named)}")
+    """Refuse an unknown dataset name, option or option value before anything is read."""
+    dataset_config(name, options)
 
 
 def load_dataset(name: str, **options) -> Benchmark:
-    """Build the benchmark registered as `name` with builder-specific options (shots, seed, root, ...)."""
-    check_dataset(name, options)
-    return _DATASETS[name].builder(**options)
+    """Build the benchmark registered as `name` with its options (shots, seed, root, ...)."""
+    return _entry(name).build(dataset_config(name, options))

@@ -40,6 +40,8 @@ _SINGLE = {
     "dtd": "{} texture.",
     "eurosat": "a centered satellite photo of {}.",
     "ucf101": "a photo of a person doing {}.",
+    # DomainNet: one prompt for every domain, as the papers' zero-shot heads (no domain word).
+    "domainnet": "a photo of a {}.",
     # BOSS text suites (saftune's own choice; BOSS itself uses a verbalizer). The sentiment prompt
     # matches the embedded benchmark's ("a negative review."). NLI has no natural class prompt: "{}"
     # makes the class names themselves the label words.

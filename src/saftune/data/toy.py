@@ -5,15 +5,18 @@ set uses held-out words. toy-images: dark vs bright noisy 32x32 images; the OOD 
 They only prove that the plumbing works; their accuracies mean nothing.
 
 Example:
-    >>> b = toy_text(shots=4, seed=1)
+    >>> b = toy_text(ToyOptions(shots=4, seed=1))
     >>> len(b.train), sorted(b.ood)
     (8, ['shifted'])
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from saftune.config import Config, option
 from saftune.data.base import Benchmark, Split
 from saftune.data.registry import register_dataset
 
@@ -43,16 +46,27 @@ def image_split(name: str, n: int, seed: int, contrast: float = 1.0) -> Split:
     return Split(name, images, labels)
 
 
-@register_dataset("toy-text", "generated sentiment-word sentences (smoke tests; no assets)")
-def toy_text(shots: int = 8, seed: int = 1, test_size: int = 16) -> Benchmark:
+@dataclass
+class ToyOptions(Config):
+    """Options of the generated toy tasks."""
+
+    shots: int = option(8, "training examples per class", low=1)
+    seed: int = option(1, "seed of the generated training set", low=0)
+    test_size: int = option(16, "examples in the ID test set and in the OOD set", low=1)
+
+
+@register_dataset("toy-text", "generated sentiment-word sentences (smoke tests; no assets)", options=ToyOptions)
+def toy_text(options: ToyOptions) -> Benchmark:
+    shots, seed, test_size = options.shots, options.seed, options.test_size
     return Benchmark("toy-text", "text", ["negative", "positive"], ["a {} review."],
                      text_split("train", 2 * shots, seed), text_split("val", 8, 100 + seed),
                      text_split("test", test_size, 1000), {"shifted": text_split("shifted", test_size, 1001, slice(4, 8))},
                      info={"source": "generated", "shots": shots, "seed": seed})
 
 
-@register_dataset("toy-images", "generated dark/bright images (smoke tests; no assets)")
-def toy_images(shots: int = 8, seed: int = 1, test_size: int = 16) -> Benchmark:
+@register_dataset("toy-images", "generated dark/bright images (smoke tests; no assets)", options=ToyOptions)
+def toy_images(options: ToyOptions) -> Benchmark:
+    shots, seed, test_size = options.shots, options.seed, options.test_size
     return Benchmark("toy-images", "image", ["dark", "bright"], ["a {} photo."],
                      image_split("train", 2 * shots, seed), image_split("val", 8, 100 + seed),
                      image_split("test", test_size, 1000), {"low-contrast": image_split("low-contrast", test_size, 1001, 0.5)},

@@ -49,7 +49,9 @@ def tiny_sentence(seed: int = 0):
     config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
-    return SentenceClassifier(BertModel(config, add_pooling_layer=False), HashTokenizer(128))
+    # Truncate to the position table: a longer sentence (some Amazon snippets) would not fit it.
+    return SentenceClassifier(BertModel(config, add_pooling_layer=False), HashTokenizer(128),
+                              max_length=config.max_position_embeddings)
 
 
 def tiny_clip(seed: int = 0):

@@ -17,7 +17,7 @@ Protocol:
   `inversion` (255 - x).
 
 Example:
-    >>> b = digits_shift(shots=8, seed=1)                   # doctest: +SKIP
+    >>> b = load_dataset("digits-shift", shots=8, seed=1)   # doctest: +SKIP
     >>> b.train.inputs.shape, b.train.inputs.dtype          # doctest: +SKIP
     ((80, 28, 28), dtype('uint8'))
     >>> sorted(b.ood)                                       # doctest: +SKIP
@@ -26,10 +26,13 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image, ImageFilter
 
 from saftune.assets import asset_path
+from saftune.config import Config, option
 from saftune.data.base import Benchmark, Split
 from saftune.data.embedded.sampling import few_shot, fixed_balanced, subsample
 from saftune.data.registry import register_dataset
@@ -111,28 +114,35 @@ def corrupt(images: np.ndarray, kind: str, seed: int = CORRUPTION_SEED) -> np.nd
     return CORRUPTIONS[kind](np.asarray(images, dtype=np.uint8), rng)
 
 
-@register_dataset("digits-shift",
-                  "MNIST-5k digits as ID; scikit-learn 8x8 digits and rotation/noise/blur/inversion as OOD")
-def digits_shift(shots: int | None = 16, seed: int = 1, *, val_per_class: int = 50,
-                 max_test: int | None = None, max_ood: int | None = None) -> Benchmark:
-    """Build the `digits-shift` benchmark (see the module docstring for the protocol).
+@dataclass
+class DigitsOptions(Config):
+    """Options of `digits-shift` (see the module docstring for the protocol)."""
 
-    Args:
-        shots: training images per class, drawn by `seed` from the pool (400 per class); None: the whole
-            pool minus the validation set.
-        seed: run seed (the protocol uses 1, 2, 3); changes train and val only.
-        val_per_class: validation images per class, from the pool, disjoint from train.
-        max_test: shrink the ID test set (1000) to at most this many images (class-balanced, fixed seed).
-        max_ood: same for each OOD split. None (default): full sets.
+    shots: int | None = option(16, "training images per class, drawn by `seed` from the pool (400 per class); "
+                               "none: the whole pool minus the validation set", low=1)
+    seed: int = option(1, "run seed (the protocol uses 1, 2, 3); changes train and val only", low=0)
+    val_per_class: int = option(50, "validation images per class, from the pool, disjoint from train", low=0)
+    max_test: int | None = option(None, "shrink the ID test set (1000) to at most this many images "
+                                  "(class-balanced, fixed seed); none: full set", low=1)
+    max_ood: int | None = option(None, "same for each OOD split", low=1)
+
+
+@register_dataset("digits-shift",
+                  "MNIST-5k digits as ID; scikit-learn 8x8 digits and rotation/noise/blur/inversion as OOD",
+                  options=DigitsOptions)
+def digits_shift(options: DigitsOptions) -> Benchmark:
+    """Build the `digits-shift` benchmark (see the module docstring for the protocol).
 
     Raises:
         AssetMissingError: `mnist5k` was not fetched.
 
     Example:
-        >>> b = digits_shift(shots=4, seed=2, max_ood=100)   # doctest: +SKIP
-        >>> len(b.ood["rotation"])                           # doctest: +SKIP
+        >>> b = digits_shift(DigitsOptions(shots=4, seed=2, max_ood=100))   # doctest: +SKIP
+        >>> len(b.ood["rotation"])                                          # doctest: +SKIP
         100
     """
+    shots, seed, val_per_class = options.shots, options.seed, options.val_per_class
+    max_test, max_ood = options.max_test, options.max_ood
     images, labels = load_mnist5k()
     mnist = Split("mnist", images, labels)
     test_idx = fixed_balanced(labels, ID_TEST_PER_CLASS, TEST_SEED, num_classes=10)

@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
+from saftune.config import Config, option
 from saftune.data.base import Benchmark, Split
 from saftune.data.registry import register_dataset
 from saftune.data.templates import templates_for
@@ -247,21 +248,36 @@ def _split(rows: TsvRows, name: str) -> Split:
     return Split(name, list(rows.inputs), np.asarray(rows.labels, dtype=np.int64))
 
 
-def build_boss(task_key: str, root=None, shots=None, seed=1, val_shots=None, pair="text") -> Benchmark:
+@dataclass
+class BossOptions(Config):
+    """Options of the BOSS tasks."""
+
+    root: str | None = option(None, "folder holding BOSS (default $SAFTUNE_DATA; see `boss_dir`)")
+    shots: int | None = option(None, "training examples per class; none: the whole ID training file", low=1)
+    seed: int = option(1, "sampling seed", low=0)
+    val_shots: int | None = option(None, "validation examples per class carved from the training file (default "
+                                   "min(shots, 4); 100 with the whole file, capped at 10% of each class)", low=1)
+
+
+@dataclass
+class BossPairOptions(BossOptions):
+    """`BossOptions` of a sentence-pair task (NLI): how premise and hypothesis reach the model."""
+
+    pair: str = option("text", "text: premise and hypothesis joined by a newline; tuple: (premise, hypothesis) "
+                       "for cross-encoders", choices=("text", "tuple"))
+
+
+def build_boss(task_key: str, options: BossOptions) -> Benchmark:
     """A BOSS benchmark: ID train/val/test from the task's ID dataset, OOD = its three OOD test sets.
 
     Args:
         task_key: "sentiment", "toxicity" or "nli".
-        root: folder holding BOSS (default `$SAFTUNE_DATA`; see `boss_dir`).
-        shots: training examples per class; None: the whole ID training file.
-        seed: sampling seed.
-        val_shots: validation examples per class carved from the training file (default min(shots, 4);
-            100 with the full training file, capped at 10% of each class).
-        pair: NLI input form, "text" (joined string) or "tuple".
+        options: `BossPairOptions` for NLI, else `BossOptions`.
     """
+    root, seed = options.root, options.seed
+    pair = getattr(options, "pair", "text")
+    shots, val_shots = options.shots, options.val_shots
     task = TASKS[task_key]
-    if pair not in ("text", "tuple"):
-        raise ValueError(f"pair must be 'text' or 'tuple', got {pair!r}")
     shots = check_shots(shots)
     val_shots = check_shots(val_shots, "val_shots") if val_shots is not None else (min(shots, 4) if shots else 100)
     folder = boss_dir(root, task)
@@ -305,16 +321,15 @@ def build_boss(task_key: str, root=None, shots=None, seed=1, val_shots=None, pai
 
 
 def _register(task: BossTask) -> None:
-    options = "root, shots=None (full ID train), seed=1, val_shots" + (", pair=text|tuple" if task.pair else "")
     ood = ", ".join(task.ood_datasets)
-    help_text = f"BOSS {task.folder} from local TSVs: ID {task.id_dataset}, OOD {ood}; options: {options}"
+    help_text = f"BOSS {task.folder} from local TSVs: ID {task.id_dataset}, OOD {ood}"
 
-    def build(root=None, shots=None, seed=1, val_shots=None, pair="text"):
-        return build_boss(task.key, root=root, shots=shots, seed=seed, val_shots=val_shots, pair=pair)
+    def build(options: BossOptions) -> Benchmark:
+        return build_boss(task.key, options)
 
     build.__name__ = f"build_boss_{task.key}"
     build.__doc__ = f"{help_text}. See `build_boss`."
-    register_dataset(task.registry_name, help_text)(build)
+    register_dataset(task.registry_name, help_text, options=BossPairOptions if task.pair else BossOptions)(build)
 
 
 for _task in TASKS.values():

@@ -1,5 +1,5 @@
 """Image suites read from local files: CoOp's ten datasets, ImageNet and its shifts, cross-dataset
-transfer, base-to-new splits and plain image folders. Importing this package registers them:
+transfer, base-to-new splits, DomainNet and plain image folders. Importing this package registers them:
 
 | name            | what                                                                   |
 |-----------------|------------------------------------------------------------------------|
@@ -7,6 +7,7 @@ transfer, base-to-new splits and plain image folders. Importing this package reg
 | imagenet-shift  | ImageNet few-shot + OOD ImageNet-V2/-Sketch/-A/-R                      |
 | caltech101, oxford-pets, stanford-cars, oxford-flowers, food101, fgvc-aircraft, sun397, dtd,    |
 | eurosat, ucf101 | the CoOp datasets, few-shot, with base-to-new subsampling              |
+| domainnet       | DomainNet: train on real, OOD = clipart, infograph, painting, ...      |
 | cross-dataset   | train on one dataset, OOD = the others with their own class names      |
 | image-folder    | your own `train/ val/ test/ ood/` class folders                        |
 
@@ -20,7 +21,7 @@ Example:
     ['new']
 """
 
-from saftune.data.vision import coop, cross_dataset, custom, imagenet  # noqa: F401  (registers the suites)
+from saftune.data.vision import coop, cross_dataset, custom, domainnet, imagenet  # noqa: F401  (registers the suites)
 from saftune.data.vision.base2new import base_new_classes, select_classes, subsample_classes
 from saftune.data.vision.coop import COOP_DATASETS, SplitFileError, coop_source, read_split_file
 from saftune.data.vision.fewshot import few_shot_indices

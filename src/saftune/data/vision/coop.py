@@ -24,7 +24,7 @@ FGVC-Aircraft uses the dataset's own files (the `data/` folder of fgvc-aircraft-
 `fgvc_aircraft/`): `variants.txt` lists the 100 class names in label order, and each line of
 `images_variant_<split>.txt` is "<image id> <variant name>" for `images/<image id>.jpg`.
 
-Every dataset is registered with the options of `build_benchmark`:
+Every dataset is registered with the shared `SubsampleOptions`:
 `load_dataset("oxford-pets", root=..., shots=16, seed=1, subsample="all"|"base"|"new")`.
 
 Example:
@@ -43,11 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
-from saftune.data.base import Split
+from saftune.data.base import Benchmark, Split
 from saftune.data.registry import register_dataset
 from saftune.data.templates import templates_for
 from saftune.data.vision.paths import DatasetNotFoundError, dataset_dir, require
-from saftune.data.vision.protocol import DatasetSource, build_benchmark, check_options, register_source
+from saftune.data.vision.protocol import DatasetSource, SubsampleOptions, build_benchmark, register_source
 
 logger = logging.getLogger(__name__)
 
@@ -194,22 +194,11 @@ def coop_source(name: str, root=None) -> DatasetSource:
 
 
 def _make_builder(name: str):
-    def build(root=None, shots=16, seed=1, subsample="all", val_shots=None, templates=None, cache_dir=None):
-        check_options(shots, seed, subsample, val_shots)
-        return build_benchmark(
-            coop_source(name, root),
-            shots=shots,
-            seed=seed,
-            val_shots=val_shots,
-            subsample=subsample,
-            templates=templates,
-            cache_dir=cache_dir,
-        )
+    def build(options: SubsampleOptions) -> Benchmark:
+        return build_benchmark(coop_source(name, options.root), **options.sampling())
 
     build.__name__ = f"build_{name.replace('-', '_')}"
-    build.__doc__ = f"""{COOP_DATASETS[name].title} benchmark (CoOp protocol). Options: root (default
-    $SAFTUNE_DATA), shots=16 (None: full), seed=1, subsample="all"|"base"|"new", val_shots
-    (default min(shots, 4)), templates ("single"|"openai"|"openai-7"|list), cache_dir.
+    build.__doc__ = f"""{COOP_DATASETS[name].title} benchmark (CoOp protocol), options `SubsampleOptions`.
 
     Layout:
     {COOP_DATASETS[name].layout}
@@ -220,7 +209,5 @@ def _make_builder(name: str):
 for _name, _spec in COOP_DATASETS.items():
     register_source(_name)(partial(coop_source, _name))
     register_dataset(
-        _name,
-        f"{_spec.title}, CoOp few-shot protocol from local files ({_spec.folder}/); "
-        "options: root, shots=16, seed=1, subsample=all|base|new, val_shots, templates, cache_dir",
+        _name, f"{_spec.title}, CoOp few-shot protocol from local files ({_spec.folder}/)", options=SubsampleOptions
     )(_make_builder(_name))

@@ -13,13 +13,14 @@ Example (with the data in place):
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+from saftune.config import option
 from saftune.data.base import Benchmark
 from saftune.data.registry import register_dataset
 from saftune.data.vision.coop import COOP_DATASETS
 from saftune.data.vision.paths import DatasetNotFoundError
-from saftune.data.vision.protocol import build_benchmark, check_options, get_source, resolve_templates, source_names
+from saftune.data.vision.protocol import FewShotOptions, build_benchmark, get_source, resolve_templates, source_names
 
 logger = logging.getLogger(__name__)
 
@@ -27,36 +28,29 @@ logger = logging.getLogger(__name__)
 DEFAULT_TARGETS = tuple(COOP_DATASETS)
 
 
+@dataclass
+class CrossDatasetOptions(FewShotOptions):
+    """`FewShotOptions` (applied to the source) plus which dataset trains and which are transfer targets.
+
+    `templates`: a kind ("single" | "openai" | "openai-7") applies to every dataset; an explicit list of
+    templates applies to the source only (targets keep their own).
+    """
+
+    source: str = option("imagenet", "registry name of the training dataset (imagenet, caltech101, dtd, ...)")
+    targets: list[str] | None = option(None, "registry names of the transfer targets; default: the ten CoOp "
+                                       "datasets and ImageNet, without the source")
+    skip_missing: bool = option(False, "leave out targets whose folders are missing (logged) instead of failing")
+
+
 @register_dataset(
     "cross-dataset",
     "train on one image dataset (ImageNet by default), OOD = the other datasets' test sets with their own "
-    "class names and templates; options: root, source=imagenet, targets, shots=16, seed=1, skip_missing=False, "
-    "val_shots, templates, cache_dir",
+    "class names and templates",
+    options=CrossDatasetOptions,
 )
-def build_cross_dataset(
-    root=None,
-    source="imagenet",
-    targets=None,
-    shots=16,
-    seed=1,
-    skip_missing=False,
-    val_shots=None,
-    templates=None,
-    cache_dir=None,
-) -> Benchmark:
-    """Cross-dataset transfer benchmark.
-
-    Args:
-        root: data root (default `$SAFTUNE_DATA`), CoOp layout.
-        source: registry name of the training dataset ("imagenet", "caltech101", ...).
-        targets: registry names of the transfer targets; default: the ten CoOp datasets (plus ImageNet
-            when the source is not ImageNet), without the source.
-        shots, seed, val_shots, cache_dir: few-shot protocol on the source (see `build_benchmark`).
-        skip_missing: leave out targets whose folders are missing (logged) instead of raising.
-        templates: "single" | "openai" | "openai-7" for every dataset; None: each dataset's own.
-            An explicit list of templates applies to the source only (targets keep their own).
-    """
-    check_options(shots, seed, "all", val_shots)
+def build_cross_dataset(options: CrossDatasetOptions) -> Benchmark:
+    """Cross-dataset transfer benchmark (see `CrossDatasetOptions`)."""
+    root, source, targets, templates = options.root, options.source, options.targets, options.templates
     known = source_names()
     if source not in known:
         raise ValueError(f"unknown source dataset {source!r}; known: {', '.join(known)}")
@@ -73,21 +67,12 @@ def build_cross_dataset(
         try:
             target = get_source(t, root)
         except DatasetNotFoundError as e:
-            if not skip_missing:
+            if not options.skip_missing:
                 raise
             logger.warning("cross-dataset: leaving out %s: %s", t, str(e).splitlines()[0])
             continue
         own = target.templates if not isinstance(templates, str) else resolve_templates(t, templates)
         ood[t] = replace(target.load_test(), name=t, classnames=list(target.classnames), templates=list(own))
-    bench = build_benchmark(
-        get_source(source, root),
-        shots=shots,
-        seed=seed,
-        val_shots=val_shots,
-        templates=templates,
-        cache_dir=cache_dir,
-        ood=ood,
-        name="cross-dataset",
-    )
+    bench = build_benchmark(get_source(source, root), **options.sampling(), ood=ood, name="cross-dataset")
     bench.info.update({"source_dataset": source, "targets": list(ood)})
     return bench

@@ -20,23 +20,25 @@ Example:
     ...         (root / part / cls).mkdir(parents=True)
     ...         for i in range(3):
     ...             Image.new("RGB", (4, 4)).save(root / part / cls / f"{i}.png")
-    >>> b = build_image_folder(root, shots=2)
+    >>> from saftune.data.registry import load_dataset
+    >>> b = load_dataset("image-folder", root=root, shots=2)
     >>> len(b.train), b.ood["sketch"].class_subset, b.ood["sketch"].labels.tolist()
     (4, [1], [0, 0, 0])
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from saftune.config import option
 from saftune.data.base import Benchmark
 from saftune.data.registry import register_dataset
 from saftune.data.vision.folder import class_folders, image_folder, readable_name
 from saftune.data.vision.paths import DatasetNotFoundError, require
-from saftune.data.vision.protocol import DatasetSource, build_benchmark, check_options
+from saftune.data.vision.protocol import DatasetSource, SubsampleOptions, build_benchmark
 
 LAYOUT = """<root>/
   train/<class>/<images>
@@ -45,23 +47,24 @@ LAYOUT = """<root>/
   ood/<name>/<class>/<images>  (optional)"""
 
 
+@dataclass
+class ImageFolderOptions(SubsampleOptions):
+    """`SubsampleOptions` for your own folders: `root` is required, templates default to one photo prompt."""
+
+    root: str | None = option(None, "the folder holding train/, val/ (optional), test/ and ood/ (optional)")
+    templates: str | list[str] = option(help="prompt templates with {} for the class name",
+                                        default_factory=lambda: ["a photo of a {}."])
+    name: str = option("image-folder", "benchmark name (names the splits and the few-shot cache)")
+
+
 @register_dataset(
     "image-folder",
-    "your own images: root/{train,val?,test}/<class>/ and root/ood/<name>/<class>/; options: root, shots=16, "
-    "seed=1, subsample=all|base|new, val_shots, templates='a photo of a {}.', cache_dir, name",
+    "your own images: root/{train,val?,test}/<class>/ and root/ood/<name>/<class>/",
+    options=ImageFolderOptions,
 )
-def build_image_folder(
-    root=None,
-    shots=16,
-    seed=1,
-    subsample="all",
-    val_shots=None,
-    templates=("a photo of a {}.",),
-    cache_dir=None,
-    name="image-folder",
-) -> Benchmark:
+def build_image_folder(options: ImageFolderOptions) -> Benchmark:
     """A few-shot benchmark from plain class folders (see the module docstring for the layout)."""
-    check_options(shots, seed, subsample, val_shots)
+    root, templates, name = options.root, options.templates, options.name
     if root is None:
         raise DatasetNotFoundError(f"image-folder needs root=<folder>; expected this layout:\n{LAYOUT}")
     root = require(Path(root).expanduser(), "image-folder root", LAYOUT)
@@ -100,11 +103,9 @@ def build_image_folder(
         load_test=lambda: read(test_dir, f"{name}/test"),
         info={"source": str(root)},
     )
-    if subsample != "all" and ood:
+    if options.subsample != "all" and ood:
         raise ValueError("subsample='base'/'new' needs a dataset without ood/ folders")
-    bench = build_benchmark(
-        source, shots=shots, seed=seed, val_shots=val_shots, subsample=subsample, cache_dir=cache_dir
-    )
+    bench = build_benchmark(source, **{**options.sampling(), "templates": None})  # the source has them
     if ood:
         bench.ood.update(ood)
     return bench

@@ -30,17 +30,24 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from saftune.config import option
 from saftune.data.base import Benchmark, Split
 from saftune.data.registry import register_dataset
 from saftune.data.templates import templates_for
 from saftune.data.vision.folder import class_folders, image_folder, list_images
 from saftune.data.vision.paths import DatasetNotFoundError, data_root, dataset_dir, require
-from saftune.data.vision.protocol import DatasetSource, build_benchmark, check_options, register_source
+from saftune.data.vision.protocol import (
+    DatasetSource,
+    FewShotOptions,
+    SubsampleOptions,
+    build_benchmark,
+    register_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -199,75 +206,52 @@ def _check_variants(variants) -> list[str]:
     return variants
 
 
+@dataclass
+class ImageNetShiftOptions(FewShotOptions):
+    """`FewShotOptions` plus which ImageNet shifts to test on."""
+
+    variants: list[str] = option(help=f"OOD test sets among {', '.join(VARIANTS)} (default all four)",
+                                 default_factory=lambda: list(VARIANTS))
+    skip_missing: bool = option(False, "leave out a variant whose folder is missing (logged) instead of failing")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.variants = _check_variants(self.variants)
+
+
 @register_dataset(
     "imagenet",
-    "ImageNet from local files (CoOp layout imagenet/images/{train,val}, classnames.txt), few-shot; "
-    "options: root, shots=16, seed=1, subsample=all|base|new, val_shots, templates, cache_dir",
+    "ImageNet from local files (CoOp layout imagenet/images/{train,val}, classnames.txt), few-shot",
+    options=SubsampleOptions,
 )
-def build_imagenet(
-    root=None, shots=16, seed=1, subsample="all", val_shots=None, templates=None, cache_dir=None
-) -> Benchmark:
+def build_imagenet(options: SubsampleOptions) -> Benchmark:
     """ImageNet benchmark: `shots` per class from train, test = the 50k validation images.
 
     Validation: `val_shots` (default min(shots, 4)) per class from the training pool, disjoint from the
     training shots. `shots=None` trains on all of the training set minus that held-out validation
     (4 per class by default).
     """
-    check_options(shots, seed, subsample, val_shots)
-    return build_benchmark(
-        imagenet_source(root),
-        shots=shots,
-        seed=seed,
-        val_shots=val_shots,
-        subsample=subsample,
-        templates=templates,
-        cache_dir=cache_dir,
-    )
+    return build_benchmark(imagenet_source(options.root), **options.sampling())
 
 
 @register_dataset(
     "imagenet-shift",
-    "ImageNet few-shot with OOD test sets ImageNet-V2, -Sketch, -A, -R (200-class projection); "
-    "options: root, shots=16, seed=1, variants, skip_missing=False, val_shots, templates, cache_dir",
+    "ImageNet few-shot with OOD test sets ImageNet-V2, -Sketch, -A, -R (200-class projection)",
+    options=ImageNetShiftOptions,
 )
-def build_imagenet_shift(
-    root=None,
-    shots=16,
-    seed=1,
-    variants=tuple(VARIANTS),
-    skip_missing=False,
-    val_shots=None,
-    templates=None,
-    cache_dir=None,
-) -> Benchmark:
-    """ImageNet (as `build_imagenet`) with the ImageNet shifts as OOD splits.
-
-    Args:
-        variants: which shifts to include (default all four).
-        skip_missing: leave out a variant whose folder is missing (logged) instead of raising.
-    """
-    check_options(shots, seed, "all", val_shots)
-    variants = _check_variants(variants)
-    source = imagenet_source(root)
+def build_imagenet_shift(options: ImageNetShiftOptions) -> Benchmark:
+    """ImageNet (as `build_imagenet`) with the ImageNet shifts in `options.variants` as OOD splits."""
+    source = imagenet_source(options.root)
     wnids, _ = read_classnames(Path(source.info["classnames_file"]))
     ood = {}
-    for v in variants:
+    for v in options.variants:
         try:
-            ood[v] = imagenet_variant(v, root, wnids=wnids)
+            ood[v] = imagenet_variant(v, options.root, wnids=wnids)
         except DatasetNotFoundError as e:
-            if not skip_missing:
+            if not options.skip_missing:
                 raise
             logger.warning("imagenet-shift: leaving out %s: %s", v, str(e).splitlines()[0])
-    bench = build_benchmark(
-        source,
-        shots=shots,
-        seed=seed,
-        val_shots=val_shots,
-        templates=templates,
-        cache_dir=cache_dir,
-        ood=ood,
-        name="imagenet-shift",
-    )
+    bench = build_benchmark(source, **options.sampling(), ood=ood, name="imagenet-shift")
     bench.info["variants"] = list(ood)
     return bench
 
@@ -275,6 +259,7 @@ def build_imagenet_shift(
 __all__ = [
     "IMAGENET_LAYOUT",
     "VARIANTS",
+    "ImageNetShiftOptions",
     "build_imagenet",
     "build_imagenet_shift",
     "imagenet_source",

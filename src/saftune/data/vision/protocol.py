@@ -42,12 +42,50 @@ from pathlib import Path
 
 import numpy as np
 
+from saftune.config import Config, option
 from saftune.data.base import Benchmark, Split
 from saftune.data.templates import KINDS, check_template, templates_for
 from saftune.data.vision import fewshot
 from saftune.data.vision.base2new import SUBSAMPLE_CHOICES, subsample_classes
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FewShotOptions(Config):
+    """Options every local image suite shares: where the data is and the few-shot protocol.
+
+    Example:
+        >>> FewShotOptions.from_dict({"shots": "none", "root": "/data"}).sampling()["shots"] is None
+        True
+    """
+
+    root: str | None = option(None, "data root holding the dataset folders (default $SAFTUNE_DATA)")
+    shots: int | None = option(16, "training images per class (CoOp protocol); none: the whole training set",
+                               low=1)
+    seed: int = option(1, "few-shot sampling seed (the papers average seeds 1, 2, 3)", low=0)
+    val_shots: int | None = option(None, "validation images per class (default min(shots, 4); with shots=none "
+                                   "the whole validation split, or 4 per class held out of the training set)", low=1)
+    templates: str | list[str] | None = option(None, "prompt templates: single | openai | openai-7 | a list of "
+                                               "templates with {}; default: the dataset's own")
+    cache_dir: str | None = option(None, "folder for the few-shot sample file (default: beside the data, or "
+                                   "$SAFTUNE_CACHE when the data is read-only)")
+
+    def sampling(self) -> dict:
+        """The keyword arguments of `build_benchmark` these options set."""
+        return {"shots": self.shots, "seed": self.seed, "val_shots": self.val_shots, "templates": self.templates,
+                "cache_dir": self.cache_dir}
+
+
+@dataclass
+class SubsampleOptions(FewShotOptions):
+    """`FewShotOptions` plus the base-to-new protocol, for single-dataset suites."""
+
+    subsample: str = option("all", "base-to-new protocol: all classes, or train and test on the base (first half) "
+                            "or new classes", choices=SUBSAMPLE_CHOICES)
+
+    def sampling(self) -> dict:
+        return {**super().sampling(), "subsample": self.subsample}
 
 
 @dataclass
