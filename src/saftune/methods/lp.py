@@ -1,4 +1,4 @@
-"""`lp` (linear probe on frozen features) and `lpft` (linear probe, then full fine-tuning from it).
+"""`lp`: a linear probe on frozen features; the probe itself is shared with `lpft` (methods/lpft.py).
 
 The probe is fit on features computed once (no augmentation), full batch, with AdamW: the standard
 recipe of the LP-FT paper (Kumar et al., 2022), which uses logistic regression. For CLIP-style models
@@ -103,19 +103,3 @@ class LinearProbe(Method):
     def save_result(self, model, directory: Path, info: dict) -> Path:
         params = dict(model.named_parameters())
         return save_partial_weights({n: params[n] for n in self._head_names}, directory, info)
-
-
-@dataclass
-class LPFTConfig(LinearProbeConfig):
-    lr: float = option(1e-5, "learning rate of the fine-tuning stage", low=0.0, low_open=True)
-
-
-@register_method
-class LinearProbeThenFineTune(Method):
-    name = "lpft"
-    config_class = LPFTConfig
-    help = "linear probe, then full fine-tuning from it (Kumar et al., 2022)"
-
-    def prepare(self, model, context) -> None:
-        probe(model, context, self.config)
-        super().prepare(model, context)  # then everything trains, the fitted head included
