@@ -77,7 +77,7 @@ def test_merge_saves_a_hugging_face_model_with_the_trained_weights(tmp_path, met
     assert main([command, "--result", str(out), "--out", str(merged)]) == 0
     from transformers import CLIPModel
 
-    from saftune.methods import load_result
+    from saftune.results import load_result
     from saftune.methods.lora import merge_lora
     from saftune.models import create
 

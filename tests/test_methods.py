@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import toy_tasks
-from saftune.methods import create_method, list_methods, load_result
+from saftune.methods import create_method, list_methods
+from saftune.results import load_result
 from saftune.models import classification_loss, create
 from saftune.train import TrainConfig, fit
 
