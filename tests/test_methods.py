@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import toy_tasks
-from saftune.methods import create_method, list_methods, load_result
+from saftune.methods import create_method, list_methods
 from saftune.models import classification_loss, create
+from saftune.results import load_result
 from saftune.train import TrainConfig, fit
 
 DUAL_ENCODERS = ["tiny-sentence", "tiny-clip"]
@@ -180,3 +181,22 @@ def test_clipood_beta_moving_average_weights_the_middle_of_training():
     assert weights[0] > weights[4] < weights[-1]  # beta = 0.5: U-shaped, as in the paper
     assert np.isclose(weights[0], weights[-1])
     assert beta_weight(5, 10, 2.0) > beta_weight(1, 10, 2.0)  # beta > 1 favours the middle
+
+
+def test_a_result_kind_is_loaded_one_way():
+    from saftune.methods import Method, register_method, result_kinds
+    from saftune.methods.base import _METHODS
+
+    class OtherWeights(Method):
+        name = "other-weights"
+        result_kind = "weights"  # the kind of ft, l2sp, ...: but loaded another way
+
+        @staticmethod
+        def apply_result(model, directory, config, *, merge=False):
+            pass
+
+    before = result_kinds()
+    with pytest.raises(ValueError, match="kind 'weights', which '.*' loads another way"):
+        register_method(OtherWeights)
+    assert "other-weights" not in _METHODS and result_kinds() == before
+    assert result_kinds()["weights"].apply_result is create_method("ft").apply_result

@@ -55,7 +55,17 @@ def sha256(data: bytes) -> str:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """`sha256` of a file, read in chunks."""
+    """`sha256` of a file, read in 1 MiB chunks: the one file checksum (results, checkpoints, assets).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+        >>> _ = path.write_bytes(b"abc")
+        >>> sha256_file(path) == sha256(b"abc")
+        True
+        >>> sha256_file(path)[:15]
+        'sha256:ba7816bf'
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -86,13 +86,32 @@ def _metrics_table(metrics: dict) -> str:
     return "\n".join(f"  {k:<{width}}  {100 * v:6.2f}" for k, v in metrics.items())
 
 
-def _prepared_model(result_dir: Path, args, apply: bool = True):
-    """Base model + benchmark of a result, with the result applied unless `apply` is False."""
-    from saftune.methods.results import load_result, read_result_config
-    from saftune.models import create
-    from saftune.run import RunConfig, build_benchmark
+def _model_and_benchmark(config):
+    """The benchmark of a run configuration and its pretrained model, set to the benchmark's classes.
 
-    result_dir = _result_dir(result_dir)
+    Every command builds them here, so each refuses a model whose inputs are not the dataset's.
+    """
+    from saftune.models import create
+    from saftune.run import build_benchmark
+
+    bench = build_benchmark(config)
+    model = create(config.model, **({"seed": config.seed} | config.model_options))
+    if model.modality != bench.modality:
+        raise ValueError(f"model {config.model!r} takes {model.modality} inputs but dataset {config.dataset!r} holds "
+                         f"{bench.modality}; choose a {bench.modality} model (saftune list models)")
+    model.set_classes(bench.classnames, bench.templates)
+    return model, bench
+
+
+def _result_run_config(args):
+    """The run configuration that rebuilds a result's base model and benchmark, its saved config and directory.
+
+    --base, --dataset and --dataset-option override what the result records.
+    """
+    from saftune.results import read_result_config, result_directory
+    from saftune.run import RunConfig
+
+    result_dir = result_directory(args.result)
     saved = read_result_config(result_dir)
     spec = getattr(args, "base", None) or saved.get("base_model")
     if not spec:
@@ -101,20 +120,7 @@ def _prepared_model(result_dir: Path, args, apply: bool = True):
     config = RunConfig(model=spec, model_options=saved.get("model_options") or {},
                        dataset=getattr(args, "dataset", None) or saved.get("dataset", "sentiment-domains"),
                        dataset_options=dataset_options, seed=saved.get("seed", 1))
-    bench = build_benchmark(config)
-    model = create(spec, **({"seed": config.seed} | config.model_options))
-    model.set_classes(bench.classnames, bench.templates)
-    if apply:
-        load_result(result_dir, model)
-    return model, bench, saved, result_dir, config
-
-
-def _result_dir(path: Path) -> Path:
-    """Accept a run directory (which holds result/) or the result directory itself."""
-    path = Path(path)
-    if (path / "result" / "saftune_config.json").is_file():
-        return path / "result"
-    return path
+    return config, saved, result_dir
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -167,13 +173,10 @@ def cmd_fetch(args) -> int:
 
 def cmd_select(args) -> int:
     from saftune import select_mask
-    from saftune.models import classification_loss, create
-    from saftune.run import build_benchmark
+    from saftune.models import classification_loss
 
     config = _run_config(args)
-    bench = build_benchmark(config)
-    model = create(config.model, **({"seed": config.seed} | config.model_options))
-    model.set_classes(bench.classnames, bench.templates)
+    model, bench = _model_and_benchmark(config)
     split = bench.train
 
     def batches():
@@ -225,19 +228,18 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from saftune.eval import evaluate
-    from saftune.models import create
-    from saftune.run import build_benchmark
+    from saftune.results import load_result
 
     if args.result:
-        model, bench, saved, _, _ = _prepared_model(args.result, args)
+        config, saved, result_dir = _result_run_config(args)
+        model, bench = _model_and_benchmark(config)
+        load_result(result_dir, model)
         what = f"result {args.result} ({saved.get('method')})"
     else:
         if not args.model:
             raise ValueError("give --result DIR (a trained result) or --model SPEC (the pretrained model)")
         config = _run_config(args)
-        bench = build_benchmark(config)
-        model = create(config.model, **({"seed": config.seed} | config.model_options))
-        model.set_classes(bench.classnames, bench.templates)
+        model, bench = _model_and_benchmark(config)
         what = f"pretrained {config.model}"
     started = time.perf_counter()
     metrics = evaluate(model, bench, batch_size=args.batch_size, include_val=True, progress=sys.stderr.isatty())
@@ -252,31 +254,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_interpolate(args) -> int:
-    import torch
-
     from saftune.eval import evaluate
-    from saftune.methods.lora import merge_lora
-    from saftune.methods.results import load_result
-    from saftune.models import create
+    from saftune.results import interpolate
 
-    model, bench, saved, result_dir, config = _prepared_model(args.result, args, apply=False)
-    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    reference = create(config.model, **({"seed": config.seed} | config.model_options))
-    reference.set_classes(bench.classnames, bench.templates)
-    load_result(result_dir, reference)
-    if hasattr(reference, "peft_config"):
-        merge_lora(reference)
-    finetuned = reference.state_dict()
     alphas = [float(a) for a in args.alphas.split(",")]
+    config, saved, result_dir = _result_run_config(args)
+    model, bench = _model_and_benchmark(config)
     curve = []
-    for alpha in alphas:
-        with torch.no_grad():
-            mixed = {k: torch.lerp(v.float(), finetuned[k].float(), alpha).to(v.dtype) if v.is_floating_point() else v
-                     for k, v in pretrained.items()}
-        if "head.weight" in finetuned and getattr(model, "head", None) is None:
-            model.linear_head()
-            mixed.update({k: finetuned[k] for k in ("head.weight", "head.bias")})
-        model.load_state_dict(mixed)
+    for alpha in interpolate(result_dir, model, alphas):
         metrics = evaluate(model, bench, batch_size=args.batch_size, include_val=True)
         curve.append({"alpha": alpha, **metrics})
         print(f"alpha {alpha:4.2f}:  " + "  ".join(f"{k} {100 * v:5.1f}" for k, v in metrics.items()))
@@ -288,29 +273,12 @@ def cmd_interpolate(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from safetensors.torch import save_model
+    from saftune.results import merge_result
 
-    from saftune._io import write_json
-    from saftune.methods.lora import merge_lora
-
-    model, bench, saved, result_dir, config = _prepared_model(args.result, args)
-    if hasattr(model, "peft_config"):
-        merge_lora(model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    inner = next((getattr(model, a) for a in ("clip", "encoder", "model", "network") if hasattr(getattr(model, a, None), "save_pretrained")), None)
-    if inner is not None and getattr(model, "head", None) is None and not hasattr(model, "coop_context"):
-        inner.save_pretrained(out)  # the HF layout: loads with from_pretrained, no saftune needed
-        tokenizer = getattr(model, "tokenizer", None)
-        if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(out)
-        layout = "Hugging Face (from_pretrained)"
-    else:
-        save_model(model, str(out / "model.safetensors"))
-        layout = "safetensors of the saftune classifier"
-    write_json(out / "saftune_merged.json", {"merged_from": str(result_dir), "base_model": config.model,
-                                             "method": saved.get("method"), "layout": layout})
-    print(f"merged {saved.get('method')} result {result_dir} into {config.model}; wrote {out} ({layout})")
+    config, saved, result_dir = _result_run_config(args)
+    model, _ = _model_and_benchmark(config)
+    merged = merge_result(result_dir, model, args.out, base_model=config.model)
+    print(f"merged {merged['method']} result {result_dir} into {config.model}; wrote {args.out} ({merged['layout']})")
     return 0
 
 

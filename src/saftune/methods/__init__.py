@@ -6,8 +6,16 @@ Example:
     ['zeroshot', 'lp', 'lpft', 'ft', 'l1', 'l2sp', 'kd', 'wiseft', 'lora', 'bitfit', 'flyp', 'clipood', 'coop', 'saft']
 """
 
-from saftune.methods.base import Method, MethodConfig, PrepareContext, create_method, list_methods, method_class, register_method
-from saftune.methods.results import load_result
+from saftune.methods.base import (
+    Method,
+    MethodConfig,
+    PrepareContext,
+    create_method,
+    list_methods,
+    method_class,
+    register_method,
+    result_kinds,
+)
 
-__all__ = ["Method", "MethodConfig", "PrepareContext", "create_method", "list_methods", "load_result", "method_class",
-           "register_method"]
+__all__ = ["Method", "MethodConfig", "PrepareContext", "create_method", "list_methods", "method_class",
+           "register_method", "result_kinds"]

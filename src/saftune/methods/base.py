@@ -10,6 +10,7 @@ method it drives. The life of a method in a run:
     method.after_step(model, step, total_steps)      # e.g. CLIPood's weight averaging
     method.finalize(model)                           # e.g. load the averaged weights
     method.save_result(model, directory, info)       # the artifact: sparse delta, adapter, weights, ...
+    type(method).apply_result(model, directory, ...)  # load it onto a fresh base model (`saftune.results`)
 
 Example:
     >>> "saft" in list_methods() and "ft" in list_methods()
@@ -27,10 +28,14 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
 from torch import nn
 
+from saftune._io import atomic_path
 from saftune.config import Config, option
 from saftune.models.base import Classifier, classification_loss
+from saftune.results import ResultError, ensure_head, write_result_config
 
 
 @dataclass
@@ -123,11 +128,35 @@ class Method:
                 params[n].copy_(t)
 
     # -- results ----------------------------------------------------------------------------------------
-    def save_result(self, model: Classifier, directory: Path, info: dict) -> Path:
-        """Write the run's artifact into `directory` (default: the full weights)."""
-        from saftune.methods.results import save_weights
+    # The kind of artifact `save_result` writes; the registry maps each kind to the method class whose
+    # `apply_result` loads it (None: the result is another method's, e.g. WiSE-FT saves its base method's).
+    result_kind: ClassVar[str | None] = "weights"
+    result_files: ClassVar[tuple[str, ...]] = ("model.safetensors",)  # checksummed in saftune_config.json
 
-        return save_weights(model, directory, info)
+    def save_result(self, model: Classifier, directory: Path, info: dict) -> Path:
+        """Write the run's artifact into `directory`; default: kind `weights`, the whole classifier."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / "model.safetensors") as tmp:
+            save_model(model, str(tmp))  # shared tensors stored once
+        return write_result_config(directory, "weights", info).parent
+
+    @staticmethod
+    def apply_result(model: Classifier, directory: Path, config: dict, *, merge: bool = False) -> None:
+        """Load a saved result of this class's `result_kind` into `model`; `saftune.results.load_result` calls it.
+
+        The files' checksums are already checked. `merge`: fold what the result attaches (adapters) into
+        the model's own weights. Default: kind `weights`, the whole classifier.
+        """
+        path = Path(directory) / "model.safetensors"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                ensure_head(model, f.keys())
+            missing, unexpected = load_model(model, str(path), strict=False)
+        except (OSError, RuntimeError) as e:
+            raise ResultError(f"cannot load {str(path)!r}: {e}") from e
+        if unexpected or [m for m in missing if not m.startswith("head.")]:
+            raise ResultError(f"weights do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
     def num_trainable(self, model: Classifier) -> int:
         """Number of trained values (for the reports' parameter column)."""
@@ -138,15 +167,24 @@ class Method:
 
 
 _METHODS: dict[str, type[Method]] = {}
+_RESULT_KINDS: dict[str, type[Method]] = {}  # result kind -> the first method registered with it
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: register a method under `cls.name`."""
+    """Class decorator: register a method under `cls.name`, and the kind of result it saves and loads."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no `name`")
     if cls.name in _METHODS:
         raise ValueError(f"a method named {cls.name!r} is already registered")
+    kind = cls.result_kind
+    owner = _RESULT_KINDS.get(kind)
+    # Methods may share a kind (ft, l2sp, kd, ... all save `weights`) only if they load it the same way.
+    if owner is not None and (owner.apply_result, owner.result_files) != (cls.apply_result, cls.result_files):
+        raise ValueError(f"method {cls.name!r} saves results of kind {kind!r}, which {owner.name!r} loads another "
+                         "way; give its `result_kind` a name of its own")
     _METHODS[cls.name] = cls
+    if kind is not None and owner is None:
+        _RESULT_KINDS[kind] = cls
     return cls
 
 
@@ -161,6 +199,19 @@ def list_methods() -> dict[str, str]:
     _load_builtin()
     names = [n for n in BUILTIN_ORDER if n in _METHODS] + [n for n in _METHODS if n not in BUILTIN_ORDER]
     return {name: _METHODS[name].help for name in names}
+
+
+def result_kinds() -> dict[str, type[Method]]:
+    """Result kind -> the registered method class that loads it (`apply_result`) and lists its files.
+
+    Example:
+        >>> {"none", "weights", "partial_weights", "sparse_delta", "lora", "prompt"} <= set(result_kinds())
+        True
+        >>> result_kinds()["sparse_delta"].result_files  # a sparse delta checks its own files
+        ()
+    """
+    _load_builtin()
+    return dict(_RESULT_KINDS)
 
 
 def method_class(name: str) -> type[Method]:

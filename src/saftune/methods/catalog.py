@@ -1,9 +1,11 @@
 """Importing this module registers the built-in methods; `BUILTIN_ORDER` is how lists show them."""
 
 from saftune.methods import zeroshot  # noqa: F401  isort: skip
-from saftune.methods import probe  # noqa: F401  isort: skip  (lp, lpft)
+from saftune.methods import lp  # noqa: F401  isort: skip
+from saftune.methods import lpft  # noqa: F401  isort: skip
 from saftune.methods import ft  # noqa: F401  isort: skip
-from saftune.methods import penalty  # noqa: F401  isort: skip  (l1, l2sp)
+from saftune.methods import l1  # noqa: F401  isort: skip
+from saftune.methods import l2sp  # noqa: F401  isort: skip
 from saftune.methods import kd  # noqa: F401  isort: skip
 from saftune.methods import wiseft  # noqa: F401  isort: skip
 from saftune.methods import lora  # noqa: F401  isort: skip

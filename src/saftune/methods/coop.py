@@ -16,7 +16,7 @@ from torch import nn
 from saftune.config import option
 from saftune.methods.base import Method, MethodConfig, register_method
 from saftune.methods.flyp import require_dual_encoder
-from saftune.methods.results import write_result_config
+from saftune.results import write_result_config
 
 PROMPT_FILE = "prompt.safetensors"
 
@@ -57,6 +57,8 @@ class CoOp(Method):
     name = "coop"
     config_class = CoOpConfig
     help = "learned prompt context vectors, encoders frozen (CoOp)"
+    result_kind = "prompt"
+    result_files = (PROMPT_FILE,)
 
     def prepare(self, model, context) -> None:
         require_dual_encoder(model, "coop")
@@ -77,18 +79,19 @@ class CoOp(Method):
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(directory / PROMPT_FILE) as tmp:
             save_file({"context": model.coop_context.detach().cpu().contiguous()}, str(tmp))
-        return write_result_config(directory, "prompt", {**info, "placeholder": self.config.placeholder}).parent
+        return write_result_config(directory, self.result_kind, {**info, "placeholder": self.config.placeholder}).parent
+
+    @staticmethod
+    def apply_result(model, directory, config, *, merge=False):
+        # Nothing to merge: the learned vectors replace prompt words, they have no place in the weights.
+        load_prompt(model, directory, config.get("placeholder", "X"))
 
 
-def load_prompt(model, directory: Path) -> None:
-    """Attach saved CoOp context vectors to `model`."""
-    import json
-
+def load_prompt(model, directory: Path, placeholder: str = "X") -> None:
+    """Attach saved CoOp context vectors to `model` (`placeholder`: the word they were trained in place of)."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    config = json.loads((directory / "saftune_config.json").read_text())
     require_dual_encoder(model, "coop")
-    context = load_file(str(directory / PROMPT_FILE))["context"]
-    attach_prompt(model, context.to(model.prompt_token_embedding.weight.device), config.get("placeholder", "X"))
+    context = load_file(str(Path(directory) / PROMPT_FILE))["context"]
+    attach_prompt(model, context.to(model.prompt_token_embedding.weight.device), placeholder)
     model.coop_context.requires_grad_(False)

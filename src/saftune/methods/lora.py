@@ -14,7 +14,7 @@ from torch import nn
 
 from saftune.config import option
 from saftune.methods.base import Method, MethodConfig, register_method
-from saftune.methods.results import write_result_config
+from saftune.results import write_result_config
 
 
 @dataclass
@@ -75,6 +75,8 @@ class LoRA(Method):
     config_class = LoRAConfig
     help = "low-rank adapters (PEFT LoraConfig) on the Linear and attention layers"
     interpolates_linearly = False  # mixing A and B does not mix the weight updates linearly
+    result_kind = "lora"
+    result_files = ("adapter_config.json", "adapter_model.safetensors")
 
     def prepare(self, model, context) -> None:
         from peft import inject_adapter_in_model
@@ -98,7 +100,11 @@ class LoRA(Method):
         config = self.peft_config.to_dict()
         config["target_modules"] = sorted(config["target_modules"]) if config.get("target_modules") else None
         write_json(directory / "adapter_config.json", {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()})
-        return write_result_config(directory, "lora", info).parent
+        return write_result_config(directory, self.result_kind, info).parent
+
+    @staticmethod
+    def apply_result(model, directory, config, *, merge=False):
+        load_lora(model, directory, merge=merge)
 
 
 def load_lora(model, directory: Path, merge: bool = False) -> nn.Module:

@@ -8,7 +8,7 @@ from pathlib import Path
 from saftune import distributed
 from saftune.methods.base import Method
 from saftune.models.zero_shot import DualEncoderClassifier
-from saftune.sparse import MaskFileError, SparseMask, sparsify
+from saftune.sparse import MaskFileError, SparseDelta, SparseMask, sparsify
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +17,9 @@ MASK_FILE = "mask.safetensors"
 
 class SparseMethod(Method):
     """Shared by SAFT and BitFit: select a mask, sparsify, train the values, save a sparse delta."""
+
+    result_kind = "sparse_delta"
+    result_files = ()  # a sparse delta checks its own files (`SparseDelta.from_pretrained`)
 
     def select(self, model, context) -> SparseMask:
         raise NotImplementedError
@@ -69,5 +72,9 @@ class SparseMethod(Method):
         self.sparse.load_state_dict(state)
 
     def save_result(self, model, directory, info):
-        delta = self.sparse.delta(**info, kind="sparse_delta")
+        delta = self.sparse.delta(**info, kind=self.result_kind)
         return delta.save_pretrained(directory)
+
+    @staticmethod
+    def apply_result(model, directory, config, *, merge=False):
+        SparseDelta.from_pretrained(directory).apply_to(model)  # the merged model: nothing attached

@@ -15,6 +15,21 @@ from saftune.config import option
 from saftune.methods.base import Method, MethodConfig, method_class, register_method
 
 
+@torch.no_grad()
+def lerp_weights(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """(1 - alpha) * start + alpha * end for every tensor of `start`: the whole of WiSE-FT.
+
+    Computed in fp32 and returned in start's dtypes; tensors that are not floating point (integer
+    buffers such as position ids) keep start's value. `saftune interpolate` uses it too.
+
+    Example:
+        >>> lerp_weights({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)["w"]
+        tensor([0.2500, 0.2500])
+    """
+    return {n: torch.lerp(t.float(), end[n].float(), alpha).to(t.dtype) if t.is_floating_point() else t
+            for n, t in start.items()}
+
+
 @dataclass
 class WiseFTConfig(MethodConfig):
     base: str = option("ft", "the fine-tuning method whose result is interpolated (ft, saft, ...)")
@@ -29,6 +44,7 @@ class WiseFT(Method):
     name = "wiseft"
     config_class = WiseFTConfig
     help = "weight-space interpolation between the pretrained and a fine-tuned model (WiSE-FT)"
+    result_kind = None  # the result is the base method's, saved by it
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -62,8 +78,7 @@ class WiseFT(Method):
     @torch.no_grad()
     def interpolate(self, model, alpha: float) -> None:
         """Set the trained tensors to (1 - alpha) * pretrained + alpha * fine-tuned."""
-        mixed = {n: torch.lerp(self.start[n].float(), self.end[n].float(), alpha).to(self.end[n].dtype) for n in self.end}
-        self.base.load_state_dict(model, mixed)
+        self.base.load_state_dict(model, lerp_weights(self.start, self.end, alpha))
 
     def state_dict(self, model):
         return self.base.state_dict(model)

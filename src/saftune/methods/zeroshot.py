@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saftune.methods.base import Method, MethodConfig, register_method
-from saftune.methods.results import write_result_config
+from saftune.results import write_result_config
 
 
 @dataclass
@@ -20,6 +20,8 @@ class ZeroShot(Method):
     config_class = ZeroShotConfig
     help = "no training: the zero-shot prompt head"
     trains = False
+    result_kind = "none"  # only the config: nothing trained
+    result_files = ()
 
     def prepare(self, model, context) -> None:
         for p in model.parameters():
@@ -30,4 +32,8 @@ class ZeroShot(Method):
 
     def save_result(self, model, directory: Path, info: dict) -> Path:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        return write_result_config(directory, "none", info).parent
+        return write_result_config(directory, self.result_kind, info).parent
+
+    @staticmethod
+    def apply_result(model, directory, config, *, merge=False):
+        """Nothing to load: the base model is the result."""

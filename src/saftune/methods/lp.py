@@ -1,4 +1,4 @@
-"""`lp` (linear probe on frozen features) and `lpft` (linear probe, then full fine-tuning from it).
+"""`lp`: a linear probe on frozen features; the probe itself is shared with `lpft` (methods/lpft.py).
 
 The probe is fit on features computed once (no augmentation), full batch, with AdamW: the standard
 recipe of the LP-FT paper (Kumar et al., 2022), which uses logistic regression. For CLIP-style models
@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from saftune import distributed
+from saftune._io import atomic_path
 from saftune.config import option
 from saftune.methods.base import Method, MethodConfig, register_method
-from saftune.methods.results import save_partial_weights
+from saftune.results import ResultError, ensure_head, write_result_config
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ class LinearProbe(Method):
     config_class = LinearProbeConfig
     help = "linear probe on frozen features (head initialised from the zero-shot head)"
     trains = False
+    result_kind = "partial_weights"  # only the trained tensors (the head): the rest is the base model's
+    result_files = ("weights.safetensors",)
 
     def prepare(self, model, context) -> None:
         self._head_names = probe(model, context, self.config)
@@ -102,20 +106,17 @@ class LinearProbe(Method):
 
     def save_result(self, model, directory: Path, info: dict) -> Path:
         params = dict(model.named_parameters())
-        return save_partial_weights({n: params[n] for n in self._head_names}, directory, info)
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / "weights.safetensors") as tmp:
+            save_file({n: params[n].detach().contiguous().cpu() for n in self._head_names}, str(tmp))
+        return write_result_config(directory, self.result_kind, {**info, "tensors": sorted(self._head_names)}).parent
 
-
-@dataclass
-class LPFTConfig(LinearProbeConfig):
-    lr: float = option(1e-5, "learning rate of the fine-tuning stage", low=0.0, low_open=True)
-
-
-@register_method
-class LinearProbeThenFineTune(Method):
-    name = "lpft"
-    config_class = LPFTConfig
-    help = "linear probe, then full fine-tuning from it (Kumar et al., 2022)"
-
-    def prepare(self, model, context) -> None:
-        probe(model, context, self.config)
-        super().prepare(model, context)  # then everything trains, the fitted head included
+    @staticmethod
+    def apply_result(model, directory: Path, config: dict, *, merge: bool = False) -> None:
+        tensors = load_file(str(Path(directory) / "weights.safetensors"))
+        ensure_head(model, tensors)
+        missing = [n for n in tensors if n not in dict(model.named_parameters())]
+        if missing:
+            raise ResultError(f"the saved tensors {missing[:3]} are not parameters of this model")
+        model.load_state_dict(tensors, strict=False)

@@ -1,12 +1,13 @@
-"""`l1` and `l2sp`: full fine-tuning with a penalty towards the pretrained weights.
+"""`l2sp`: full fine-tuning with lambda * ||theta - theta0||_2^2 (L2-SP, Li et al., 2018).
 
-L2-SP (Li et al., 2018): lambda * ||theta - theta0||_2^2; the L1 variant lambda * ||theta - theta0||_1.
-Both keep a copy of the pretrained weights (one extra model in memory).
+`PenaltyToPretrained` is shared with `l1` (methods/l1.py), the same penalty in the L1 norm. Both keep a
+copy of the pretrained weights (one extra model in memory).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -15,18 +16,10 @@ from saftune.methods.base import Method, MethodConfig, register_method
 from saftune.models.base import classification_loss
 
 
-@dataclass
-class L2SPConfig(MethodConfig):
-    strength: float = option(1.0, "lambda: weight of the squared L2 distance to the pretrained weights", low=0.0)
+class PenaltyToPretrained(Method):
+    """Fine-tuning + `strength` * the distance of the weights to the pretrained ones, in the norm `norm`."""
 
-
-@dataclass
-class L1Config(MethodConfig):
-    strength: float = option(1e-3, "lambda: weight of the L1 distance to the pretrained weights", low=0.0)
-
-
-class _PenaltyToPretrained(Method):
-    norm: str = "l2"
+    norm: ClassVar[str] = "l2"  # "l2": squared L2 distance; "l1": L1 distance
 
     def prepare(self, model, context) -> None:
         super().prepare(model, context)
@@ -43,16 +36,13 @@ class _PenaltyToPretrained(Method):
         return {"ce_loss": classification_loss(model, batch).mean(), f"{self.name}_loss": self.penalty(model)}
 
 
-@register_method
-class L1Penalty(_PenaltyToPretrained):
-    name = "l1"
-    config_class = L1Config
-    help = "fine-tuning + lambda * ||theta - theta0||_1"
-    norm = "l1"
+@dataclass
+class L2SPConfig(MethodConfig):
+    strength: float = option(1.0, "lambda: weight of the squared L2 distance to the pretrained weights", low=0.0)
 
 
 @register_method
-class L2SP(_PenaltyToPretrained):
+class L2SP(PenaltyToPretrained):
     name = "l2sp"
     config_class = L2SPConfig
     help = "fine-tuning + lambda * ||theta - theta0||_2^2 (L2-SP)"
