@@ -54,8 +54,10 @@ def test_predict_equals_plain_per_batch_evaluation_in_input_order(name):
     examples = IMAGES if model.modality == "image" else TEXTS
     split = Split("s", examples, [i % 2 for i in range(len(examples))])
     expected = _reference(model, examples, batch_size=3)
-    model.train()  # predict switches to eval mode itself
+    model.eval()
+    next(model.children()).train()  # one submodule left in training mode: predict must still switch it
     got = predict(model, split, batch_size=4)
+    assert not any(m.training for m in model.modules())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # Reversed input -> reversed rows: results follow the caller's order, whatever order the batches ran in.
     reversed_split = Split("r", examples[::-1], split.labels[::-1])

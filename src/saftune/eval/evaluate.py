@@ -56,7 +56,9 @@ def predict(model: Classifier, split: Split, *, batch_size: int = 64, progress: 
         >>> predict(model, Split("toy", ["a long and rather good film", "bad"], [1, 0])).shape
         torch.Size([2, 2])
     """
-    if model.training:  # only on a change: a mode change drops the class-prompt embeddings a dual encoder caches
+    # Only when some module is in training mode: a mode change drops the class-prompt embeddings a dual
+    # encoder caches, which `evaluate` computes once for all its splits.
+    if any(m.training for m in model.modules()):
         model.eval()
     device = next(model.parameters()).device
     prepared = model.prepare(split.inputs)
