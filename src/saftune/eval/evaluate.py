@@ -42,23 +42,36 @@ def _task(model: Classifier, benchmark: Benchmark, split: Split):
             model.set_classes(benchmark.classnames, benchmark.templates)
 
 
-@torch.no_grad()
 def predict(model: Classifier, split: Split, *, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Logits [N, C] of a split (projected onto its class subset when it has one), in eval mode.
+    """Logits [N, C] of a split (projected onto its class subset when it has one), in eval mode, in input order.
 
-    Under torchrun each process predicts every W-th example and all of them get the whole result.
+    The model prepares the split once (`Classifier.prepare`: text models tokenize it) and batches examples
+    of similar length together, so batches carry little padding; the logits are put back in input order.
+    Nothing is recorded for autograd (`torch.inference_mode`). Under torchrun each process predicts every
+    W-th example and all of them get the whole result.
+
+    Example:
+        >>> from saftune.models import create
+        >>> model = create("tiny-sentence"); model.set_classes(["negative", "positive"], ["a {} review."])
+        >>> predict(model, Split("toy", ["a long and rather good film", "bad"], [1, 0])).shape
+        torch.Size([2, 2])
     """
-    model.eval()
+    # Only when some module is in training mode: a mode change drops the class-prompt embeddings a dual
+    # encoder caches, which `evaluate` computes once for all its splits.
+    if any(m.training for m in model.modules()):
+        model.eval()
     device = next(model.parameters()).device
+    prepared = model.prepare(split.inputs)
     order = list(range(len(split)))
-    if len(split) and isinstance(split.inputs[0], str):  # inputs may be a numpy array (digits)
-        order.sort(key=lambda i: len(split.inputs[i]))  # batches of similar length: little padding
+    if prepared.lengths is not None:
+        order.sort(key=prepared.lengths.__getitem__)  # stable: equal lengths keep input order
     order = list(distributed.shard(order))
     chunks = []
-    for start in tqdm(range(0, len(order), batch_size), desc=f"eval {split.name}", disable=not progress, leave=False):
-        batch = model.collate([split.inputs[i] for i in order[start : start + batch_size]])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        chunks.append(project_logits(model(batch).float(), split.class_subset).cpu())
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(order), batch_size), desc=f"eval {split.name}", disable=not progress, leave=False):
+            batch = prepared.batch(order[start : start + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            chunks.append(project_logits(model(batch).float(), split.class_subset).cpu())
     parts = distributed.gather_objects((order, torch.cat(chunks) if chunks else None))
     filled = [(o, c) for o, c in parts if c is not None]
     logits = torch.empty(len(split), filled[0][1].shape[1])
@@ -87,6 +100,9 @@ def evaluate(model: Classifier, benchmark: Benchmark, *, batch_size: int = 64, i
     if model.classnames != benchmark.classnames or model.templates != benchmark.templates:
         model.set_classes(benchmark.classnames, benchmark.templates)
     metrics: dict[str, float] = {}
+    # Eval mode once for all splits: a dual encoder then embeds its class prompts once per call (weights do
+    # not change while it evaluates), not once per split.
+    model.eval()
     try:
         if include_val:
             metrics["val"] = evaluate_split(model, benchmark, benchmark.val, batch_size=batch_size, progress=progress)

@@ -3,7 +3,9 @@
 A classifier turns raw examples (text, image paths, image arrays) into a batch (`collate`), a batch into
 logits over the current task's classes (`forward`) and into features (`features`). `set_classes`
 switches the task (class names + prompt templates): for dual encoders it rebuilds the zero-shot head;
-for models with a trained head it checks the class count.
+for models with a trained head it checks the class count. For evaluation, `prepare(examples)` does the
+per-example work once (text models tokenize the whole split) and tells each example's length, so the
+evaluator can batch examples of similar length together (`PreparedExamples`).
 
 Parameters are grouped into named *scopes* (glob patterns over parameter names): "image" (the input
 encoder: the image tower of CLIP, the text encoder of a sentence model applied to the input), "text"
@@ -37,6 +39,32 @@ def collate_images(examples: Sequence, labels, transform) -> dict:
     return batch
 
 
+class PreparedExamples:
+    """Examples ready to be batched in any order: `batch(indices)` builds what `collate` would.
+
+    `lengths` is each example's cost (tokens) when examples differ in size, None when they do not
+    (images of one resolution); the evaluator sorts by it so that batches hold similar lengths and
+    carry little padding. The base class keeps the raw examples and calls `collate` per batch.
+
+    Example:
+        >>> prepared = PreparedExamples(["a", "b", "c"], lambda xs: {"n": len(xs), "first": xs[0]})
+        >>> prepared.batch([2, 0]), prepared.lengths
+        ({'n': 2, 'first': 'c'}, None)
+    """
+
+    def __init__(self, examples: Sequence, collate, lengths: Sequence[int] | None = None):
+        self.examples = examples
+        self.collate = collate
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batch(self, indices: Sequence[int]) -> dict:
+        """The evaluation batch of the examples at `indices`, in that order."""
+        return self.collate([self.examples[i] for i in indices])
+
+
 def classification_loss_from_logits(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Per-example cross-entropy against `batch["labels"]`."""
     return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
@@ -66,6 +94,15 @@ class Classifier(nn.Module):
     def collate(self, examples: Sequence, labels: Sequence[int] | None = None, *, train: bool = False) -> dict:
         """Raw examples (and labels) -> a batch dict of tensors; `train` enables augmentation."""
         raise NotImplementedError
+
+    def prepare(self, examples: Sequence) -> PreparedExamples:
+        """Examples made ready for evaluation batches (default: `collate` per batch; texts report characters).
+
+        Text models override it to tokenize every example once and report token counts.
+        """
+        # Texts without a tokenizer-aware `prepare`: characters are a fair proxy of their length.
+        lengths = [len(x) for x in examples] if self.modality == "text" else None
+        return PreparedExamples(examples, self.collate, lengths)
 
     # -- model ----------------------------------------------------------------------------------
     def features(self, batch: dict) -> torch.Tensor:

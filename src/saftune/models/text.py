@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saftune.models.base import Classifier
+from saftune.models.base import Classifier, PreparedExamples
 from saftune.models.zero_shot import DualEncoderClassifier
 
 
@@ -29,6 +29,49 @@ def _labels(labels) -> torch.Tensor:
 def _tokenize(tokenizer, texts: Sequence[str], max_length: int) -> dict:
     out = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {k: out[k] for k in ("input_ids", "attention_mask")}
+
+
+def pad_token_rows(rows: Sequence[Sequence[int]], pad_token_id: int, side: str = "right") -> dict:
+    """Token id rows of unequal length -> {"input_ids", "attention_mask"} [B, longest], as a tokenizer pads.
+
+    Example:
+        >>> pad_token_rows([[5, 6, 7], [8]], pad_token_id=0)["input_ids"].tolist()
+        [[5, 6, 7], [8, 0, 0]]
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[i, span] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class TokenizedTexts(PreparedExamples):
+    """Texts tokenized once, without padding; `batch(indices)` pads the chosen rows like `collate` does.
+
+    `lengths` are token counts, so evaluation batches sentences of similar token length together.
+
+    Example:
+        >>> from saftune.models.tiny import HashTokenizer
+        >>> texts = TokenizedTexts(HashTokenizer(), ["a long sentence here", "short"], max_length=16)
+        >>> texts.lengths, texts.batch([1, 0])["attention_mask"].tolist()
+        ([6, 3], [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    """
+
+    def __init__(self, tokenizer, texts: Sequence[str], max_length: int):
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no pad token; set tokenizer.pad_token (e.g. to its "
+                             "eos token) so that batches of unequal length can be padded")
+        rows = tokenizer(list(texts), padding=False, truncation=True, max_length=max_length)["input_ids"]
+        super().__init__(texts, None, [len(r) for r in rows])
+        self.rows = rows
+        self.pad_token_id = tokenizer.pad_token_id
+        self.padding_side = tokenizer.padding_side
+
+    def batch(self, indices):
+        return pad_token_rows([self.rows[i] for i in indices], self.pad_token_id, self.padding_side)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -81,6 +124,9 @@ class SentenceClassifier(DualEncoderClassifier):
             batch["labels"] = _labels(labels)
         return batch
 
+    def prepare(self, examples):
+        return TokenizedTexts(self.tokenizer, examples, self.max_length)
+
     @property
     def prompt_token_embedding(self) -> nn.Embedding:
         return self.encoder.get_input_embeddings()
@@ -129,6 +175,9 @@ class SequenceClassifier(Classifier):
         if labels is not None:
             batch["labels"] = _labels(labels)
         return batch
+
+    def prepare(self, examples):
+        return TokenizedTexts(self.tokenizer, examples, self.max_length)
 
     def forward(self, batch):
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -190,6 +239,9 @@ class T5VerbalizerClassifier(Classifier):
         if labels is not None:
             batch["labels"] = _labels(labels)
         return batch
+
+    def prepare(self, examples):
+        return TokenizedTexts(self.tokenizer, [self.input_template.format(x) for x in examples], self.max_length)
 
     def forward(self, batch):
         if self._targets is None:

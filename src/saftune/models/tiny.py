@@ -20,6 +20,8 @@ class HashTokenizer:
     """Lower-cased words hashed into `vocab_size` ids; [CLS]=1 first, [SEP]=2 last, [PAD]=0."""
 
     model_max_length = 64
+    pad_token_id = 0
+    padding_side = "right"
 
     def __init__(self, vocab_size: int = 128):
         self.vocab_size = vocab_size
@@ -31,6 +33,8 @@ class HashTokenizer:
     def __call__(self, texts, padding=True, truncation=True, max_length=None, return_tensors="pt"):
         limit = max_length or self.model_max_length
         rows = [self._ids(t)[:limit] for t in texts]
+        if not padding:  # lists of ids, as a transformers tokenizer returns them unpadded
+            return {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
         width = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)

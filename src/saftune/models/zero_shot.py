@@ -3,8 +3,8 @@
 A class embedding is the average of the normalised prompt embeddings over the templates, normalised
 again (CLIP's zero-shot recipe). Whenever gradients are enabled (training steps, phase-1 scoring) the
 class embeddings are recomputed, so gradients reach the prompt encoder, unless `freeze_prompts` says
-the prompt side cannot change (linear probe, SAFT on the image encoder only). Under `torch.no_grad()`
-they are computed once and cached; the cache is dropped by every step with gradients and by every mode
+the prompt side cannot change (linear probe, SAFT on the image encoder only). Without gradients
+(`torch.no_grad()`, `torch.inference_mode()`) they are computed once and cached; the cache is dropped by every step with gradients and by every mode
 change (`train()` / `eval()`), so an evaluation always sees the current weights.
 
 Example (a toy dual encoder with bag-of-words "encoders"):
@@ -102,7 +102,9 @@ class DualEncoderClassifier(Classifier):
             self._class_cache = None  # a step with gradients may change the prompt encoder
             return self.compute_class_embeddings()
         if self._class_cache is None:
-            with torch.no_grad():
+            # Never an inference tensor, even when evaluation runs under `torch.inference_mode`: with frozen
+            # prompts the cache is used again by training steps, and autograd cannot save inference tensors.
+            with torch.inference_mode(False), torch.no_grad():
                 self._class_cache = self.compute_class_embeddings()
         return self._class_cache
 
