@@ -105,7 +105,7 @@ GRID = {
     "train": {"epochs": 2, "batch_size": 4, "progress": False},
     "methods": ["zeroshot", "saft", {"name": "saft-random", "method": "saft", "options": {"score": "random"}}],
     "sparsities": [0.01, 0.05],
-    "selection": {"seed": 1, "grid": {"saft": {"lr": [1e-3, 1e-2]}}},
+    "selection": {"seed": 1, "extend": 0, "grid": {"saft": {"lr": [1e-3, 1e-2]}}},
 }
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import toy_tasks
 
-from saftune.bench import BenchConfig, run_bench, run_dir
+from saftune.grid import GridConfig, run_dir, run_grid
 from saftune.methods import create_method
 from saftune.report.results import parse_results
 from saftune.models import create
@@ -204,12 +204,12 @@ GRID = {
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("grid") / "out"
-    assert len(run_bench(BenchConfig.from_dict(GRID), out / "results.jsonl", out)) == 4
+    assert len(run_grid(GridConfig.from_dict(GRID), out / "results.jsonl", out)) == 4
     return out
 
 
 def _rerun(out: Path) -> list[dict]:
-    return run_bench(BenchConfig.from_dict(GRID), out / "results.jsonl", out)
+    return run_grid(GridConfig.from_dict(GRID), out / "results.jsonl", out)
 
 
 def test_a_damaged_line_of_the_results_costs_only_its_run(grid, tmp_path):
@@ -221,7 +221,7 @@ def test_a_damaged_line_of_the_results_costs_only_its_run(grid, tmp_path):
     redone = ids[1]
     others = {rid: snapshot(run_dir(out, rid)) for rid in ids if rid != redone}
     new = _rerun(out)
-    assert [r["run_id"] for r in new] == [redone]
+    assert [r.run_id for r in new] == [redone]
     after = (out / "results.jsonl").read_bytes().splitlines(keepends=True)
     assert after[:4] == lines and json.loads(after[4])["run_id"] == redone  # earlier lines kept, in place
     assert {rid: snapshot(run_dir(out, rid)) for rid in others} == others
@@ -235,7 +235,7 @@ def test_bytes_that_are_not_text_in_the_results_cost_only_their_run(grid, tmp_pa
     (out / "results.jsonl").write_bytes(b"".join(lines))
     assert "line 3: not UTF-8 text" in parse_results(out / "results.jsonl")[1][0]  # the report names it too
     others = {rid: snapshot(run_dir(out, rid)) for rid in ids if rid != ids[2]}
-    assert [r["run_id"] for r in _rerun(out)] == [ids[2]]
+    assert [r.run_id for r in _rerun(out)] == [ids[2]]
     assert (out / "results.jsonl").read_bytes().splitlines(keepends=True)[:4] == lines  # earlier lines kept, in place
     assert {rid: snapshot(run_dir(out, rid)) for rid in others} == others
 

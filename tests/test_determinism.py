@@ -61,5 +61,5 @@ def test_a_whole_run_twice_gives_the_same_files_and_metrics(tmp_path, require_as
     assert SparseMask.load(tmp_path / "a" / "mask.safetensors") == SparseMask.load(tmp_path / "b" / "mask.safetensors")
     deltas = [SparseDelta.from_pretrained(tmp_path / name / "result") for name in ("a", "b")]
     assert all(torch.equal(deltas[0].values[n], deltas[1].values[n]) for n in deltas[0].indices)
-    assert records[0]["metrics"] == records[1]["metrics"]
-    assert records[0]["loss_curve"] == records[1]["loss_curve"]
+    assert records[0].metrics == records[1].metrics
+    assert records[0].loss_curve == records[1].loss_curve

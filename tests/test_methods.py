@@ -200,3 +200,17 @@ def test_a_result_kind_is_loaded_one_way():
         register_method(OtherWeights)
     assert "other-weights" not in _METHODS and result_kinds() == before
     assert result_kinds()["weights"].apply_result is create_method("ft").apply_result
+
+
+def test_wiseft_choose_alpha_reports_the_best_validation_alpha_and_its_curve():
+    from saftune.run import RunConfig, run_experiment
+
+    options = {"base": "saft", "lr": 3e-2, "choose_alpha": True, "alphas": [0.0, 0.5, 1.0], "base_options": {"sparsity": 0.05}}
+    record = run_experiment(RunConfig(model="tiny-sentence", dataset="toy-text", method="wiseft", method_options=options,
+                                      train={"epochs": 3, "batch_size": 4, "progress": False}, seed=1))
+    vals = {point["alpha"]: point["val"] for point in record.wiseft_curve}
+    best = max(vals.values())
+    assert record.wiseft_alpha == min(a for a, v in vals.items() if v == best)  # ties: nearer the pretrained model
+    assert record.metrics["val"] == best
+    reported = next(p for p in record.wiseft_curve if p["alpha"] == record.wiseft_alpha)
+    assert {k: reported[k] for k in record.metrics} == record.metrics  # the model was left at the chosen alpha

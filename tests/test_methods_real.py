@@ -22,7 +22,7 @@ def records(require_asset):
             "model": "minilm", "method": method, "method_options": OPTIONS.get(method, {}), "seed": 1,
             "dataset_options": {"max_test": 300, "max_ood": 100}, "train": SHORT,
         })
-        out[method] = run_experiment(config)
+        out[method] = run_experiment(config).to_dict()
     return out
 
 

@@ -5,7 +5,7 @@ import re
 import pytest
 import yaml
 
-from saftune.bench import BenchConfig, run_dir
+from saftune.grid import GridConfig, run_dir
 from saftune.cli import main
 
 GRID = {"name": "paths", "model": "tiny-sentence", "dataset": "toy-text", "seeds": [1], "methods": ["zeroshot"]}
@@ -22,25 +22,25 @@ def _refused(what: str, name: str) -> str:
 @pytest.mark.parametrize("name", BAD)
 def test_a_row_name_that_could_leave_the_directory_is_refused_when_the_grid_is_read(name):
     with pytest.raises(ValueError, match=_refused("grid row", name)):
-        BenchConfig.from_dict({**GRID, "methods": [{"name": name, "method": "zeroshot"}]})
+        GridConfig.from_dict({**GRID, "methods": [{"name": name, "method": "zeroshot"}]})
 
 
 @pytest.mark.parametrize("name", BAD)
 def test_dataset_and_grid_names_are_checked_too(name):
     with pytest.raises(ValueError, match=_refused("dataset", name)):
-        BenchConfig.from_dict({**GRID, "datasets": ["toy-text", name]})
+        GridConfig.from_dict({**GRID, "datasets": ["toy-text", name]})
     with pytest.raises(ValueError, match=_refused("grid", name)):
-        BenchConfig.from_dict({**GRID, "name": name})
+        GridConfig.from_dict({**GRID, "name": name})
 
 
 def test_an_empty_grid_name_is_refused():  # an empty row name means the method's name
     with pytest.raises(ValueError, match=_refused("grid", "")):
-        BenchConfig.from_dict({**GRID, "name": ""})
+        GridConfig.from_dict({**GRID, "name": ""})
 
 
 @pytest.mark.parametrize("name", GOOD)
 def test_plain_names_are_accepted(name, tmp_path):
-    bench = BenchConfig.from_dict({**GRID, "name": name, "methods": [{"name": name, "method": "zeroshot"}],
+    bench = GridConfig.from_dict({**GRID, "name": name, "methods": [{"name": name, "method": "zeroshot"}],
                                    "datasets": ["toy-text", name]})
     assert [v.name for v in bench.variants()] == [name]
     assert run_dir(tmp_path, f"{name}/{name}/seed=1").parent == tmp_path / "runs"

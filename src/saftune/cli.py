@@ -7,7 +7,7 @@
     saftune eval ...                  ID + OOD accuracy of a result (or of the pretrained model)
     saftune interpolate ...           the WiSE-FT curve between the base model and a result
     saftune merge / apply ...         merge a sparse delta, LoRA adapter or weights into the base model and save it
-    saftune bench GRID                a grid of methods x seeds x sparsity levels, resumable
+    saftune grid GRID                 a grid of methods x seeds x sparsity levels, resumable
     saftune report RESULTS            tables, plots and an HTML page from a results file
     saftune demo                      the embedded benchmark (real MiniLM, real VADER data) and its report
 
@@ -126,7 +126,7 @@ def _result_run_config(args):
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_list(args) -> int:
     from saftune.assets import list_assets
-    from saftune.bench import RECIPES
+    from saftune.grid import RECIPES
     from saftune.data import list_datasets
     from saftune.data.registry import dataset_options_class
     from saftune.methods import list_methods, method_class
@@ -157,7 +157,7 @@ def cmd_list(args) -> int:
         for name, text in list_assets().items():
             print(f"  {name:<26} {text}")
     if what in ("all", "recipes"):
-        print("recipes (saftune bench NAME):")
+        print("recipes (saftune grid NAME):")
         for path in sorted(RECIPES.glob("*.yaml")):
             description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
             print(f"  {path.stem:<26} {description}")
@@ -219,9 +219,9 @@ def cmd_train(args) -> int:
     if not reports:
         return 0
     print(f"{config.method} on {config.dataset} ({config.model}, seed {config.seed}): "
-          f"{record['trainable']} of {record['total_params']} parameters trained, "
-          f"{record['steps']} steps in {record['train_seconds']:.1f}s")
-    print(_metrics_table(record["metrics"]))
+          f"{record.trainable} of {record.total_params} parameters trained, "
+          f"{record.steps} steps in {record.train_seconds:.1f}s")
+    print(_metrics_table(record.metrics))
     print(f"result: {out / 'result'}   log: {out / 'log.jsonl'}   metrics: {out / 'metrics.json'}")
     return 0
 
@@ -290,28 +290,45 @@ def _single_process(command: str) -> None:
                          "for data-parallel training of one run")
 
 
-def cmd_bench(args) -> int:
-    from saftune.bench import BenchConfig, run_bench
+def _grid_printer(width: int):
+    """Callbacks printing one concise line per chosen variant and per finished run, with progress and ETA."""
+    from tqdm.auto import tqdm
 
-    _single_process("bench")
+    from saftune.report.tables import format_options
 
-    bench = BenchConfig.load(args.grid)
+    def on_selected(name, outcome, tracker):
+        spread = f" ± {100 * outcome['val_std']:.1f}" if outcome.get("val_std") is not None else ""
+        edge = [k for k, inside in outcome["interior"].items() if not inside]
+        tqdm.write(f"  chose {name:<{width - 6}} {format_options(outcome['chosen']):<28} val {100 * outcome['val_mean']:5.1f}"
+                   f"{spread} over seeds {','.join(map(str, outcome['seeds']))}, {len(outcome['trials'])} trials"
+                   f"{'; AT EDGE: ' + ', '.join(edge) if edge else ''}  {tracker.describe()}")
+
+    def on_record(record, tracker):
+        m = record.metrics
+        ood = f"  ood_avg {100 * m['ood_avg']:5.1f}" if "ood_avg" in m else ""
+        tqdm.write(f"  {record.run_id:<{width}} id {100 * m.get('id', float('nan')):5.1f}{ood}  "
+                   f"trainable {record.trainable:>9}  ({record.wall_seconds:.0f}s)  {tracker.describe()}")
+
+    return on_selected, on_record
+
+
+def cmd_grid(args) -> int:
+    from saftune.grid import GridConfig, run_grid
+
+    _single_process("grid")
+
+    grid = GridConfig.load(args.grid)
     overrides = _apply_assignments({}, args.set)
     if args.seeds:
         overrides["seeds"] = [int(s) for s in args.seeds.split(",")]
     if overrides:
-        bench = BenchConfig.from_dict({**bench.to_dict(), **overrides})
-    out = Path(args.out or f"runs/{bench.name}")
+        grid = GridConfig.from_dict({**grid.to_dict(), **overrides})
+    out = Path(args.out or f"runs/{grid.name}")
     results = Path(args.results or out / "results.jsonl")
     started = time.perf_counter()
-
-    def show(record):
-        m = record["metrics"]
-        print(f"  {record['run_id']:<34} id {100 * m['id']:5.1f}  ood_avg {100 * m.get('ood_avg', float('nan')):5.1f}  "
-              f"({record['wall_seconds']:.0f}s)", flush=True)
-
-    print(f"grid {bench.name}: {bench.model} on {bench.dataset}, results -> {results}")
-    new = run_bench(bench, results, out, on_record=show)
+    print(f"grid {grid.name}: {grid.model} on {grid.dataset}, results -> {results}")
+    on_selected, on_record = _grid_printer(34)
+    new = run_grid(grid, results, out, on_record=on_record, on_selected=on_selected, progress=sys.stderr.isatty())
     print(f"{len(new)} new runs in {time.perf_counter() - started:.0f}s")
     if not args.no_report:
         _report(results, out / "report")
@@ -330,7 +347,7 @@ def _report(results: Path, out: Path) -> None:
 def cmd_report(args) -> int:
     results = Path(args.results)
     if not results.is_file():
-        raise FileNotFoundError(f"results file {str(results)!r} does not exist (saftune bench writes one)")
+        raise FileNotFoundError(f"results file {str(results)!r} does not exist (saftune grid writes one)")
     _report(results, Path(args.out or results.parent / "report"))
     return 0
 
@@ -341,28 +358,32 @@ def cmd_demo(args) -> int:
     _single_process("demo")
 
     from saftune.assets import asset_path
-    from saftune.bench import BenchConfig, run_bench
+    from saftune.grid import GridConfig, run_grid
 
     for name in ("minilm", "vader"):
         asset_path(name)  # fails early, naming `saftune fetch`, when an asset is missing
-    bench = BenchConfig.load("demo")
+    grid = GridConfig.load(args.recipe)
     if args.seeds:
-        bench = bench.replace(seeds=[int(s) for s in args.seeds.split(",")])
+        grid = grid.replace(seeds=[int(s) for s in args.seeds.split(",")])
     out = Path(args.out)
     results = out / "results.jsonl"
-    print(f"saftune demo: {bench.description}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; results -> {results}")
+    print(f"saftune demo: {grid.description}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({_cpu_capability()}), Python "
+          f"{platform.python_version()}; results -> {results}")
+    print("hyperparameters are chosen on validation data first (one line per method), then each run is evaluated; "
+          "-v shows the library's log")
     started = time.perf_counter()
-
-    def show(record):
-        m = record["metrics"]
-        print(f"  {record['run_id']:<26} id {100 * m['id']:5.1f}  ood_avg {100 * m['ood_avg']:5.1f}  "
-              f"trainable {record['trainable']:>9}  ({record['wall_seconds']:.0f}s)", flush=True)
-
-    run_bench(bench, results, out, on_record=show)
+    on_selected, on_record = _grid_printer(26)
+    run_grid(grid, results, out, on_record=on_record, on_selected=on_selected, progress=sys.stderr.isatty())
     _report(results, out / "report")
     print(f"\ndemo finished in {(time.perf_counter() - started) / 60:.1f} min")
     return 0
+
+
+def _cpu_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -387,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saftune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"saftune {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors from the library")
+    parser.add_argument("-v", "--verbose", dest="log_info", action="store_true",
+                        help="show the library's INFO log and transformers' progress bars (grid and demo are quiet "
+                             "without it)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="registered models, datasets, methods, assets and recipes")
@@ -442,23 +466,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output directory (HF layout when the base is a HF model)")
         p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("bench", help="run a grid (methods x seeds x sparsity levels); finished runs are skipped")
+    p = sub.add_parser("grid", aliases=["bench"],
+                       help="run a grid (methods x seeds x sparsity levels); finished runs are skipped")
     p.add_argument("grid", help="a grid YAML file, or a built-in recipe name (saftune list recipes)")
     p.add_argument("--out", help="directory for runs and the report (default runs/<grid name>)")
     p.add_argument("--results", help="results file (default <out>/results.jsonl)")
     p.add_argument("--seeds", help="comma-separated seeds, overriding the grid's")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a grid option (dotted keys)")
     p.add_argument("--no-report", action="store_true", help="do not write the report afterwards")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("report", help="Markdown/CSV tables, PNG plots and an HTML page from a results file")
-    p.add_argument("results", help="a results.jsonl written by saftune bench")
+    p.add_argument("results", help="a results.jsonl written by saftune grid")
     p.add_argument("--out", help="output directory (default: <results dir>/report)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="the embedded benchmark: MiniLM on VADER sentiment domains, 3 seeds, then the report")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; an interrupted demo resumes)")
     p.add_argument("--seeds", help="comma-separated seeds (default 1,2,3)")
+    p.add_argument("--recipe", default="demo", help="built-in recipe name or grid file (default: demo)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -472,10 +498,28 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
             NonFiniteLossError, ImportError)
 
 
+_CONCISE = ("grid", "bench", "demo")
+
+
+def _quiet_transformers() -> None:
+    """No weight-loading bars or info messages from transformers / the hub (warnings and errors stay)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Grids and the demo print their own concise lines; their library log is for -v.
+    quiet = args.quiet or (args.command in _CONCISE and not args.log_info)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if quiet:
+        _quiet_transformers()
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -9,7 +9,7 @@ Example:
     >>> config = RunConfig(model="tiny-sentence", dataset="sentiment-domains", method="zeroshot",
     ...                    dataset_options={"max_test": 20, "max_ood": 20})
     >>> record = run_experiment(config, tempfile.mkdtemp())        # doctest: +SKIP
-    >>> sorted(record["metrics"])                                   # doctest: +SKIP
+    sorted(record.metrics)                                 # doctest: +SKIP
     ['id', 'ood/amazon', 'ood/nyt', 'ood/tweets', 'ood_avg', 'val']
 """
 
@@ -29,6 +29,7 @@ from saftune.data.registry import check_dataset, dataset_options, load_dataset
 from saftune.eval.evaluate import evaluate, evaluate_split
 from saftune.methods.base import create_method
 from saftune.models.registry import check_model, create
+from saftune.record import RunRecord
 from saftune.train.trainer import LOG_FILE, TrainConfig, fit, read_log_line
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _pretrained(config: RunConfig, cache: dict | None):
 
 
 def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resume: bool = True,
-                   evaluate_splits: str = "all", model_cache: dict | None = None) -> dict:
+                   evaluate_splits: str = "all", model_cache: dict | None = None) -> RunRecord:
     """Run one experiment and return its record (metrics, parameter counts, timings, configuration).
 
     Args:
@@ -135,53 +136,32 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
     if trained.resumed_from:  # add the time the earlier attempt spent up to the checkpoint
         train_seconds += next((h["seconds"] for h in history if h.get("step") == trained.resumed_from and "seconds" in h), 0.0)
 
+    def evaluate_all(m):
+        return evaluate(m, bench, batch_size=config.eval_batch_size, include_val=True)
+
     started = time.perf_counter()
-    if evaluate_splits == "val":
-        metrics = {"val": evaluate_split(model, bench, bench.val, batch_size=config.eval_batch_size)}
-    else:
-        metrics = evaluate(model, bench, batch_size=config.eval_batch_size, include_val=True)
-    curve = []
-    if hasattr(method, "interpolate") and evaluate_splits == "all":  # WiSE-FT: the curve, then the reported alpha
-        for alpha in method.config.alphas:
-            if alpha == method.config.alpha:  # the reported point: already evaluated above
-                curve.append({"alpha": alpha, **metrics})
-                continue
-            method.interpolate(model, alpha)
-            curve.append({"alpha": alpha, **evaluate(model, bench, batch_size=config.eval_batch_size, include_val=True)})
-        method.interpolate(model, method.config.alpha)
+    method.choose_after_training(model, lambda m: on_val(m)["val"])  # validation only, in trials too
+    metrics = on_val(model) if evaluate_splits == "val" else evaluate_all(model)
+    extra = method.evaluate_extra(model, evaluate_all, metrics) if evaluate_splits == "all" else {}
     eval_seconds = time.perf_counter() - started
 
-    record = {
-        "method": config.method,
-        "model": config.model,
-        "dataset": config.dataset,
-        "seed": config.seed,
-        "metrics": metrics,
-        "trainable": method.num_trainable(model),
-        "total_params": total_params,
-        "steps": trained.steps,
-        "train_seconds": round(train_seconds, 2),
-        "eval_seconds": round(eval_seconds, 2),
-        "config": config.to_dict(),
-        "method_config": method.config.to_dict(),
-        "benchmark": {"train": len(bench.train), "val": len(bench.val),
-                      **{k: len(v) for k, v in bench.eval_splits().items()}, **bench.info},
-    }
-    if curve:
-        record["wiseft_curve"] = curve
-    sparse = getattr(method, "base", method)  # WiSE-FT of a sparse method keeps the base's mask
-    if hasattr(sparse, "mask"):
-        record["sparsity"] = getattr(sparse.config, "sparsity", None)
-        record["mask_summary"] = [{"block": r.block, "selected": r.selected, "total": r.total} for r in sparse.mask.summary()]
+    record = RunRecord(method=config.method, model=config.model, dataset=config.dataset, seed=config.seed,
+                       metrics=metrics, trainable=method.num_trainable(model), total_params=total_params,
+                       steps=trained.steps, train_seconds=round(train_seconds, 2), eval_seconds=round(eval_seconds, 2),
+                       config=config.to_dict(), method_config=method.config.to_dict(),
+                       benchmark={"train": len(bench.train), "val": len(bench.val),
+                                  **{k: len(v) for k, v in bench.eval_splits().items()}, **bench.info})
+    record.add(method.record_fields(model), f"{config.method}.record_fields")
+    record.add(extra, f"{config.method}.evaluate_extra")
     if history:
-        record["loss_curve"] = _loss_curve(history)
+        record.loss_curve = _loss_curve(history)
     if writes:
         if config.save_result:
             info = {"method": config.method, "method_config": method.config.to_dict(), "base_model": config.model,
                     "model_options": config.model_options, "dataset": config.dataset,
                     "dataset_options": config.dataset_options, "seed": config.seed}
             method.save_result(model, out_dir / "result", info)
-        write_json(out_dir / "metrics.json", record)
+        write_json(out_dir / "metrics.json", record.to_dict())
     logger.info("%s on %s (seed %d): %s", config.method, config.dataset, config.seed,
                 {k: round(v, 4) for k, v in metrics.items()})
     return record

@@ -75,6 +75,8 @@ class Method:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     help: ClassVar[str] = ""
     trains: ClassVar[bool] = True  # False: nothing for the trainer's loop (zero-shot, linear probe)
+    # False: mixing the trained tensors linearly does not mix the models (LoRA's A and B); WiSE-FT refuses it.
+    interpolates_linearly: ClassVar[bool] = True
     # True: the loss couples the examples of a batch (a contrastive loss: each example's negatives are the
     # others). Under torchrun the trainer then calls `training_step` in every process, with batch None for
     # an empty share, so that each joins the collectives gathering the global micro-batch (the batch is its
@@ -126,6 +128,25 @@ class Method:
         with torch.no_grad():
             for n, t in state.items():
                 params[n].copy_(t)
+
+    # -- the run record -------------------------------------------------------------------------------
+    def choose_after_training(self, model: Classifier, evaluate_val: Callable[[Classifier], float]) -> None:
+        """Fix settings that need no training, on the validation split only (WiSE-FT's alpha); default none.
+
+        Runs before the reported evaluation, in hyperparameter trials too, so a trial's validation accuracy
+        is the one its chosen setting gives.
+        """
+
+    def evaluate_extra(self, model: Classifier, evaluate_all: Callable[[Classifier], dict], metrics: dict) -> dict:
+        """Extra evaluations for the run record (WiSE-FT's curve), after the reported one gave `metrics`.
+
+        Returns fields of `saftune.record.RunRecord`; the model must be left as it was reported.
+        """
+        return {}
+
+    def record_fields(self, model: Classifier) -> dict:
+        """Fields of `saftune.record.RunRecord` this method fills (a sparse method: sparsity, mask summary)."""
+        return {}
 
     # -- results ----------------------------------------------------------------------------------------
     # The kind of artifact `save_result` writes; the registry maps each kind to the method class whose

@@ -71,6 +71,10 @@ class SparseMethod(Method):
     def load_state_dict(self, model, state):
         self.sparse.load_state_dict(state)
 
+    def record_fields(self, model):
+        return {"sparsity": getattr(self.config, "sparsity", None),
+                "mask_summary": [{"block": r.block, "selected": r.selected, "total": r.total} for r in self.mask.summary()]}
+
     def save_result(self, model, directory, info):
         delta = self.sparse.delta(**info, kind=self.result_kind)
         return delta.save_pretrained(directory)

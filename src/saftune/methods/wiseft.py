@@ -2,7 +2,8 @@
 
 theta(a) = (1 - a) * theta0 + a * theta1, for the trained tensors of a base method: all weights for full
 fine-tuning, the sparse values for SAFT (so a sparse result stays sparse). The run evaluates the whole
-curve `alphas`; the reported result is `alpha` (0.5, the paper's default; not tuned on OOD data).
+curve `alphas`; the reported result is `alpha` (0.5, the paper's default), or with `choose_alpha` the
+alpha of the curve with the best validation accuracy (never chosen on OOD data).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class WiseFTConfig(MethodConfig):
     alphas: list[float] = option(help="mixing weights of the evaluated curve",
                                  default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
     base_options: dict = option(help="options of the base method besides lr and weight_decay", default_factory=dict)
+    choose_alpha: bool = option(False, "report the alpha of `alphas` with the best validation accuracy instead of "
+                                "`alpha` (ties: the smaller alpha, nearer the pretrained model)")
 
 
 @register_method
@@ -49,10 +52,11 @@ class WiseFT(Method):
     def __init__(self, config=None):
         super().__init__(config)
         base_cls = method_class(self.config.base)
-        if base_cls is WiseFT or not getattr(base_cls, "interpolates_linearly", True) or not base_cls.trains:
+        if base_cls is WiseFT or not base_cls.interpolates_linearly or not base_cls.trains:
             raise ValueError(f"wiseft cannot interpolate {self.config.base!r} results; use ft, lpft, l2sp, kd, flyp, saft, ...")
         options = {"lr": self.config.lr, "weight_decay": self.config.weight_decay, **self.config.base_options}
         self.base = base_cls(base_cls.config_class.from_dict(options))
+        self.alpha = self.config.alpha  # the reported mixing weight (`choose_after_training` may change it)
 
     def prepare(self, model, context):
         self.base.prepare(model, context)
@@ -73,12 +77,37 @@ class WiseFT(Method):
     def finalize(self, model):
         self.base.finalize(model)
         self.end = {n: t.detach().clone() for n, t in self.base.state_dict(model).items()}
-        self.interpolate(model, self.config.alpha)
+        self.interpolate(model, self.alpha)
 
     @torch.no_grad()
     def interpolate(self, model, alpha: float) -> None:
         """Set the trained tensors to (1 - alpha) * pretrained + alpha * fine-tuned."""
         self.base.load_state_dict(model, lerp_weights(self.start, self.end, alpha))
+
+    def choose_after_training(self, model, evaluate_val):
+        if not self.config.choose_alpha:
+            return
+        scores = {}
+        for alpha in sorted(set(self.config.alphas)):
+            self.interpolate(model, alpha)
+            scores[alpha] = evaluate_val(model)
+        self.alpha = max(scores, key=lambda a: (scores[a], -a))  # best validation accuracy; ties: the smaller alpha
+        self.interpolate(model, self.alpha)
+
+    def evaluate_extra(self, model, evaluate_all, metrics):
+        """The WiSE-FT curve over `alphas`; the model is left at the reported alpha."""
+        curve = []
+        for alpha in self.config.alphas:
+            if alpha == self.alpha:  # the reported point: already evaluated
+                curve.append({"alpha": alpha, **metrics})
+                continue
+            self.interpolate(model, alpha)
+            curve.append({"alpha": alpha, **evaluate_all(model)})
+        self.interpolate(model, self.alpha)
+        return {"wiseft_curve": curve, "wiseft_alpha": self.alpha}
+
+    def record_fields(self, model):
+        return {**self.base.record_fields(model), "wiseft_alpha": self.alpha}
 
     def state_dict(self, model):
         return self.base.state_dict(model)
@@ -90,4 +119,4 @@ class WiseFT(Method):
         return self.base.num_trainable(model)
 
     def save_result(self, model, directory, info):
-        return self.base.save_result(model, directory, {**info, "wiseft_alpha": self.config.alpha})
+        return self.base.save_result(model, directory, {**info, "wiseft_alpha": self.alpha})

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from saftune._io import atomic_path
-from saftune.report.results import table_caption, table_cells, table_title
+from saftune.report.results import format_cell, table_caption, table_cells, table_title
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1200px;
@@ -44,6 +44,24 @@ def table_html(table: dict) -> str:
     rows = "\n".join("<tr>" + "".join(f"<td>{_MARKUP[mark].format(html.escape(text))}</td>" for text, mark in cells)
                      + "</tr>" for cells in body)
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>"
+
+
+def selection_html(table: dict) -> str:
+    """How each row's hyperparameters were chosen (see `saftune.report.tables.format_selection`), or ""."""
+    from saftune.report.tables import format_options
+
+    rows = [row for row in table["rows"] if row.get("selection")]
+    if not rows:
+        return ""
+    body = []
+    for row in rows:
+        sel = row["selection"]
+        edge = ", ".join(k for k, inside in (sel.get("interior") or {}).items() if not inside) or "none"
+        val = format_cell({"mean": sel["val_mean"], "std": sel.get("val_std")}) if sel.get("val_mean") is not None else "–"
+        cells = [row["label"], format_options(sel.get("chosen") or {}), edge, val, str(sel.get("trials", "–"))]
+        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("Method", "Chosen on validation", "At edge", "Val (selection seeds)", "Trials"))
+    return f'<table class="selection">\n<tr>{head}</tr>\n' + "\n".join(body) + "\n</table>"
 
 
 def render_html(tables: list[dict], figures: list[list[dict]] | None = None, *, title: str = "saftune report",
@@ -75,6 +93,7 @@ def render_html(tables: list[dict], figures: list[list[dict]] | None = None, *, 
         parts.append(f"<section>\n<h2>{html.escape(table_title(table))}</h2>")
         parts.append(f'<p class="caption">{html.escape(table_caption(table))}</p>')
         parts.append(table_html(table))
+        parts.append(selection_html(table))
         for figure in table_figures:
             name, caption = html.escape(str(figure["file"]), quote=True), html.escape(figure["title"])
             parts.append(f'<figure><img src="{name}" alt="{caption}"><figcaption>{caption}</figcaption></figure>')

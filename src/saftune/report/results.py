@@ -1,6 +1,6 @@
 """Load a results file (one JSON line per run) and aggregate it into the papers' tables as plain data.
 
-A benchmark grid appends one line per finished run (see `saftune.bench`). `aggregate` groups the runs
+A benchmark grid appends one line per finished run (see `saftune.grid`). `aggregate` groups the runs
 by (dataset, model) into tables, and inside a table by variant (or by (variant, sparsity) when a variant
 was run at several sparsity levels), averaging every metric over seeds. Everything it returns is plain
 Python data (dicts, lists, floats), so tests, the CLI and notebooks can use it without this package.
@@ -29,6 +29,8 @@ import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
+from saftune.record import RunRecord
+
 logger = logging.getLogger(__name__)
 
 # Metric families in the order the papers print them; "val" is left out of the tables on purpose: it
@@ -40,7 +42,7 @@ MISSING = "–"
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def parse_results(path: str | Path) -> tuple[list[dict], list[str]]:
+def parse_results(path: str | Path) -> tuple[list[RunRecord], list[str]]:
     """The usable runs of a results file, and one message per line that was skipped.
 
     A line is skipped when it is not valid JSON (e.g. the runner was killed while appending it), is not
@@ -51,7 +53,7 @@ def parse_results(path: str | Path) -> tuple[list[dict], list[str]]:
         path: the JSON-lines file.
 
     Returns:
-        (records in file order, each with its line number under "_line"; messages naming the line).
+        (records in file order; messages naming the line).
 
     Example:
         >>> import pathlib, tempfile
@@ -61,7 +63,8 @@ def parse_results(path: str | Path) -> tuple[list[dict], list[str]]:
         >>> len(records), problems[0].split(":")[0]
         (1, 'line 2')
     """
-    records: list[dict] = []
+    records: list[RunRecord] = []
+    lines_of: list[int] = []  # the line number of each record, for the messages
     problems: list[str] = []
     seen: dict[tuple, int] = {}  # run key -> index in `records`
     superseded: set[int] = set()
@@ -86,26 +89,27 @@ def parse_results(path: str | Path) -> tuple[list[dict], list[str]]:
         if not isinstance(record.get("metrics"), dict):
             problems.append(f"line {number}: no 'metrics' object")
             continue
-        record = {**record, "_line": number}
-        key = (*_group_key(record), _variant(record), record.get("sparsity"), record.get("seed"))
-        if record.get("seed") is not None and key in seen:
+        record = RunRecord.from_dict(record)
+        key = (*_group_key(record), _variant(record), record.sparsity, record.seed)
+        if record.seed is not None and key in seen:
             earlier = seen[key]
-            problems.append(f"line {number}: repeats the run of line {records[earlier]['_line']} "
-                            f"({_variant(record)}, seed {record['seed']}); the later line is used")
+            problems.append(f"line {number}: repeats the run of line {lines_of[earlier]} "
+                            f"({_variant(record)}, seed {record.seed}); the later line is used")
             superseded.add(earlier)
         seen[key] = len(records)
         records.append(record)
+        lines_of.append(number)
     return [r for i, r in enumerate(records) if i not in superseded], problems
 
 
-def load_results(path: str | Path) -> list[dict]:
+def load_results(path: str | Path) -> list[RunRecord]:
     """The usable runs of a results file; every skipped line is logged as a warning naming its number.
 
     Example:
         >>> import pathlib, tempfile
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "r.jsonl"
         >>> _ = path.write_text('{"variant": "ft", "seed": 1, "metrics": {"id": 0.7}}\\n')
-        >>> [r["variant"] for r in load_results(path)]
+        >>> [r.variant for r in load_results(path)]
         ['ft']
     """
     records, problems = parse_results(path)
@@ -115,13 +119,13 @@ def load_results(path: str | Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ aggregation
-def _variant(record: dict) -> str:
+def _variant(record: RunRecord) -> str:
     # a record from `run_experiment` without the benchmark runner has no variant: the method names the row
-    return str(record.get("variant") or record.get("method") or "?")
+    return str(record.variant or record.method or "?")
 
 
-def _group_key(record: dict) -> tuple[str, str]:
-    return str(record.get("dataset", "?")), str(record.get("model", "?"))
+def _group_key(record: RunRecord) -> tuple[str, str]:
+    return str(record.dataset or "?"), str(record.model or "?")
 
 
 def _number(value) -> float | None:
@@ -160,14 +164,14 @@ def column_header(key: str) -> str:
     return _HEADERS.get(key, key.removeprefix("ood/"))
 
 
-def aggregate(records: list[dict]) -> list[dict]:
+def aggregate(records: list[RunRecord | dict]) -> list[dict]:
     """Group runs into tables (one per dataset and model) with one row per variant, averaged over seeds.
 
     Rows follow the order in which variants first appear. A variant run at several sparsity levels gets
     one row per level (ascending), labelled "<variant> (α=<level>)".
 
     Args:
-        records: runs as returned by `load_results`.
+        records: runs as returned by `load_results` (or their dicts).
 
     Returns:
         A list of tables, each ``{"dataset", "model", "columns", "ood_sets", "rows"}``; a row is
@@ -181,60 +185,75 @@ def aggregate(records: list[dict]) -> list[dict]:
         >>> [row["label"] for row in aggregate(runs)[0]["rows"]]
         ['saft (α=0.001)', 'saft (α=0.01)']
     """
-    groups: dict[tuple[str, str], list[dict]] = {}
+    records = [r if isinstance(r, RunRecord) else RunRecord.from_dict(r) for r in records]
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
     for record in records:
         groups.setdefault(_group_key(record), []).append(record)
     tables = []
     for (dataset, model), runs in groups.items():
-        by_variant: dict[str, list[dict]] = {}
+        by_variant: dict[str, list[RunRecord]] = {}
         for run in runs:
             by_variant.setdefault(_variant(run), []).append(run)
         rows = []
         for variant, variant_runs in by_variant.items():
-            levels = list(dict.fromkeys(run.get("sparsity") for run in variant_runs))
+            levels = list(dict.fromkeys(run.sparsity for run in variant_runs))
             if len(levels) == 1:
                 rows.append(_row(variant, variant, variant_runs))
                 continue
             # None sorts first: a run without a recorded level is the variant's default setting
             for level in sorted(levels, key=lambda s: (s is not None, s if isinstance(s, (int, float)) else 0)):
                 label = f"{variant} (α={level:g})" if isinstance(level, (int, float)) else variant
-                rows.append(_row(label, variant, [r for r in variant_runs if r.get("sparsity") == level]))
-        columns = order_columns(k for run in runs for k, v in run["metrics"].items() if _number(v) is not None)
+                rows.append(_row(label, variant, [r for r in variant_runs if r.sparsity == level]))
+        columns = order_columns(k for run in runs for k, v in run.metrics.items() if _number(v) is not None)
         tables.append({"dataset": dataset, "model": model, "columns": columns,
                        "ood_sets": [c.removeprefix("ood/") for c in columns if c.startswith("ood/")], "rows": rows})
     return tables
 
 
-def _row(label: str, variant: str, runs: list[dict]) -> dict:
+def _row(label: str, variant: str, runs: list[RunRecord]) -> dict:
     # runs of one row in seed order, so "the first seed" and per-seed lists read naturally
-    runs = sorted(runs, key=lambda r: (r.get("seed") is None, r.get("seed") if isinstance(r.get("seed"), int) else 0))
+    runs = sorted(runs, key=lambda r: (r.seed is None, r.seed if isinstance(r.seed, int) else 0))
     values: dict[str, list[float]] = {}
     for run in runs:
-        for key, value in run["metrics"].items():
+        for key, value in run.metrics.items():
             if _number(value) is not None:
                 values.setdefault(key, []).append(float(value))
-    trainable = [t for t in (_number(r.get("trainable")) for r in runs) if t is not None]
-    total = [t for t in (_number(r.get("total_params")) for r in runs) if t is not None]
+    trainable = [t for t in (_number(r.trainable) for r in runs) if t is not None]
+    total = [t for t in (_number(r.total_params) for r in runs) if t is not None]
     trainable_mean = round(statistics.fmean(trainable)) if trainable else None
     total_mean = round(statistics.fmean(total)) if total else None
-    sparsities = {r.get("sparsity") for r in runs}
-    methods = list(dict.fromkeys(str(r["method"]) for r in runs if r.get("method")))
+    sparsities = {r.sparsity for r in runs}
+    methods = list(dict.fromkeys(str(r.method) for r in runs if r.method))
     return {
         "label": label,
         "variant": variant,
         "method": methods[0] if methods else None,
         "sparsity": sparsities.pop() if len(sparsities) == 1 else None,
-        "seeds": [r.get("seed") for r in runs],
+        "seeds": [r.seed for r in runs],
         "n_seeds": len(runs),
         "metrics": {key: summarize_values(v) for key, v in values.items()},
         "trainable": trainable_mean,
         "total_params": total_mean,
         "trainable_share": trainable_mean / total_mean if trainable_mean is not None and total_mean else None,
-        "wiseft_curve": _mean_curve([r["wiseft_curve"] for r in runs if isinstance(r.get("wiseft_curve"), list)]),
-        "mask_summary": _mean_mask([r["mask_summary"] for r in runs if isinstance(r.get("mask_summary"), list)]),
-        "loss_curve": _mean_loss([r["loss_curve"] for r in runs if isinstance(r.get("loss_curve"), list)]),
-        "run_ids": [r.get("run_id") for r in runs],
+        "wiseft_curve": _mean_curve([r.wiseft_curve for r in runs if isinstance(r.wiseft_curve, list)]),
+        "mask_summary": _mean_mask([r.mask_summary for r in runs if isinstance(r.mask_summary, list)]),
+        "loss_curve": _mean_loss([r.loss_curve for r in runs if isinstance(r.loss_curve, list)]),
+        "run_ids": [r.run_id for r in runs],
+        "selection": _selection_summary(runs),
     }
+
+
+def _selection_summary(runs: list[RunRecord]) -> dict | None:
+    """How a row's hyperparameters were chosen (the grid records it in each run), or None.
+
+    Returns {"chosen", "interior", "seeds", "val_mean", "val_std", "trials", "extended"}: the chosen
+    options, whether each searched option's choice lies inside its searched values, and the validation
+    accuracy over the selection seeds.
+    """
+    chosen = next((r for r in runs if r.selection), None)
+    if chosen is None:
+        return None
+    return {"chosen": chosen.selected_options, **chosen.selection}
 
 
 def _mean_curve(curves: list[list[dict]]) -> list[dict] | None:

@@ -21,7 +21,7 @@ import io
 from pathlib import Path
 
 from saftune._io import atomic_path
-from saftune.report.results import order_columns, table_caption, table_cells, table_title
+from saftune.report.results import format_cell, order_columns, table_caption, table_cells, table_title
 
 _MARKDOWN = {"best": "**{}**", "second": "<u>{}</u>", None: "{}"}
 
@@ -60,8 +60,45 @@ def format_markdown(tables: list[dict], *, heading_level: int = 3) -> str:
         if heading_level:
             text = [f"{'#' * heading_level} {table_title(table)}", "", table_caption(table) +
                     " Best in **bold**, second best <u>underlined</u>.", "", *text]
+        selection = format_selection(table)
+        if selection:
+            text += ["", selection]
         parts.append("\n".join(text))
     return "\n\n".join(parts) + "\n"
+
+
+def format_options(options: dict) -> str:
+    """Chosen options as "lr=0.001, sparsity=0.0001".
+
+    Example:
+        >>> format_options({"lr": 1e-3, "strength": 1.0})
+        'lr=0.001, strength=1'
+    """
+    return ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k}={v}"
+                     for k, v in options.items())
+
+
+def format_selection(table: dict) -> str:
+    """A Markdown table of how each row's hyperparameters were chosen, or "" when none were.
+
+    Columns: the row, the chosen options, the options whose choice lies at the edge of the searched
+    values (even after extending the lists), validation accuracy (mean ± std over the selection seeds:
+    the spread to read beside the test spread), the number of trials.
+    """
+    rows = [row for row in table["rows"] if row.get("selection")]
+    if not rows:
+        return ""
+    lines = ["Hyperparameters chosen on validation data only (no OOD data). *At edge*: options whose best value is "
+             "still the smallest or largest tried (a choice to distrust).", "",
+             "| Method | Chosen | At edge | Val (selection seeds) | Trials |", "| :--- | :--- | :--- | ---: | ---: |"]
+    for row in rows:
+        sel = row["selection"]
+        edge = [k for k, inside in (sel.get("interior") or {}).items() if not inside]
+        val = format_cell({"mean": sel["val_mean"], "std": sel.get("val_std")}) if sel.get("val_mean") is not None else "–"
+        seeds = ",".join(str(s) for s in sel.get("seeds") or [])
+        lines.append(f"| {_escape(row['label'])} | {_escape(format_options(sel.get('chosen') or {}))} | "
+                     f"{', '.join(edge) or 'none'} | {val} (seeds {seeds}) | {sel.get('trials', '–')} |")
+    return "\n".join(lines)
 
 
 def csv_rows(tables: list[dict]) -> tuple[list[str], list[dict]]:

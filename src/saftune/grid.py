@@ -1,0 +1,516 @@
+"""Grids of runs: methods x sparsity levels x seeds on one suite, one JSON line per finished run.
+
+A grid is a YAML recipe (see `saftune/recipes/demo.yaml`):
+
+    model: minilm
+    dataset: sentiment-domains
+    dataset_options: {shots: 16, max_test: 500, max_ood: 500}
+    seeds: [1, 2, 3]
+    train: {epochs: 10, batch_size: 8}
+    methods:
+      - zeroshot
+      - ft
+      - {name: saft-random, method: saft, options: {score: random}}
+    selection:                      # hyperparameters chosen on the validation split, never on OOD sets
+      all_seeds: true               # on the mean over the grid's seeds (default: `seed: 1` alone)
+      grid: {ft: {lr: [1e-5, 3e-5]}, saft: {lr: [1e-4, 1e-3], sparsity: [1e-4, 1e-3, 1e-2]}}
+      limits: {sparsity: [1e-4, 1e-2]}   # an edge choice is extended (see `saftune.selection`), inside these
+
+Runs already in the results file are skipped, so an interrupted grid continues where it stopped; a
+half-written last line (a run killed while appending) is dropped before new lines are added. The
+chosen hyperparameters are stored in `<out>/selection.json` and in every run's record. Each run writes
+into `<out>/runs/<run id>`; grid, row and dataset names become parts of those directory names, so they
+are restricted to letters, digits and `. _ + -`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from saftune._io import atomic_path, write_json
+from saftune.config import Config, option
+from saftune.methods.base import method_class
+from saftune.record import RunRecord
+from saftune.run import RunConfig, run_experiment
+from saftune.selection import Trial, best_trial, candidates, edges, extension, searched_values, within
+from saftune.train.trainer import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+RECIPES = Path(__file__).parent / "recipes"
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def _check_name(name, what: str) -> str:
+    """`name` if it can be part of a directory name under the output directory, else a ValueError.
+
+    Refused: anything that could leave the directory or collide with another run's ("..", "a/b", a NUL,
+    "a__b", which is how run ids join their parts).
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or "__" in name:
+        raise ValueError(f"{what} name {name!r} cannot be part of a directory name: use 1 to 100 letters, digits and "
+                         "'.', '_', '+', '-', starting with a letter or digit and without '__'")
+    return name
+
+
+@dataclass
+class Variant(Config):
+    """One row of the grid: a method with fixed options."""
+
+    name: str = option("", "row name in the report (default: the method name)")
+    method: str = option("", "registered method name")
+    options: dict = option(help="method options", default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.method:
+            raise ValueError("a grid entry needs a `method`")
+        method_class(self.method)  # unknown names fail here, before any run starts
+        self.name = _check_name(self.name or self.method, "grid row")
+
+
+@dataclass
+class Selection(Config):
+    """Hyperparameter selection on validation data (never on OOD sets)."""
+
+    seed: int = option(1, "protocol seed whose validation split chooses (unless `all_seeds`)", low=0)
+    all_seeds: bool = option(False, "choose on the mean validation accuracy over all the grid's seeds (the winning "
+                             "trials become the grid's runs of every seed)")
+    grid: dict = option(help="variant name -> {option: [candidate values]}", default_factory=dict)
+    epochs: int | None = option(None, "epochs of the selection runs (default: the grid's)", low=1)
+    extend: int = option(2, "how often a numeric list may be extended when its best value lies at an edge "
+                         "(a geometric step beyond it; 0: never)", low=0)
+    limits: dict = option(help="option -> [low, high]: extensions stay inside these bounds "
+                          "(e.g. {sparsity: [1.0e-4, 1.0e-2]})", default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key, bounds in self.limits.items():
+            if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)
+                    and bounds[0] <= bounds[1]):
+                raise ValueError(f"selection.limits.{key} must be [low, high] with low <= high; got {bounds!r}")
+
+
+@dataclass
+class GridConfig(Config):
+    """A benchmark grid (a YAML recipe)."""
+
+    name: str = option("grid", "name of the grid")
+    description: str = option("", "what the grid reproduces")
+    model: str = option("minilm", "model spec")
+    model_options: dict = option(help="model builder options", default_factory=dict)
+    dataset: str = option("sentiment-domains", "dataset name")
+    dataset_options: dict = option(help="dataset builder options", default_factory=dict)
+    datasets: list | None = option(None, "several datasets, each a name or {name, options} (merged over "
+                                   "dataset_options): the grid runs on each; hyperparameters are chosen on the first")
+    seeds: list[int] = option(help="protocol seeds", default_factory=lambda: [1, 2, 3])
+    methods: list = option(help="grid rows: method names or {name, method, options}", default_factory=lambda: ["saft"])
+    sparsities: list[float] | None = option(None, "sparsity levels for variants whose method has a `sparsity` option")
+    train: TrainConfig = option(help="training-loop options", default_factory=TrainConfig)
+    eval_batch_size: int = option(64, "evaluation batch size", low=1)
+    save_results: bool = option(False, "keep each run's artifact (delta, adapter, weights) under the run directory")
+    selection: Selection | None = option(None, "hyperparameter selection on validation data")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_name(self.name, "grid")  # the default output directory is runs/<name>
+        self.variants()  # bad rows and names fail when the grid is read, before any run starts
+        self.dataset_entries()
+
+    def variants(self) -> list[Variant]:
+        out = []
+        for entry in self.methods:
+            variant = Variant(method=entry) if isinstance(entry, str) else Variant.from_dict(entry)
+            if variant.name in [v.name for v in out]:
+                raise ValueError(f"two grid rows are named {variant.name!r}; give one a `name`")
+            out.append(variant)
+        if self.selection:
+            unknown = set(self.selection.grid) - {v.name for v in out}
+            if unknown:
+                raise ValueError(f"selection.grid names {sorted(unknown)}, which are not rows of the grid")
+        return out
+
+    def dataset_entries(self) -> list[tuple[str, dict]]:
+        """(dataset name, options) for every dataset of the grid."""
+        if not self.datasets:
+            return [(self.dataset, dict(self.dataset_options))]
+        entries = []
+        for entry in self.datasets:
+            name, options = (entry, {}) if isinstance(entry, str) else (entry.get("name"), entry.get("options") or {})
+            if not name:
+                raise ValueError(f"a `datasets` entry needs a name: {entry!r}")
+            entries.append((_check_name(name, "dataset"), {**self.dataset_options, **options}))  # part of run ids
+        return entries
+
+    def for_dataset(self, name: str, options: dict) -> GridConfig:
+        """This grid restricted to one dataset."""
+        return self.replace(dataset=name, dataset_options=options, datasets=None)
+
+    @classmethod
+    def load(cls, source: str | Path) -> GridConfig:
+        """From a YAML file, or the name of a built-in recipe (e.g. "demo")."""
+        path = Path(source)
+        if not path.is_file():
+            builtin = RECIPES / f"{source}.yaml"
+            if not builtin.is_file():
+                known = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+                raise FileNotFoundError(f"no grid file {str(source)!r} and no built-in recipe of that name; built-in: {known}")
+            path = builtin
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{str(path)!r} is not valid YAML: {e}") from e
+        return cls.from_dict(data)
+
+
+def _has_option(method: str, name: str) -> bool:
+    return name in method_class(method).config_class.field_names()
+
+
+def run_id(variant: str, seed: int, sparsity: float | None = None, dataset: str | None = None) -> str:
+    """The key that identifies a finished run in a results file (the dataset only in multi-dataset grids)."""
+    rid = f"{variant}/sparsity={sparsity:g}/seed={seed}" if sparsity is not None else f"{variant}/seed={seed}"
+    return f"{dataset}/{rid}" if dataset else rid
+
+
+def finished_run_ids(path: Path) -> set[str]:
+    """Run ids of the complete lines of a results file (damaged lines are logged and ignored)."""
+    if not Path(path).is_file():
+        return set()
+    from saftune.report.results import parse_results
+
+    records, problems = parse_results(path)  # a line that is not JSON, or not even text, only costs its run
+    for problem in problems:
+        logger.warning("%s %s", path, problem)
+    return {r.run_id for r in records if r.run_id}
+
+
+def repair_tail(path: Path) -> None:
+    """End the file with a newline, so the next record cannot merge with its last line.
+
+    A last line without its newline is complete when it parses (the crash came just before the newline),
+    and is kept; otherwise it was cut off by a crash and is dropped.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        complete = isinstance(json.loads(data[start:]), dict)
+    except ValueError:
+        complete = False
+    if complete:
+        kept = data + b"\n"
+    else:
+        kept = data[:start]
+        logger.warning("%s ends with a partial line (%d bytes); dropping it", path, len(data) - start)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(kept)
+
+
+def append_result(path: Path, record: dict) -> None:
+    """Append one JSON line in a single write, flushed to disk."""
+    line = json.dumps(record) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _run_config(grid: GridConfig, variant: Variant, seed: int, options: dict, train: TrainConfig | None = None,
+                save: bool = True) -> RunConfig:
+    return RunConfig(model=grid.model, model_options=grid.model_options, dataset=grid.dataset,
+                     dataset_options=grid.dataset_options, method=variant.method, method_options=options,
+                     train=train or grid.train, seed=seed, eval_batch_size=grid.eval_batch_size, save_result=save)
+
+
+def selection_seeds(grid: GridConfig) -> list[int]:
+    """The protocol seeds whose validation splits choose the hyperparameters."""
+    return list(grid.seeds) if grid.selection.all_seeds else [grid.selection.seed]
+
+
+def _option_valid(method: str, options: dict) -> bool:
+    """Whether a method accepts these option values (an extension must not step outside an option's range)."""
+    try:
+        method_class(method).config_class.from_dict(options)
+    except ValueError:
+        return False
+    return True
+
+
+def select_hyperparameters(grid: GridConfig, out_dir: Path, model_cache: dict | None = None,
+                           reuse_dir=None, *, tracker: GridProgress | None = None, on_selected=None) -> dict[str, dict]:
+    """Choose each gridded variant's options by validation accuracy; returns {variant: {chosen, ...}}.
+
+    Every candidate runs on each selection seed (`selection.seed`, or all the grid's seeds with
+    `all_seeds`) and is evaluated on the validation split only; the best mean wins (ties: the earlier
+    candidate). A best value at the edge of a numeric list is extended (see `saftune.selection`) up to
+    `selection.extend` times, inside `selection.limits` and the option's own range. The outcome, with
+    every trial and extension, is written to `<out_dir>/selection.json` after each variant, and reused
+    while the grid's settings are unchanged. The winning trial of a seed *is* the grid's run of that
+    variant and seed (same options, same seed), so its directory becomes that run's: the grid then only
+    evaluates it instead of training it again.
+
+    Args:
+        reuse_dir: (variant name, seed) -> the grid's run directory (default: the single-dataset layout).
+        tracker: counts each trial (`GridProgress`).
+        on_selected: called with (variant name, outcome, tracker) when a variant is chosen.
+    """
+    if not grid.selection or not grid.selection.grid:
+        return {}
+    reuse_dir = reuse_dir or (lambda name, seed: run_dir(out_dir, run_id(name, seed)))
+    cache_path = Path(out_dir) / "selection.json"
+    key = {k: v for k, v in grid.to_dict().items() if k not in ("seeds", "description", "name")}
+    key["selection_seeds"] = selection_seeds(grid)
+    done = _cached_selection(cache_path, key)
+    seeds = selection_seeds(grid)
+    reusable = grid.selection.epochs is None and set(seeds) <= set(grid.seeds) and not grid.sparsities
+    train = grid.train if grid.selection.epochs is None else grid.train.replace(epochs=grid.selection.epochs)
+    if reusable:  # keep each trial's final state, so the winner can stand as the grid's run
+        train = train.replace(checkpoint_every=10**9)
+    variants = {v.name: v for v in grid.variants()}
+    trials_dir = Path(out_dir) / "selection"
+    for name, options_grid in grid.selection.grid.items():
+        if name in done:
+            continue
+        variant = variants[name]
+        trials: list[Trial] = []
+        dirs: dict[tuple[int, int], Path] = {}  # (trial index, seed) -> trial directory
+
+        def run_trials(new_candidates, variant=variant, trials=trials, dirs=dirs, name=name):
+            for candidate in new_candidates:
+                trial = Trial(candidate)
+                for seed in seeds:
+                    config = _run_config(grid, variant, seed, {**variant.options, **candidate}, train, save=False)
+                    trial_dir = trials_dir / f"{name}-{len(trials)}-seed{seed}" if reusable else None
+                    if trial_dir is not None:
+                        shutil.rmtree(trial_dir, ignore_errors=True)
+                        dirs[(len(trials), seed)] = trial_dir
+                    record = run_experiment(config, trial_dir, evaluate_splits="val", model_cache=model_cache)
+                    trial.val[seed] = record.metrics["val"]
+                    if tracker is not None:
+                        tracker.step()
+                logger.info("selection %s %s: val %.4f", name, candidate, trial.mean)
+                trials.append(trial)
+
+        run_trials(candidates(options_grid))
+        extensions = []
+        for round_ in range(1, grid.selection.extend + 1):
+            best = best_trial(trials)
+            new = []
+            for option_name, direction in edges(trials, best).items():
+                value = extension(trials, option_name, direction)
+                candidate = {**best.options, option_name: value}
+                allowed = within(value, grid.selection.limits.get(option_name)) and \
+                    _option_valid(variant.method, {**variant.options, **candidate})
+                extensions.append({"round": round_, "option": option_name, "direction": direction, "value": value,
+                                   "tried": allowed})
+                if allowed and candidate not in [t.options for t in trials]:
+                    new.append(candidate)
+            if not new:
+                break
+            if tracker is not None:
+                tracker.add(len(new) * len(seeds))
+            run_trials(new)
+        best = best_trial(trials)
+        at_edge = edges(trials, best)
+        searched = [k for k in best.options if len(searched_values(trials, k)) >= 2]
+        outcome = {"chosen": best.options, "interior": {k: k not in at_edge for k in searched},
+                   "seeds": seeds, "val_mean": best.mean, "val_std": best.std, "extensions": extensions,
+                   "trials": [t.to_dict() for t in trials]}
+        if at_edge:
+            logger.warning("selection %s: the best %s lie at the edge of the searched values even after extending; "
+                           "widen the list or the limits", name, sorted(at_edge))
+        done[name] = outcome
+        write_json(cache_path, {"settings": key, "metric": "val", "seeds": seeds, "variants": done})
+        if reusable:
+            index = trials.index(best)
+            for seed in seeds:
+                target = reuse_dir(name, seed)
+                shutil.rmtree(target, ignore_errors=True)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(dirs[(index, seed)], target)
+            for trial_dir in dirs.values():
+                shutil.rmtree(trial_dir, ignore_errors=True)
+        if on_selected:
+            on_selected(name, outcome, tracker)
+    return done
+
+
+def _cached_selection(cache_path: Path, key: dict) -> dict[str, dict]:
+    """The variants already chosen under the same grid settings (empty when the settings changed)."""
+    if not cache_path.is_file():
+        return {}
+    try:
+        cached = json.loads(cache_path.read_text())
+        if cached.get("settings") != key:
+            return {}
+        return {name: dict(entry) for name, entry in cached["variants"].items() if "chosen" in entry}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        # Not redone silently: the grid's finished runs used the options it recorded.
+        raise ValueError(f"{str(cache_path)!r} is damaged ({e!r}); delete it to select the hyperparameters again "
+                         "(its trials run again)") from e
+
+
+def selection_record(outcome: dict | None) -> dict | None:
+    """What a run record keeps of its variant's selection: how the options were chosen."""
+    if not outcome:
+        return None
+    return {k: outcome[k] for k in ("interior", "seeds", "val_mean", "val_std") if k in outcome} | \
+        {"trials": len(outcome.get("trials", [])), "extended": sum(e["tried"] for e in outcome.get("extensions", []))}
+
+
+def run_dir(out_dir: Path, rid: str) -> Path:
+    """The directory of one grid run: `<out_dir>/runs/<run id, "/" written "__">`, never outside it."""
+    runs = Path(out_dir) / "runs"
+    path = runs / rid.replace("/", "__")
+    # Names are checked when the grid is read; this guards any other caller (and a planted symlink).
+    if "\0" in rid or path.resolve().parent != runs.resolve():
+        raise ValueError(f"run id {rid!r} does not name a directory inside {str(runs)!r}")
+    return path
+
+
+def plan(grid: GridConfig) -> list[tuple[Variant, float | None, int]]:
+    """(variant, sparsity level or None, seed) for every run of the grid, in order."""
+    runs = []
+    for variant in grid.variants():
+        fixed = "sparsity" in variant.options
+        levels = grid.sparsities if (grid.sparsities and _has_option(variant.method, "sparsity") and not fixed) else [None]
+        for sparsity in levels:
+            for seed in grid.seeds:
+                runs.append((variant, sparsity, seed))
+    return runs
+
+
+def run_grid(grid: GridConfig, results_path: str | Path, out_dir: str | Path, *, on_record=None, on_selected=None,
+             progress: bool = False) -> list[RunRecord]:
+    """Run every grid cell not yet in `results_path`; return the new records.
+
+    Args:
+        grid: the grid.
+        results_path: JSON-lines file; existing run ids are skipped.
+        out_dir: run directories (checkpoints, logs, masks) and the selection cache.
+        on_record: called with each new record and the progress (`GridProgress`) (the CLI prints a line).
+        on_selected: called with (variant name, selection outcome, progress) when a variant's
+            hyperparameters are chosen.
+        progress: show a progress bar over trials and runs (rate, ETA) on stderr.
+    """
+    results_path, out_dir = Path(results_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    repair_tail(results_path)
+    done = finished_run_ids(results_path)
+    model_cache: dict = {}  # one pristine pretrained model per process; each run gets a copy
+    entries = grid.dataset_entries()
+    many = len(entries) > 1
+    cells = [(dataset, options, variant, sparsity, seed)
+             for (dataset, options), (variant, sparsity, seed) in itertools.product(entries, plan(grid))
+             if run_id(variant.name, seed, sparsity, dataset if many else None) not in done]
+    tracker = GridProgress(grid, out_dir, len(cells), progress)
+    # Hyperparameters are chosen once, on the first dataset's validation split (the source dataset).
+    first = entries[0][0]
+    with tracker:
+        selected = select_hyperparameters(grid.for_dataset(*entries[0]), out_dir, model_cache,
+                                          lambda name, seed: run_dir(out_dir, run_id(name, seed, None, first if many else None)),
+                                          tracker=tracker, on_selected=on_selected)
+        new = []
+        for dataset, options, variant, sparsity, seed in cells:
+            rid = run_id(variant.name, seed, sparsity, dataset if many else None)
+            outcome = selected.get(variant.name) or {}
+            run_options = {**variant.options, **outcome.get("chosen", {})}
+            if sparsity is not None:
+                run_options["sparsity"] = sparsity
+            config = _run_config(grid.for_dataset(dataset, options), variant, seed, run_options, save=grid.save_results)
+            started = time.perf_counter()
+            record = run_experiment(config, run_dir(out_dir, rid), model_cache=model_cache)
+            record.run_id, record.variant, record.grid = rid, variant.name, grid.name
+            record.selected_options = outcome.get("chosen", {})
+            record.selection = selection_record(outcome)
+            record.wall_seconds = round(time.perf_counter() - started, 2)
+            if record.sparsity is None:
+                record.sparsity = sparsity
+            append_result(results_path, record.to_dict())
+            new.append(record)
+            tracker.step()
+            if on_record:
+                on_record(record, tracker)
+    return new
+
+
+class GridProgress:
+    """Trials and runs done out of the planned total, elapsed time and ETA; optionally a tqdm bar.
+
+    Selection trials and grid runs count one unit each (a run reused from a winning trial only
+    evaluates, so the ETA is an upper estimate while runs remain).
+    """
+
+    def __init__(self, grid: GridConfig, out_dir: Path, runs: int, show_bar: bool):
+        cached = _cached_selection_names(Path(out_dir) / "selection.json")
+        trials = 0
+        if grid.selection:
+            seeds = selection_seeds(grid)
+            trials = sum(len(candidates(g)) * len(seeds) for n, g in grid.selection.grid.items() if n not in cached)
+        self.total, self.done, self.started = trials + runs, 0, time.perf_counter()
+        self.bar = None
+        if show_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=f"grid {grid.name}", unit="run", dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+    def add(self, units: int) -> None:
+        """More work than planned (an extended hyperparameter list)."""
+        self.total += units
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def eta(self) -> float | None:
+        return self.elapsed / self.done * (self.total - self.done) if self.done else None
+
+    def describe(self) -> str:
+        """"[12/40, 3m05s, ETA 7m40s]": for log lines when no bar is shown."""
+        eta = "" if self.eta is None else f", ETA {_duration(self.eta)}"
+        return f"[{self.done}/{self.total}, {_duration(self.elapsed)}{eta}]"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _cached_selection_names(path: Path) -> set[str]:
+    try:
+        return set(json.loads(path.read_text())["variants"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
