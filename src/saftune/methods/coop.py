@@ -88,6 +88,12 @@ def load_prompt(model, directory: Path) -> None:
 
     directory = Path(directory)
     config = json.loads((directory / "saftune_config.json").read_text())
+    learner = config.get("prompt_learner")  # CoCoOp and MaPLe save prompt results too, and load their own
+    if learner:
+        from saftune.methods.base import method_class
+
+        method_class(learner).load_prompt_result(model, directory, config)
+        return
     require_dual_encoder(model, "coop")
     context = load_file(str(directory / PROMPT_FILE))["context"]
     attach_prompt(model, context.to(model.prompt_token_embedding.weight.device), config.get("placeholder", "X"))
