@@ -60,7 +60,8 @@ def worker(args) -> dict:
     start = time.perf_counter()
     mask = saftune.select_mask(model, loss_fn, data, sparsity=args.sparsity, progress=False, **options)
     seconds = time.perf_counter() - start
-    return {"model": args.model, "rule": args.rule, "seconds": seconds, "memory_mib": (engine._rss_kib("VmHWM") - base) / 1024,
+    memory_mib = (engine._rss_kib("VmHWM") - base) / 1024
+    return {"model": args.model, "rule": args.rule, "seconds": seconds, "memory_mib": memory_mib,
             "selected": mask.num_selected, "candidates": mask.num_candidates}
 
 

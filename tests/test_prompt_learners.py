@@ -144,8 +144,9 @@ def test_maple_refuses_what_it_cannot_prompt():
 
 def test_context_words_must_cover_n_ctx_tokens():
     model, _ = _setup()
+    method = create_method("cocoop", {"ctx_init": "a photo", "n_ctx": 3})
     with pytest.raises(ValueError, match="'a photo' do not give 3 tokens"):
-        create_method("cocoop", {"ctx_init": "a photo", "n_ctx": 3}).prepare(model, PrepareContext(batches=lambda: iter(()), seed=0))
+        method.prepare(model, PrepareContext(batches=lambda: iter(()), seed=0))
 
 
 def test_random_context_uses_placeholders():
