@@ -127,6 +127,8 @@ def row_view(score: torch.Tensor, columns_are_units: bool = False) -> torch.Tens
         >>> row_view(torch.arange(6.0).reshape(2, 3)).shape, row_view(torch.zeros(5)).shape
         (torch.Size([2, 3]), torch.Size([1, 5]))
     """
+    if score.numel() == 0:  # a zero-size tensor has no unit to give entries to
+        return score.reshape(0, 1)
     if score.dim() < 2:
         return score.reshape(1, -1)
     if columns_are_units:
@@ -178,8 +180,10 @@ def per_row_select(scores: Sequence[torch.Tensor], d: int, columns_are_units: Se
         take = min(v.shape[1], q)
         if take < v.shape[1]:  # stable: among equal scores the lower index ranks first
             order = torch.sort(v, dim=1, descending=True, stable=True)
-            kept.append(order.indices[:, : take + 1])
-            next_scores.append(order.values[:, take].contiguous())
+            # copies, so that the full sort of this tensor is freed before the next one
+            kept.append(order.indices[:, : take + 1].clone())
+            next_scores.append(order.values[:, take].clone())
+            del order
         else:
             kept.append(torch.arange(v.shape[1], device=v.device).expand(v.shape[0], -1))
             next_scores.append(v.new_empty(0))
