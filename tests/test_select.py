@@ -424,3 +424,19 @@ def test_new_rules_select_exactly_d(name, score, budget):
     assert mask.num_selected == mask.num_candidates // 100
     for idx in mask.indices.values():
         assert torch.equal(idx, torch.unique(idx)) and idx.dtype == torch.int64
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes=st.lists(st.sampled_from([(3,), (1,), (2, 3), (4, 2), (3, 1, 2), (5,)]), min_size=1, max_size=4),
+       embedding=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
+def test_per_row_select_matches_the_reference_with_ties(shapes, embedding, seed, data):
+    from saftune.sparse.select import per_row_select
+
+    g = torch.Generator().manual_seed(seed)
+    scores = {f"t{i}": torch.randint(0, 3, shape, generator=g).float() for i, shape in enumerate(shapes)}
+    columns = [embedding and i == 0 and len(shape) == 2 for i, shape in enumerate(shapes)]
+    d = data.draw(st.integers(0, sum(s.numel() for s in scores.values())))
+    ours = per_row_select(list(scores.values()), d, columns)
+    reference = _reference_per_row(scores, d, {n for n, c in zip(scores, columns) if c})
+    for name, idx in zip(scores, ours):
+        assert torch.equal(idx, reference.get(name, torch.empty(0, dtype=torch.int64))), (name, scores, d)
