@@ -131,8 +131,8 @@ def row_view(score: torch.Tensor, columns_are_units: bool = False) -> torch.Tens
         return score.reshape(0, 1)
     if score.dim() < 2:
         return score.reshape(1, -1)
-    if columns_are_units:
-        return score.reshape(score.shape[0], -1).T
+    if columns_are_units:  # a copy: row-wise top-k on a transposed view is several times slower
+        return score.reshape(score.shape[0], -1).T.contiguous()
     return score.reshape(score.shape[0], -1)
 
 
@@ -175,34 +175,46 @@ def per_row_select(scores: Sequence[torch.Tensor], d: int, columns_are_units: Se
     if not 0 <= d <= total:
         raise ValueError(f"per_row_select: d={d} is outside [0, {total}]")
     q = _level_for([(v.shape[0], v.shape[1]) for v in views if v.numel()], d) if total else 0
-    kept, next_scores = [], []
+    base, next_cols, next_scores = [], [], []
     for v in views:
-        take = min(v.shape[1], q)
-        if take < v.shape[1]:  # stable: among equal scores the lower index ranks first
-            order = torch.sort(v, dim=1, descending=True, stable=True)
-            # copies, so that the full sort of this tensor is freed before the next one
-            kept.append(order.indices[:, : take + 1].clone())
-            next_scores.append(order.values[:, take].clone())
-            del order
-        else:
-            kept.append(torch.arange(v.shape[1], device=v.device).expand(v.shape[0], -1))
-            next_scores.append(v.new_empty(0))
+        rows, cols = _row_best(v, min(v.shape[1], q))
+        base.append((rows, cols[0]))
+        next_cols.append(cols[1])
+        next_scores.append(cols[2])
     extra = top_k(next_scores, d - sum(v.shape[0] * min(v.shape[1], q) for v in views))
     chosen = []
-    for s, v, cols, columns, bonus in zip(scores, views, kept, columns_are_units, extra):
-        take = min(v.shape[1], q)
-        rows = torch.arange(v.shape[0], device=v.device)
-        row_of = rows[:, None].expand(-1, take).reshape(-1)
-        col_of = cols[:, :take].reshape(-1)
+    for s, v, (row_of, col_of), next_col, columns, bonus in zip(scores, views, base, next_cols, columns_are_units, extra):
         if bonus.numel():  # the extra entry of each chosen row: its next-best one
             row_of = torch.cat([row_of, bonus])
-            col_of = torch.cat([col_of, cols[bonus, take]])
+            col_of = torch.cat([col_of, next_col[bonus]])
         if s.dim() >= 2 and columns:  # view [dim, vocab] of a [vocab, dim] weight
             flat = col_of * v.shape[0] + row_of
         else:
             flat = row_of * v.shape[1] + col_of
         chosen.append(torch.sort(flat).values)
     return chosen
+
+
+def _row_best(v: torch.Tensor, take: int):
+    """The `take` best entries of every row of `v` [R, L] in stable descending order, and the next one.
+
+    Returns (row, column) indices of the best entries, and per row the column and score of the
+    next-best entry (empty when the rows have no entry left). Linear in the size of `v`: the (take+1)-th
+    largest score t of each row comes from `topk`; the entries above t are all among the best, and the
+    ties at t are taken in column order (`cumsum` ranks them), which is what a stable sort would give.
+    """
+    if take == v.shape[1]:  # the whole rows
+        rows, cols = torch.nonzero(torch.ones_like(v, dtype=torch.bool), as_tuple=True)
+        return rows, (cols, v.new_empty(0, dtype=torch.int64), v.new_empty(0))
+    threshold = torch.topk(v, take + 1, dim=1).values[:, -1:]  # [R, 1]
+    above = v > threshold
+    ties = v == threshold
+    needed = (take + 1) - above.sum(1, keepdim=True)  # >= 1: the (take+1)-th entry is a tie
+    rank = ties.cumsum(1, dtype=torch.int32)
+    best = above | (ties & (rank < needed))
+    rows, cols = torch.nonzero(best, as_tuple=True)
+    next_col = (ties & (rank == needed)).int().argmax(1)
+    return rows, (cols, next_col, threshold.squeeze(1).contiguous())
 
 
 def _matches(name: str, patterns: Iterable[str] | None) -> bool:
