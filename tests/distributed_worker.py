@@ -68,7 +68,9 @@ def main(out: Path, methods: list[str]) -> None:
         model = create(model_name, seed=0)
         # several templates: FLYP's prompts cycle over them by the examples' positions in the global batch
         model.set_classes(bench.classnames, [*bench.templates, "{}.", "it is {}."])
-        options = {"saft": {"sparsity": 0.05}, "maple": {"depth": 2}}.get(name, {})
+        # The tiny CLIP pools the text at its highest token id: with "a photo of a {}." that is "photo", before
+        # the class name, so every class would get the same embedding; "this is {}." pools at or after it.
+        options = {"saft": {"sparsity": 0.05}, "maple": {"depth": 2, "ctx_init": "this is"}}.get(name, {})
         method = create_method(name, {"lr": 1e-2, **options})
         config = TrainConfig(max_steps=4, batch_size=3, grad_accum=2, seed=3, device="cpu", augment=False)
         trained: list = []  # (tensor, its value before the first step): how far training moved it
