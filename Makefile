@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SAFTUNE := $(VENV)/bin/saftune
 
-.PHONY: setup assets test test-all demo bench-engine bench-scale bench-attention bench-distributed lint clean
+.PHONY: setup assets test test-all demo bench-engine bench-selection bench-scale bench-attention bench-distributed lint clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,9 @@ demo: assets
 
 bench-engine: assets
 	$(PY) benchmarks/engine.py
+
+bench-selection: assets  # phase-1 time and memory of each selection rule
+	$(PY) benchmarks/selection_rules.py
 
 bench-scale: setup  # model size, sparsity, phase-1 data size, largest trainable model, targets (about an hour)
 	$(PY) benchmarks/scale.py

@@ -62,12 +62,15 @@ def main(out: Path, methods: list[str]) -> None:
     text, images = (load_dataset(name, shots=5, test_size=7) for name in ("toy-text", "toy-images"))
     assert len(text.train) == len(images.train) == 10
     for name in methods:
-        # FLYP trains CLIP, whose learned logit scale every row of the contrastive loss shares
-        model_name, bench = ("tiny-clip", images) if name == "flyp" else ("tiny-sentence", text)
+        # FLYP trains CLIP, whose learned logit scale every row of the contrastive loss shares; MaPLe needs
+        # CLIP's two towers
+        model_name, bench = ("tiny-clip", images) if name in ("flyp", "maple") else ("tiny-sentence", text)
         model = create(model_name, seed=0)
         # several templates: FLYP's prompts cycle over them by the examples' positions in the global batch
         model.set_classes(bench.classnames, [*bench.templates, "{}.", "it is {}."])
-        options = {"sparsity": 0.05} if name == "saft" else {}
+        # The tiny CLIP pools the text at its highest token id: with "a photo of a {}." that is "photo", before
+        # the class name, so every class would get the same embedding; "this is {}." pools at or after it.
+        options = {"saft": {"sparsity": 0.05}, "maple": {"depth": 2, "ctx_init": "this is"}}.get(name, {})
         method = create_method(name, {"lr": 1e-2, **options})
         config = TrainConfig(max_steps=4, batch_size=3, grad_accum=2, seed=3, device="cpu", augment=False)
         trained: list = []  # (tensor, its value before the first step): how far training moved it

@@ -144,6 +144,8 @@ KINDS = {  # method -> (options, the files of its result)
     "lp": ({"probe_steps": 5}, ["weights.safetensors", "saftune_config.json"]),
     "lora": ({"lr": 1e-2, "rank": 2}, ["adapter_model.safetensors", "adapter_config.json", "saftune_config.json"]),
     "coop": ({"lr": 1e-2}, ["prompt.safetensors", "saftune_config.json"]),
+    "cocoop": ({"lr": 1e-2}, ["prompt.safetensors", "saftune_config.json"]),
+    "maple": ({"lr": 1e-2, "depth": 2}, ["prompt.safetensors", "saftune_config.json"]),
 }
 # saftune_config.json is metadata a user may edit (e.g. the base model's path): it has no checksum, so a
 # flipped bit in it is not detectable; its numbers are covered by the other files' checksums.

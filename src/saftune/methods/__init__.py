@@ -3,7 +3,7 @@
 Example:
     >>> from saftune.methods import list_methods
     >>> list(list_methods())
-    ['zeroshot', 'lp', 'lpft', 'ft', 'l1', 'l2sp', 'kd', 'wiseft', 'lora', 'bitfit', 'flyp', 'clipood', 'coop', 'saft']
+    ['zeroshot', 'lp', 'lpft', 'ft', 'l1', 'l2sp', 'kd', 'wiseft', 'lora', 'bitfit', 'flyp', 'clipood', 'coop', 'cocoop', 'maple', 'saft']
 """
 
 from saftune.methods.base import (

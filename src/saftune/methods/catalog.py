@@ -13,8 +13,10 @@ from saftune.methods import bitfit  # noqa: F401  isort: skip
 from saftune.methods import flyp  # noqa: F401  isort: skip
 from saftune.methods import clipood  # noqa: F401  isort: skip
 from saftune.methods import coop  # noqa: F401  isort: skip
+from saftune.methods import cocoop  # noqa: F401  isort: skip
+from saftune.methods import maple  # noqa: F401  isort: skip
 from saftune.methods import saft  # noqa: F401  isort: skip
 
 # The order the papers list them in (registration order depends on which module is imported first).
 BUILTIN_ORDER = ["zeroshot", "lp", "lpft", "ft", "l1", "l2sp", "kd", "wiseft", "lora", "bitfit", "flyp", "clipood",
-                 "coop", "saft"]
+                 "coop", "cocoop", "maple", "saft"]

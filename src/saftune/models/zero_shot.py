@@ -43,6 +43,9 @@ class DualEncoderClassifier(Classifier):
         self.encoding_prompts = False  # True while prompts go through the (possibly shared) encoder: CoOp's cue
         self.head: torch.nn.Linear | None = None  # a linear probe replaces the zero-shot head when attached
         self.fixed_templates: list[str] | None = None  # learned prompts (CoOp) keep their own template
+        # CoCoOp: a module whose `class_embeddings(model, features)` gives each input its own class
+        # embeddings [B, C, E]; None: one set of class embeddings for every input
+        self.conditional_prompts: torch.nn.Module | None = None
         self._prompt_tokens: dict | None = None
         self._class_cache: torch.Tensor | None = None
 
@@ -123,6 +126,9 @@ class DualEncoderClassifier(Classifier):
     def logits_from_features(self, features: torch.Tensor, class_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         if self.head is not None:
             return self.head(features)
+        if class_embeddings is None and self.conditional_prompts is not None:
+            classes = self.conditional_prompts.class_embeddings(self, features)  # [B, C, E]
+            return self.logit_scale * torch.einsum("be,bce->bc", features, classes)
         classes = self.class_embeddings() if class_embeddings is None else class_embeddings
         return self.logit_scale * features @ classes.T
 

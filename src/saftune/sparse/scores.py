@@ -13,11 +13,20 @@ Scores:
     random    uniform noise from `seed` (the random-mask ablation).
     magnitude -|w|: the smallest pretrained weights first (the paper's WM ablation).
     bias      |mean gradient| restricted to bias parameters (BitFit when sparsity is 1).
+    fps       |W| x mean |input activation| of the entry's input column: forward passes only, no
+              backward (FPS); nn.Linear and nn.Embedding weights only.
+    lt-sft    |theta_ft - theta_0| after a short full fine-tuning of a copy (LT-SFT, Ansell et al. 2022);
+              the model itself is untouched, so sparse training starts from theta_0.
+
+A score may take keyword options (lt-sft: `steps`, `lr`), passed as `select_mask(score_options=...)`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -47,6 +56,23 @@ class Score:
     needs_data: bool
     help: str
     is_candidate: Callable[[str, torch.Tensor], bool] = field(default=_everything)
+    # Narrows the candidates knowing the model (e.g. to the weights of nn.Linear modules); raises when
+    # none is left or the model has layers the score cannot handle.
+    restrict: Callable[[nn.Module, dict[str, nn.Parameter]], dict[str, nn.Parameter]] | None = None
+
+    def options(self) -> dict[str, object]:
+        """The score's own keyword options and their defaults (beyond `seed` and `progress`)."""
+        return {name: p.default for name, p in inspect.signature(self.compute).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("seed", "progress")}
+
+    def check_options(self, name: str, values: dict | None) -> dict:
+        """`values` if the score takes every one of them, else a ValueError naming the ones it takes."""
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(self.options()))
+        if unknown:
+            known = ", ".join(self.options()) or "none"
+            raise ValueError(f"score {name!r} has no option {unknown[0]!r}; its options: {known}")
+        return values
 
 
 class _GradientAccumulator:
@@ -146,6 +172,137 @@ def magnitude_scores(model, params, loss_fn=None, data=None, *, seed=0, progress
     return {name: p.detach().float().abs().neg_() for name, p in params.items()}
 
 
+def owner_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """Parameter name -> the module that holds it as a direct attribute.
+
+    Example:
+        >>> net = nn.Sequential(nn.Embedding(5, 2), nn.Linear(2, 1))
+        >>> {n: type(m).__name__ for n, m in owner_modules(net, ["0.weight", "1.bias"]).items()}
+        {'0.weight': 'Embedding', '1.bias': 'Linear'}
+    """
+    modules = dict(model.named_modules())
+    return {name: modules[name.rpartition(".")[0]] for name in names}
+
+
+def fps_candidates(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """The `weight` of every nn.Linear / nn.Embedding among `params`: the entries FPS can score.
+
+    Biases, norms and convolutions have no input column to weigh, and nn.MultiheadAttention applies its
+    projections with F.linear, which no forward hook sees: a candidate inside one is refused rather than
+    silently never chosen.
+    """
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            prefix = f"{module_name}." if module_name else ""
+            inside = [n for n in params if n.startswith(prefix)]
+            if inside:
+                raise ValueError(
+                    f"score 'fps' cannot score {inside[0]!r}: nn.MultiheadAttention {module_name!r} applies its projection "
+                    f"weights with F.linear, whose inputs forward hooks do not see; exclude its parameters "
+                    f"(exclude=['{prefix}*']) or use a gradient score"
+                )
+    owners = owner_modules(model, params)
+    chosen = {n: p for n, p in params.items()
+              if n.rpartition(".")[2] == "weight" and isinstance(owners[n], (nn.Linear, nn.Embedding))}
+    if not chosen:
+        raise ValueError("score 'fps' scores only the weights of nn.Linear and nn.Embedding modules, and none is among "
+                         "the candidates; widen include/exclude or use another score")
+    return chosen
+
+
+def fps_scores(model, params, loss_fn, data, *, seed=0, progress=True):
+    """|W_ij| x mean |x_j|: each weight times the mean magnitude of the input it multiplies, forward only.
+
+    Forward hooks on the candidates' modules sum |input| per input column (nn.Linear: over every row of
+    the input it is called with, padding positions included; nn.Embedding, a Linear layer on one-hot
+    inputs: how often each token occurs) under `torch.no_grad()`. No backward pass and no activation
+    is kept, so phase 1 costs forward passes and one vector per layer. A layer the data never reaches
+    scores zero.
+    """
+    if data is None:
+        raise ValueError("score 'fps' needs training data: pass `data` (an iterable of batches) to select_mask")
+    owners = owner_modules(model, params)
+    sums = {n: torch.zeros(p.shape[1] if isinstance(owners[n], nn.Linear) else p.shape[0], dtype=torch.float32,
+                           device=p.device) for n, p in params.items()}
+    counts = {n: 0 for n in params}
+
+    def hook_for(name: str, module: nn.Module):
+        def hook(mod, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if isinstance(module, nn.Embedding):
+                sums[name] += torch.bincount(x.reshape(-1), minlength=module.num_embeddings).to(sums[name])
+                counts[name] += x.numel()
+            else:
+                sums[name] += x.detach().abs().float().reshape(-1, x.shape[-1]).sum(0)
+                counts[name] += x.numel() // x.shape[-1]
+
+        return hook
+
+    handles = [owners[n].register_forward_pre_hook(hook_for(n, owners[n]), with_kwargs=True) for n in params]
+    n_examples = 0
+    try:
+        with torch.no_grad():
+            for batch in tqdm(distributed.shard(data), desc="phase 1: fps", unit="batch", disable=not progress):
+                n_examples += per_example_losses(loss_fn, model, batch).numel()
+    finally:
+        for h in handles:
+            h.remove()
+    names = list(params)
+    if distributed.is_distributed():
+        total = torch.tensor([float(n_examples)] + [float(counts[n]) for n in names], device=sums[names[0]].device)
+        distributed.all_reduce_([*sums.values(), total])
+        n_examples = int(total[0].item())
+        counts = {n: int(c) for n, c in zip(names, total[1:].tolist())}
+    if n_examples == 0:
+        raise ValueError("select_mask got an empty dataset: `data` yielded no examples")
+    scores = {}
+    for name, p in params.items():
+        mean_input = sums[name] / max(counts[name], 1)
+        column = mean_input[None, :] if isinstance(owners[name], nn.Linear) else mean_input[:, None]
+        scores[name] = p.detach().float().abs() * column
+    return scores
+
+
+def lt_sft_scores(model, params, loss_fn, data, *, seed=0, progress=True, steps=100, lr=1e-4):
+    """|theta_ft - theta_0| after `steps` AdamW steps (lr `lr`, no weight decay) on an fp32 copy.
+
+    The copy trains the candidate parameters (all of them by default: LT-SFT's full fine-tuning) on
+    the batches of `data` in order, cycling when there are fewer than `steps` (the batches seen are
+    kept in memory), in eval mode like every phase-1 score, so the mask is deterministic. Under
+    torchrun every process runs the same fine-tuning on all the batches, so all select the same mask.
+    The model passed in is not changed: sparse training then starts from theta_0. Memory: a full
+    fine-tuning of the copy (weights, gradients and AdamW state in fp32).
+    """
+    if data is None:
+        raise ValueError("score 'lt-sft' needs training data: pass `data` (an iterable of batches) to select_mask")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"lt-sft: steps must be a positive integer (AdamW steps of the short fine-tuning); got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lt-sft: lr must be a positive learning rate; got {lr!r}")
+    tuned = copy.deepcopy(model).float()
+    tuned_params = dict(tuned.named_parameters())
+    for p in tuned.parameters():
+        p.requires_grad_(False)
+    trained = [tuned_params[n].requires_grad_(True) for n in params]
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    seen, source = [], iter(data)
+    for step in tqdm(range(steps), desc="phase 1: lt-sft fine-tuning", unit="step", disable=not progress):
+        batch = next(source, None) if source is not None else None
+        if batch is None:
+            source = None
+            if not seen:
+                raise ValueError("select_mask got an empty dataset: `data` yielded no examples")
+            batch = seen[step % len(seen)]
+        else:
+            seen.append(batch)
+        per_example_losses(loss_fn, tuned, batch).float().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    scores = {n: (tuned_params[n].detach() - p.detach().float()).abs_() for n, p in params.items()}
+    del tuned, optimizer
+    return scores
+
+
 SCORES: dict[str, Score] = {
     "grad": Score(grad_scores, needs_data=True, help="|dataset-averaged gradient| (SAFT)"),
     "fisher": Score(fisher_scores, needs_data=True, help="mean per-example squared gradient (SAFT-dagger / FISH)"),
@@ -153,6 +310,10 @@ SCORES: dict[str, Score] = {
     "magnitude": Score(magnitude_scores, needs_data=False, help="smallest |pretrained weight| first (WM ablation)"),
     "bias": Score(grad_scores, needs_data=True, help="biases only, ranked by |mean gradient| (BitFit at sparsity 1)",
                   is_candidate=is_bias),
+    "fps": Score(fps_scores, needs_data=True, help="|weight| x mean |input activation|, forward passes only (FPS); "
+                 "nn.Linear and nn.Embedding weights", restrict=fps_candidates),
+    "lt-sft": Score(lt_sft_scores, needs_data=True, help="|theta_ft - theta_0| after a short full fine-tuning of a copy "
+                    "(LT-SFT); training starts from theta_0"),
 }
 
 

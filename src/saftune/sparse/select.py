@@ -5,11 +5,17 @@ a float32 threshold (at most 32 passes, each counting `score >= t` tensor by ten
 exact k-th largest score; entries above it are all taken, and entries equal to it are taken in global
 order (parameter order, then flat index) until exactly k are chosen. Extra memory: one boolean tensor
 the size of the largest parameter, briefly.
+
+Budgets (how the d entries are spread before the scores rank them):
+    global      one top-k over all candidates (SAFT).
+    per_tensor  d split over tensors in proportion to their sizes, top-k inside each (SIFT).
+    per_row     the same count for every output unit (GPS, Zhang et al. 2024): see `per_row_select`.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 import math
 import numbers
@@ -21,9 +27,11 @@ import torch
 from torch import nn
 
 from saftune.sparse.mask import SparseMask
-from saftune.sparse.scores import LossFn, get_score, scoring_mode
+from saftune.sparse.scores import LossFn, get_score, owner_modules, scoring_mode
 
 logger = logging.getLogger(__name__)
+
+BUDGETS = ("global", "per_tensor", "per_row")
 
 
 def _float_to_key(x: float) -> int:
@@ -107,6 +115,108 @@ def per_tensor_budget(sizes: Sequence[int], d: int) -> list[int]:
     return quotas
 
 
+def row_view(score: torch.Tensor, columns_are_units: bool = False) -> torch.Tensor:
+    """A parameter's scores as [output units, entries per unit] (GPS's rows).
+
+    A weight of 2 or more dimensions (Linear, convolution, fused attention projection) has one row per
+    output unit along dim 0. An `nn.Embedding` weight [vocab, dim] is a Linear layer on one-hot inputs
+    whose output units are its `dim` columns (`columns_are_units`): each column is a row here. A 0-D
+    or 1-D tensor (bias, LayerNorm, class embedding) is one row.
+
+    Example:
+        >>> row_view(torch.arange(6.0).reshape(2, 3)).shape, row_view(torch.zeros(5)).shape
+        (torch.Size([2, 3]), torch.Size([1, 5]))
+    """
+    if score.numel() == 0:  # a zero-size tensor has no unit to give entries to
+        return score.reshape(0, 1)
+    if score.dim() < 2:
+        return score.reshape(1, -1)
+    if columns_are_units:  # a copy: row-wise top-k on a transposed view is several times slower
+        return score.reshape(score.shape[0], -1).T.contiguous()
+    return score.reshape(score.shape[0], -1)
+
+
+def _level_for(rows: Sequence[tuple[int, int]], d: int) -> int:
+    """The largest q with sum(count * min(length, q)) <= d, over (row count, row length) pairs."""
+    lo, hi = 0, max(length for _, length in rows)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(count * min(length, mid) for count, length in rows) <= d:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def per_row_select(scores: Sequence[torch.Tensor], d: int, columns_are_units: Sequence[bool] | None = None,
+                   ) -> list[torch.Tensor]:
+    """GPS's budget: every output unit (row, see `row_view`) gets the same number of entries, exactly d in all.
+
+    Every row takes its q best entries, q the largest level with sum over rows of min(row length, q)
+    <= d (a row shorter than q takes all of its entries). The r < (rows longer than q) entries left
+    over go, one each, to the rows whose next-best entry scores highest: a top-r over those entries,
+    ties broken by tensor order and then row index. Inside a row, equal scores go to the lower index.
+
+    Args:
+        scores: float32 score tensors, finite.
+        d: total entries to keep, 0 <= d <= total size.
+        columns_are_units: per tensor, True for `nn.Embedding` weights (their units are the columns).
+
+    Returns:
+        One sorted int64 tensor of flat indices per input tensor.
+
+    Example:
+        >>> per_row_select([torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 4.0]])], 3)
+        [tensor([0, 4, 5])]
+    """
+    columns_are_units = list(columns_are_units or [False] * len(scores))
+    views = [row_view(s, c) for s, c in zip(scores, columns_are_units)]
+    total = sum(v.numel() for v in views)
+    if not 0 <= d <= total:
+        raise ValueError(f"per_row_select: d={d} is outside [0, {total}]")
+    q = _level_for([(v.shape[0], v.shape[1]) for v in views if v.numel()], d) if total else 0
+    base, next_cols, next_scores = [], [], []
+    for v in views:
+        rows, cols = _row_best(v, min(v.shape[1], q))
+        base.append((rows, cols[0]))
+        next_cols.append(cols[1])
+        next_scores.append(cols[2])
+    extra = top_k(next_scores, d - sum(v.shape[0] * min(v.shape[1], q) for v in views))
+    chosen = []
+    for s, v, (row_of, col_of), next_col, columns, bonus in zip(scores, views, base, next_cols, columns_are_units, extra):
+        if bonus.numel():  # the extra entry of each chosen row: its next-best one
+            row_of = torch.cat([row_of, bonus])
+            col_of = torch.cat([col_of, next_col[bonus]])
+        if s.dim() >= 2 and columns:  # view [dim, vocab] of a [vocab, dim] weight
+            flat = col_of * v.shape[0] + row_of
+        else:
+            flat = row_of * v.shape[1] + col_of
+        chosen.append(torch.sort(flat).values)
+    return chosen
+
+
+def _row_best(v: torch.Tensor, take: int):
+    """The `take` best entries of every row of `v` [R, L] in stable descending order, and the next one.
+
+    Returns (row, column) indices of the best entries, and per row the column and score of the
+    next-best entry (empty when the rows have no entry left). Linear in the size of `v`: the (take+1)-th
+    largest score t of each row comes from `topk`; the entries above t are all among the best, and the
+    ties at t are taken in column order (`cumsum` ranks them), which is what a stable sort would give.
+    """
+    if take == v.shape[1]:  # the whole rows
+        rows, cols = torch.nonzero(torch.ones_like(v, dtype=torch.bool), as_tuple=True)
+        return rows, (cols, v.new_empty(0, dtype=torch.int64), v.new_empty(0))
+    threshold = torch.topk(v, take + 1, dim=1).values[:, -1:]  # [R, 1]
+    above = v > threshold
+    ties = v == threshold
+    needed = (take + 1) - above.sum(1, keepdim=True)  # >= 1: the (take+1)-th entry is a tie
+    rank = ties.cumsum(1, dtype=torch.int32)
+    best = above | (ties & (rank < needed))
+    rows, cols = torch.nonzero(best, as_tuple=True)
+    next_col = (ties & (rank == needed)).int().argmax(1)
+    return rows, (cols, next_col, threshold.squeeze(1).contiguous())
+
+
 def _matches(name: str, patterns: Iterable[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
@@ -177,6 +287,8 @@ def select_mask(
     budget: str = "global",
     seed: int = 0,
     progress: bool | None = None,
+    max_batches: int | None = None,
+    score_options: dict | None = None,
 ) -> SparseMask:
     """Phase 1 of SAFT: pick the d = floor(sparsity * D) most important entries.
 
@@ -188,12 +300,15 @@ def select_mask(
         loss_fn: `loss_fn(model, batch) -> [B]` per-example losses (needed by `grad`, `fisher`, `bias`).
         data: iterable of batches, passed to `loss_fn` one by one (a DataLoader, a list, ...).
         sparsity: fraction of the candidate entries to select, in (0, 1].
-        score: one of `saftune.sparse.scores.SCORES` (grad, fisher, random, magnitude, bias).
+        score: one of `saftune.sparse.scores.SCORES` (grad, fisher, random, magnitude, bias, fps, lt-sft).
         include: glob patterns of parameter names to select from (default: all parameters).
         exclude: glob patterns of parameter names never to select.
-        budget: "global" (one top-k over all candidates) or "per_tensor" (d spread in proportion to size).
+        budget: "global" (one top-k over all candidates), "per_tensor" (d spread in proportion to size)
+            or "per_row" (the same count per output unit, GPS; see `per_row_select`).
         seed: seed of the `random` score.
         progress: show a progress bar over the data (default: when stderr is a terminal).
+        max_batches: score from the first `max_batches` batches of `data` only (SIFT; default: all).
+        score_options: keyword options of the score (e.g. {"steps": 100, "lr": 1e-4} for "lt-sft").
 
     Returns:
         A `SparseMask` with exactly d entries.
@@ -206,9 +321,14 @@ def select_mask(
         2
     """
     spec = get_score(score)
-    if budget not in ("global", "per_tensor"):
-        raise ValueError(f"budget must be 'global' or 'per_tensor'; got {budget!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(map(repr, BUDGETS))}; got {budget!r}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive number of batches (or None for all); got {max_batches!r}")
+    score_options = spec.check_options(score, score_options)
     params = candidate_parameters(model, include, exclude, spec.is_candidate)
+    if spec.restrict is not None:
+        params = spec.restrict(model, params)
     shapes = {n: tuple(p.shape) for n, p in params.items()}
     num_candidates = sum(p.numel() for p in params.values())
     d = selected_count(sparsity, num_candidates)
@@ -219,6 +339,10 @@ def select_mask(
         "include": list(include) if include else None, "exclude": list(exclude) if exclude else None,
         "num_selected": d, "num_candidates": num_candidates,
     }
+    if max_batches is not None:
+        meta["max_batches"] = max_batches
+    if score_options:
+        meta["score_options"] = score_options
     if progress is None:
         import sys
 
@@ -229,7 +353,9 @@ def select_mask(
         return SparseMask(indices, shapes, meta)
 
     with scoring_mode(model, params.values()), torch.enable_grad():
-        scores = spec.compute(model, params, loss_fn, data, seed=seed, progress=progress)
+        if max_batches is not None and data is not None:
+            data = itertools.islice(data, max_batches)
+        scores = spec.compute(model, params, loss_fn, data, seed=seed, progress=progress, **score_options)
     names = list(params)
     for name in names:
         if not bool(torch.isfinite(scores[name]).all()):
@@ -239,6 +365,9 @@ def select_mask(
             )
     if budget == "global":
         chosen = top_k([scores[n] for n in names], d)
+    elif budget == "per_row":
+        embeddings = {n for n, module in owner_modules(model, names).items() if isinstance(module, nn.Embedding)}
+        chosen = per_row_select([scores[n] for n in names], d, [n in embeddings for n in names])
     else:
         chosen = [top_k([scores[n]], k)[0] for n, k in zip(names, per_tensor_budget([params[n].numel() for n in names], d))]
     del scores
