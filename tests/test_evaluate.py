@@ -128,7 +128,7 @@ def test_class_prompts_are_embedded_once_per_evaluation_and_stay_usable_by_autog
 
     # Cached class embeddings are filled inside inference mode yet are ordinary tensors: with frozen prompts,
     # a step with gradients reuses them and autograd saves them for the backward pass.
-    model.freeze_prompts = True
+    model.freeze_prompt_side()
     model.eval()
     predict(model, s)
     cache = model._class_cache

@@ -59,7 +59,7 @@ def test_class_embeddings_are_recomputed_with_gradients_and_cached_without():
     model.eval()  # a mode change drops the cache
     with torch.no_grad():
         assert model.class_embeddings() is not first
-    model.freeze_prompts = True
+    model.freeze_prompt_side()
     model.train()
     classification_loss(model, batch).mean().backward()
     model.zero_grad()

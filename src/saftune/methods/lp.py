@@ -20,6 +20,7 @@ from saftune import distributed
 from saftune._io import atomic_path
 from saftune.config import option
 from saftune.methods.base import Method, MethodConfig, register_method
+from saftune.models.zero_shot import DualEncoderClassifier
 from saftune.results import ResultError, ensure_head, write_result_config
 
 logger = logging.getLogger(__name__)
@@ -95,8 +96,8 @@ class LinearProbe(Method):
         self._head_names = probe(model, context, self.config)
         for p in model.parameters():  # everything stays frozen for the (empty) training loop
             p.requires_grad_(False)
-        if hasattr(model, "freeze_prompts"):
-            model.freeze_prompts = True
+        if isinstance(model, DualEncoderClassifier):
+            model.freeze_prompt_side()
 
     def trainable_parameters(self, model):
         return []

@@ -37,7 +37,7 @@ class SparseMethod(Method):
         if isinstance(model, DualEncoderClassifier):
             # A prompt side without selected entries cannot change: cache its class embeddings.
             prompt_side = set(model.scope_parameters("text"))
-            model.freeze_prompts = not prompt_side & set(self.mask.indices)
+            model.freeze_prompt_side(not prompt_side & set(self.mask.indices))
         logger.info("%s: %d of %d entries train", self.name, self.mask.num_selected, self.mask.num_candidates)
 
     def _selection_key(self, context) -> dict:

@@ -2,7 +2,7 @@
 
 A class embedding is the average of the normalised prompt embeddings over the templates, normalised
 again (CLIP's zero-shot recipe). Whenever gradients are enabled (training steps, phase-1 scoring) the
-class embeddings are recomputed, so gradients reach the prompt encoder, unless `freeze_prompts` says
+class embeddings are recomputed, so gradients reach the prompt encoder, unless `freeze_prompt_side` says
 the prompt side cannot change (linear probe, SAFT on the image encoder only). Without gradients
 (`torch.no_grad()`, `torch.inference_mode()`) they are computed once and cached; the cache is dropped by every step with gradients and by every mode
 change (`train()` / `eval()`), so an evaluation always sees the current weights.
@@ -39,7 +39,7 @@ class DualEncoderClassifier(Classifier):
 
     def __init__(self):
         super().__init__()
-        self.freeze_prompts = False  # set by methods whose prompt side cannot change (linear probe, SAFT image scope)
+        self._prompts_frozen = False  # see `freeze_prompt_side`
         self.encoding_prompts = False  # True while prompts go through the (possibly shared) encoder: CoOp's cue
         self.head: torch.nn.Linear | None = None  # a linear probe replaces the zero-shot head when attached
         self.fixed_templates: list[str] | None = None  # learned prompts (CoOp) keep their own template
@@ -68,6 +68,12 @@ class DualEncoderClassifier(Classifier):
         return torch.tensor(100.0)
 
     # -- the zero-shot head -------------------------------------------------------------------------
+    def freeze_prompt_side(self, frozen: bool = True) -> None:
+        """Declare that training cannot change the class prompts' embeddings (a linear probe, SAFT without
+        selected entries on the prompt side): they are then computed once and cached, also in training."""
+        self._prompts_frozen = frozen
+        self._class_cache = None
+
     def set_classes(self, classnames, templates=None) -> None:
         if self.head is not None and self.head.out_features != len(classnames):
             raise ValueError(
@@ -101,7 +107,7 @@ class DualEncoderClassifier(Classifier):
 
     def class_embeddings(self) -> torch.Tensor:
         """Class embeddings: recomputed whenever gradients are on (training, phase-1 scoring), cached otherwise."""
-        if torch.is_grad_enabled() and not self.freeze_prompts:
+        if torch.is_grad_enabled() and not self._prompts_frozen:
             self._class_cache = None  # a step with gradients may change the prompt encoder
             return self.compute_class_embeddings()
         if self._class_cache is None:
