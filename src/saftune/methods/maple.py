@@ -26,7 +26,7 @@ from torch import nn
 from saftune.config import option
 from saftune.methods.base import Method, MethodConfig, register_method
 from saftune.methods.prompt_context import context_template, install_template, replace_context
-from saftune.methods.results import write_result_config
+from saftune.results import write_result_config
 
 PROMPT_FILE = "prompt.safetensors"  # the `prompt` result kind's file, as CoOp's
 
