@@ -187,7 +187,7 @@ def cmd_select(args) -> int:
     started = time.perf_counter()
     mask = select_mask(model, classification_loss, batches(), sparsity=args.sparsity, score=args.score,
                        include=model.scope_patterns(args.scope), budget=args.budget, seed=config.seed,
-                       progress=sys.stderr.isatty())
+                       max_batches=args.max_batches, progress=sys.stderr.isatty())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mask.meta.update({"model": config.model, "dataset": config.dataset, "scope": args.scope, "seed": config.seed})
@@ -427,9 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("select", help="phase 1 only: select a SAFT mask and write its per-block summary")
     _add_run_options(p, with_method=False)
     p.add_argument("--sparsity", type=float, default=1e-3, help="fraction of parameters to select (default 0.001)")
-    p.add_argument("--score", default="grad", help="grad (SAFT), fisher, random, magnitude or bias")
+    p.add_argument("--score", default="grad", help="grad (SAFT), fisher, random, magnitude, bias, fps or lt-sft")
     p.add_argument("--scope", default="all", choices=("all", "image", "text"), help="which encoder may be selected")
-    p.add_argument("--budget", default="global", choices=("global", "per_tensor"), help="global or per-tensor top-k")
+    p.add_argument("--budget", default="global", choices=("global", "per_tensor", "per_row"),
+                   help="global top-k, per tensor, or per output row (GPS)")
+    p.add_argument("--max-batches", type=int, help="score only the first N batches (SIFT-style, with --budget per_tensor)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size of the gradient pass")
     p.add_argument("--out", required=True, help="directory for mask.safetensors and mask_summary.{json,txt}")
     p.set_defaults(func=cmd_select)
