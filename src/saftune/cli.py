@@ -87,20 +87,9 @@ def _metrics_table(metrics: dict) -> str:
 
 
 def _model_and_benchmark(config):
-    """The benchmark of a run configuration and its pretrained model, set to the benchmark's classes.
+    from saftune.run import build_model_and_benchmark
 
-    Every command builds them here, so each refuses a model whose inputs are not the dataset's.
-    """
-    from saftune.models import create
-    from saftune.run import build_benchmark
-
-    bench = build_benchmark(config)
-    model = create(config.model, **({"seed": config.seed} | config.model_options))
-    if model.modality != bench.modality:
-        raise ValueError(f"model {config.model!r} takes {model.modality} inputs but dataset {config.dataset!r} holds "
-                         f"{bench.modality}; choose a {bench.modality} model (saftune list models)")
-    model.set_classes(bench.classnames, bench.templates)
-    return model, bench
+    return build_model_and_benchmark(config)
 
 
 def _result_run_config(args):

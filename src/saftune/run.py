@@ -66,6 +66,21 @@ def build_benchmark(config: RunConfig):
     return bench
 
 
+def build_model_and_benchmark(config: RunConfig, model_cache: dict | None = None):
+    """The run's benchmark and its pretrained model, set to the benchmark's classes.
+
+    Runs and every CLI command build them here, so each refuses a model whose inputs are not the
+    dataset's (before any training).
+    """
+    bench = build_benchmark(config)
+    model = _pretrained(config, model_cache)
+    if model.modality != bench.modality:
+        raise ValueError(f"model {config.model!r} takes {model.modality} inputs but dataset {config.dataset!r} holds "
+                         f"{bench.modality}; choose a {bench.modality} model (saftune list models)")
+    model.set_classes(bench.classnames, bench.templates)
+    return model, bench
+
+
 def _loss_curve(history: list[dict], points: int = 200) -> list[list[float]]:
     """(step, loss) pairs, thinned to at most `points` for the report's training-curve plot."""
     losses = [(h["step"], round(h["loss"], 5)) for h in history if "loss" in h]
@@ -116,12 +131,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
     if writes:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "run.json", config.to_dict())
-    bench = build_benchmark(config)
-    model = _pretrained(config, model_cache)
-    if model.modality != bench.modality:
-        raise ValueError(f"model {config.model!r} takes {model.modality} inputs but dataset {config.dataset!r} holds "
-                         f"{bench.modality}; choose a {bench.modality} model (saftune list models)")
-    model.set_classes(bench.classnames, bench.templates)
+    model, bench = build_model_and_benchmark(config, model_cache)
     total_params = sum(p.numel() for p in model.parameters())
     train_config = config.train.replace(seed=config.seed)
 
