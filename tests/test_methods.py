@@ -212,7 +212,7 @@ def test_wiseft_choose_alpha_reports_the_best_validation_alpha_and_its_curve():
 
     options = {"base": "saft", "lr": 3e-2, "choose_alpha": True, "alphas": [0.0, 0.5, 1.0], "base_options": {"sparsity": 0.05}}
     record = run_experiment(RunConfig(model="tiny-sentence", dataset="toy-text", method="wiseft", method_options=options,
-                                      train={"epochs": 3, "batch_size": 4, "progress": False}, seed=1))
+                                      train=TrainConfig(epochs=3, batch_size=4, progress=False), seed=1))
     vals = {point["alpha"]: point["val"] for point in record.wiseft_curve}
     best = max(vals.values())
     assert record.wiseft_alpha == min(a for a, v in vals.items() if v == best)  # ties: nearer the pretrained model
