@@ -333,8 +333,8 @@ def select_hyperparameters(grid: GridConfig, out_dir: Path, model_cache: dict | 
                    "seeds": seeds, "val_mean": best.mean, "val_std": best.std, "extensions": extensions,
                    "trials": [t.to_dict() for t in trials]}
         if at_edge:
-            logger.warning("selection %s: the best %s lie at the edge of the searched values even after extending; "
-                           "widen the list or the limits", name, sorted(at_edge))
+            logger.warning("selection %s: the best %s lie at the edge of the searched values (selection.extend = %d); "
+                           "widen the list, or raise `extend` or the limits", name, sorted(at_edge), grid.selection.extend)
         done[name] = outcome
         write_json(cache_path, {"settings": key, "metric": "val", "seeds": seeds, "variants": done})
         if reusable:
