@@ -6,6 +6,7 @@ import torch
 
 from saftune.data import Benchmark, Split
 from saftune.eval import evaluate, predict
+from saftune.eval.evaluate import evaluate_split
 from saftune.models import create
 from saftune.models.text import TokenizedTexts
 
@@ -119,12 +120,14 @@ def test_class_prompts_are_embedded_once_per_evaluation_and_stay_usable_by_autog
     assert len(metrics) == 5 and len(calls) == 1  # val, id, two OOD sets: one prompt pass
     evaluate(model, bench, batch_size=4)
     assert len(calls) == 2  # a new call embeds them again (weights may have changed in between)
+    evaluate_split(model, bench, s, batch_size=4)
+    assert len(calls) == 3  # so does every single-split evaluation, even in eval mode (an interpolated model)
 
     # A split with its own class names gets its own prompts, and the benchmark's come back after it.
     own = Split("own", TEXTS, LABELS, classnames=["awful", "great"])
     bench.ood["own"] = own
     evaluate(model, bench, batch_size=4)
-    assert len(calls) == 4 and model.classnames == ["negative", "positive"]  # id (a, b reuse it), then own
+    assert len(calls) == 5 and model.classnames == ["negative", "positive"]  # id (a, b reuse it), then own
 
     # Cached class embeddings are filled inside inference mode yet are ordinary tensors: with frozen prompts,
     # a step with gradients reuses them and autograd saves them for the backward pass.

@@ -42,7 +42,8 @@ def _task(model: Classifier, benchmark: Benchmark, split: Split):
             model.set_classes(benchmark.classnames, benchmark.templates)
 
 
-def predict(model: Classifier, split: Split, *, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+def predict(model: Classifier, split: Split, *, batch_size: int = 64, progress: bool = False,
+            fresh_prompts: bool = True) -> torch.Tensor:
     """Logits [N, C] of a split (projected onto its class subset when it has one), in eval mode, in input order.
 
     The model prepares the split once (`Classifier.prepare`: text models tokenize it) and batches examples
@@ -56,9 +57,10 @@ def predict(model: Classifier, split: Split, *, batch_size: int = 64, progress: 
         >>> predict(model, Split("toy", ["a long and rather good film", "bad"], [1, 0])).shape
         torch.Size([2, 2])
     """
-    # Only when some module is in training mode: a mode change drops the class-prompt embeddings a dual
-    # encoder caches, which `evaluate` computes once for all its splits.
-    if any(m.training for m in model.modules()):
+    # Switching to eval mode drops the class-prompt embeddings a dual encoder caches: the weights may have
+    # changed since the last call even in eval mode (WiSE-FT interpolation, a loaded result). Only
+    # `evaluate`, whose splits all see the same weights, keeps them across its splits (fresh_prompts=False).
+    if fresh_prompts or any(m.training for m in model.modules()):
         model.eval()
     device = next(model.parameters()).device
     prepared = model.prepare(split.inputs)
@@ -81,12 +83,12 @@ def predict(model: Classifier, split: Split, *, batch_size: int = 64, progress: 
 
 
 def evaluate_split(model: Classifier, benchmark: Benchmark, split: Split, *, batch_size: int = 64,
-                   progress: bool = False) -> float:
-    """Top-1 accuracy on one split."""
+                   progress: bool = False, fresh_prompts: bool = True) -> float:
+    """Top-1 accuracy on one split (`fresh_prompts`: see `predict`)."""
     if len(split) == 0:
         raise ValueError(f"split {split.name!r} is empty: nothing to evaluate")
     with _task(model, benchmark, split):
-        logits = predict(model, split, batch_size=batch_size, progress=progress)
+        logits = predict(model, split, batch_size=batch_size, progress=progress, fresh_prompts=fresh_prompts)
     return top1(logits, torch.as_tensor(split.labels))
 
 
@@ -100,15 +102,16 @@ def evaluate(model: Classifier, benchmark: Benchmark, *, batch_size: int = 64, i
     if model.classnames != benchmark.classnames or model.templates != benchmark.templates:
         model.set_classes(benchmark.classnames, benchmark.templates)
     metrics: dict[str, float] = {}
-    # Eval mode once for all splits: a dual encoder then embeds its class prompts once per call (weights do
-    # not change while it evaluates), not once per split.
+    # Eval mode once for all splits (weights do not change while it evaluates): a dual encoder embeds its
+    # class prompts once per call, not once per split.
     model.eval()
+    options = {"batch_size": batch_size, "progress": progress, "fresh_prompts": False}
     try:
         if include_val:
-            metrics["val"] = evaluate_split(model, benchmark, benchmark.val, batch_size=batch_size, progress=progress)
-        metrics["id"] = evaluate_split(model, benchmark, benchmark.test, batch_size=batch_size, progress=progress)
+            metrics["val"] = evaluate_split(model, benchmark, benchmark.val, **options)
+        metrics["id"] = evaluate_split(model, benchmark, benchmark.test, **options)
         for name, split in benchmark.ood.items():
-            metrics[f"ood/{name}"] = evaluate_split(model, benchmark, split, batch_size=batch_size, progress=progress)
+            metrics[f"ood/{name}"] = evaluate_split(model, benchmark, split, **options)
     finally:
         model.train(was_training)
     if benchmark.ood:
