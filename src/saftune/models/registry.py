@@ -233,6 +233,14 @@ def _causal_lm(path: str, options: CausalLMFileOptions):
                           use_chat_template=options.use_chat_template)
 
 
+@register_model("smollm2", "SmolLM2-135M-Instruct, dequantized from its 4-bit GGUF (embedded asset; needs saftune[llm])",
+                options=CausalLMOptions)
+def _smollm2(options: CausalLMOptions):
+    from saftune.assets import SMOLLM2_FILE, asset_path
+
+    return _causal_lm(str(asset_path("smollm2") / SMOLLM2_FILE), CausalLMFileOptions(**options.to_dict()))
+
+
 @register_model("efficientnet-lite0", "EfficientNet-Lite0 with its ImageNet weights (embedded asset)",
                 options=ImageModelOptions)
 def _efficientnet(options: ImageModelOptions):
