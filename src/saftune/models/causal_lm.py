@@ -120,6 +120,7 @@ class CausalLM(Classifier):
         self.max_length = max_length or context
         self.use_chat_template = bool(use_chat_template and getattr(tokenizer, "chat_template", None))
         self.scopes = _module_scopes(model, "lm.")
+        self.train(model.training)  # the wrapper starts in the model's mode (from_pretrained gives eval: no dropout)
 
     # -- facts -------------------------------------------------------------------------------------
     @property

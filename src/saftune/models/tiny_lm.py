@@ -69,8 +69,10 @@ def tiny_lm_config(arch: str = "llama", *, tie: bool = True, vocab_size: int = 2
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                            tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias, bos_token_id=256, eos_token_id=256)
     if arch == "gpt2":
+        # No dropout: a tiny model must be a deterministic function in train mode too (tests compare steps).
         return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=context,
-                          tie_word_embeddings=tie, bos_token_id=256, eos_token_id=256)
+                          tie_word_embeddings=tie, bos_token_id=256, eos_token_id=256,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     raise ValueError(f"tiny causal LM architecture must be 'llama' or 'gpt2'; got {arch!r}")
 
 
