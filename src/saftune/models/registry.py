@@ -236,9 +236,9 @@ def _causal_lm(path: str, options: CausalLMFileOptions):
 @register_model("smollm2", "SmolLM2-135M-Instruct, dequantized from its 4-bit GGUF (embedded asset; needs saftune[llm])",
                 options=CausalLMOptions)
 def _smollm2(options: CausalLMOptions):
-    from saftune.assets import SMOLLM2_FILE, asset_path
+    from saftune.models.causal_lm import smollm2_gguf
 
-    return _causal_lm(str(asset_path("smollm2") / SMOLLM2_FILE), CausalLMFileOptions(**options.to_dict()))
+    return _causal_lm(str(smollm2_gguf()), CausalLMFileOptions(**options.to_dict()))
 
 
 @register_model("efficientnet-lite0", "EfficientNet-Lite0 with its ImageNet weights (embedded asset)",
