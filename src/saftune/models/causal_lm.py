@@ -245,6 +245,18 @@ class CausalLM(Classifier):
         """Next-token logits [B, T, V] of a batch (`input_ids`, `attention_mask`): the full model output."""
         return self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
+    def collate(self, examples, labels=None, *, train: bool = False) -> dict:
+        """(prompt, answer) pairs -> a fine-tuning batch (see `saftune.data.llm.sft`); `labels` are unused."""
+        from saftune.data.llm.sft import collate_sft, encode_sft
+
+        return collate_sft(encode_sft(self, examples), pad_id=self.tokenizer.pad_token_id)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """Per-example loss [B]: the mean negative log-likelihood of each example's answer tokens."""
+        from saftune.data.llm.sft import sft_loss
+
+        return sft_loss(self, batch)
+
     def set_classes(self, classnames, templates=None) -> None:
         raise ValueError("a causal LM has no class head; score options with saftune.eval.multiple_choice instead")
 
