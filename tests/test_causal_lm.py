@@ -234,9 +234,18 @@ def test_sparse_delta_on_tied_embeddings_round_trips_exactly(tmp_path):
     _lm_loss(dense_lm, ids, mask).backward()
     dense_grad = dense_lm.lm.model.embed_tokens.weight.grad.reshape(-1)[chosen]
 
+    # Both uses of the tied tensor run sparse kernels (no dense vocabulary x hidden gradient), or hooks when asked.
+    hooked_lm = tiny_causal_lm("llama", seed=2)
+    hooked = saftune.sparsify(hooked_lm, mask_, kernels="off")
+    _lm_loss(hooked_lm, ids, mask).backward()
+    assert "tied=0, hook=1" in repr(hooked)
+    assert torch.allclose(hooked.trainable_parameters()[0].grad, dense_grad, atol=1e-6)
+
     sm = saftune.sparsify(lm, mask_)
+    assert "tied=1, hook=0" in repr(sm)
     opt = torch.optim.SGD(sm.trainable_parameters(), lr=0.5)
     _lm_loss(lm, ids, mask).backward()
+    assert lm.lm.model.embed_tokens.weight.grad is None  # no dense gradient at all
     assert torch.allclose(sm.trainable_parameters()[0].grad, dense_grad, atol=1e-6)
     assert float(dense_grad.abs().min()) > 0  # every chosen entry is reached (as input row or through the head)
     opt.step()
