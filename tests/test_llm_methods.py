@@ -109,3 +109,19 @@ def test_collate_builds_sft_batches_from_pairs():
     batch = lm.collate(PAIRS[:2])
     assert torch.equal(batch["targets"], _batches(lm, size=2)[0]["targets"])
     assert torch.equal(lm.loss(batch), sft_loss(lm, batch))
+
+
+@pytest.mark.parametrize("scope", ["attention", "mlp", "embeddings"])
+def test_saft_scopes_of_a_causal_lm_select_inside_the_scope(scope):
+    lm = tiny_causal_lm("gpt2", seed=4)
+    method = create_method("saft", sparsity="0.05", scope=scope)
+    method.prepare(lm, PrepareContext(batches=lambda: iter(_batches(lm))))
+    allowed = lm.scope_parameters(scope)
+    assert method.mask.num_selected > 0 and set(method.mask.indices) <= set(allowed)
+    assert method.mask.num_candidates == sum(p.numel() for p in allowed.values())
+
+
+def test_a_classifier_scope_on_a_causal_lm_is_refused():
+    lm = tiny_causal_lm("llama")
+    with pytest.raises(ValueError, match="scope 'image' is not defined for CausalLM; choose from all, attention, mlp"):
+        create_method("saft", scope="image").prepare(lm, PrepareContext(batches=lambda: iter(_batches(lm))))
