@@ -93,6 +93,9 @@ def test_scopes_follow_module_types_in_both_architectures():
         assert not names["attention"] & names["mlp"]
         assert lm.parameters_matching(lm.scope_patterns("embeddings")) == sorted(names["embeddings"], key=list(dict(lm.named_parameters())).index)
     assert set(tiny_causal_lm("gpt2").scope_parameters("embeddings")) == {"lm.transformer.wte.weight", "lm.transformer.wpe.weight"}
+    # A tied head has no parameter name of its own; an untied one belongs to the embeddings scope.
+    assert "lm.lm_head.*" not in tiny_causal_lm("llama").scope_patterns("embeddings")
+    assert "lm.lm_head.weight" in tiny_causal_lm("llama", tie=False).scope_parameters("embeddings")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -82,7 +82,11 @@ def _module_scopes(model: nn.Module, prefix: str) -> dict[str, list[str]]:
             scopes["embeddings"].append(pattern)
         elif "Norm" in kind:
             scopes["norm"].append(pattern)
-    return scopes
+    # A tied output projection owns no parameter name of its own (named_parameters lists a shared tensor
+    # once): keep only patterns that name a parameter, as select_mask requires.
+    names = [f"{prefix}{n}" for n, _ in model.named_parameters()]
+    return {scope: [p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)]
+            for scope, patterns in scopes.items()}
 
 
 class CausalLM(Classifier):
