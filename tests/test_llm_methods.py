@@ -125,3 +125,18 @@ def test_a_classifier_scope_on_a_causal_lm_is_refused():
     lm = tiny_causal_lm("llama")
     with pytest.raises(ValueError, match="scope 'image' is not defined for CausalLM; choose from all, attention, mlp"):
         create_method("saft", scope="image").prepare(lm, PrepareContext(batches=lambda: iter(_batches(lm))))
+
+
+def test_lora_adapts_every_linear_projection_of_a_llama_but_not_its_head():
+    from saftune.methods.lora import default_targets
+
+    lm = tiny_causal_lm("llama", seed=5)
+    targets = default_targets(lm)
+    assert "lm.lm_head" not in targets and len(targets) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    batches = _batches(lm)
+    before, start_loss = _snapshot(lm), _mean_loss(lm, batches)
+    method = create_method("lora", lr="1e-2")
+    _train(method, lm, batches, steps=8)
+    assert _mean_loss(lm, batches) < start_loss - 0.05
+    base = {n.replace(".base_layer", ""): p for n, p in lm.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(base[n], before[n]) for n in before)  # the pretrained weights stay frozen

@@ -85,8 +85,11 @@ def _module_scopes(model: nn.Module, prefix: str) -> dict[str, list[str]]:
     # A tied output projection owns no parameter name of its own (named_parameters lists a shared tensor
     # once): keep only patterns that name a parameter, as select_mask requires.
     names = [f"{prefix}{n}" for n, _ in model.named_parameters()]
-    return {scope: [p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)]
-            for scope, patterns in scopes.items()}
+    scopes = {scope: [p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)]
+              for scope, patterns in scopes.items()}
+    # "head" names the output projection module even when tied, so that LoRA's default targets leave it out.
+    head = [f"{prefix}{n}.*" for n, m in model.named_modules() if m is output]
+    return {**scopes, "head": head}
 
 
 class CausalLM(Classifier):
@@ -100,7 +103,8 @@ class CausalLM(Classifier):
         use_chat_template: wrap prompts in the tokenizer's chat template when it has one.
 
     Parameter names start with "lm." (the wrapped model); scopes "attention", "mlp", "embeddings"
-    and "norm" select parameters by module type, whatever the architecture names them.
+    and "norm" select parameters by module type, whatever the architecture names them; "head" names
+    the output projection module (tied or not), which LoRA leaves out.
     """
 
     modality = "text"
