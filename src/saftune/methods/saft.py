@@ -27,8 +27,9 @@ class SAFTConfig(MethodConfig):
     sparsity: float = option(1e-3, "fraction of the parameters that train (paper: 0.001)", low=0.0, low_open=True, high=1.0)
     score: str = option("grad", "importance score: grad (SAFT), fisher, random, magnitude, bias, fps (|W| x mean "
                         "|input|, forward only), lt-sft (|change| after a short full fine-tuning)", choices=tuple(SCORES))
-    scope: str = option("all", "which parameters may be selected: all, image (input encoder), text (prompt encoder)",
-                        choices=("all", "image", "text"))
+    scope: str = option("all", "which parameters may be selected: all, image (input encoder), text (prompt encoder); "
+                        "causal LMs: attention, mlp, embeddings, norm", choices=("all", "image", "text", "attention", "mlp",
+                                                                                  "embeddings", "norm"))
     budget: str = option("global", "global top-k; per_tensor (d spread in proportion to tensor size, SIFT); per_row "
                          "(the same count per output unit, GPS)", choices=BUDGETS)
     max_batches: int | None = option(None, "score from the first N training batches only (SIFT; default: all)", low=1)

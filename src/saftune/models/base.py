@@ -71,7 +71,13 @@ def classification_loss_from_logits(logits: torch.Tensor, batch: dict) -> torch.
 
 
 def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """`loss_fn(model, batch) -> [B]` for `select_mask` and the trainer: per-example cross-entropy."""
+    """`loss_fn(model, batch) -> [B]` for `select_mask` and the trainer: per-example cross-entropy.
+
+    A `Classifier` supplies its own task loss (`Classifier.loss`): cross-entropy over its classes, or, for
+    a causal LM, the negative log-likelihood of the answer tokens. So every method trains any family.
+    """
+    if isinstance(model, Classifier):
+        return model.loss(batch)
     return classification_loss_from_logits(model(batch), batch)
 
 
@@ -122,6 +128,10 @@ class Classifier(nn.Module):
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """Per-example training loss [B] of a batch from `collate` (cross-entropy over the classes)."""
+        return classification_loss_from_logits(self(batch), batch)
 
     def linear_head(self) -> nn.Linear:
         """The linear layer mapping `features(batch)` to logits (what a linear probe trains)."""

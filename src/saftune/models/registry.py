@@ -9,7 +9,7 @@ which carries its own preprocessing / tokenizer (`collate`) and works with `clas
 
 Example:
     >>> sorted(list_models())[:3]
-    ['efficientnet-lite0', 'hf-classifier:<path>', 'hf-clip:<path-or-id>']
+    ['causal-lm:<path-or-id>', 'efficientnet-lite0', 'hf-classifier:<path>']
     >>> [row[0] for row in model_options_class("minilm").describe()]
     ['seed', 'scale']
 """
@@ -52,6 +52,30 @@ class ImageModelOptions(ModelOptions):
     """An image classifier with its own input resolution."""
 
     image_size: int = option(224, "input side in pixels", low=1)
+
+
+@dataclass
+class CausalLMOptions(ModelOptions):
+    """A decoder-only language model (see `saftune.models.causal_lm`)."""
+
+    dtype: str = option("float32", "weight dtype", choices=("float32", "bfloat16"))
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, more time)")
+    max_length: int | None = option(None, "longest sequence fed to the model (default: its context length)", low=2)
+    use_chat_template: bool = option(True, "wrap prompts in the tokenizer's chat template when it has one")
+
+
+@dataclass
+class CausalLMFileOptions(CausalLMOptions):
+    """A causal LM from a directory, hub id or GGUF file."""
+
+    gguf_file: str | None = option(None, "name of a .gguf file inside the directory given as the argument")
+
+
+@dataclass
+class TinyLMOptions(ModelOptions):
+    """A tiny random causal LM."""
+
+    chat_template: bool = option(False, "attach a ChatML chat template to the byte tokenizer")
 
 
 @dataclass(frozen=True)
@@ -199,6 +223,24 @@ def _t5(path: str, options: T5Options):
                                   input_template=options.input_template)
 
 
+@register_model("causal-lm", "any transformers causal LM (Llama, Qwen, Mistral, Gemma, GPT-2, OPT): a directory, "
+                "hub id or .gguf file", options=CausalLMFileOptions, argument="path-or-id")
+def _causal_lm(path: str, options: CausalLMFileOptions):
+    from saftune.models.causal_lm import load_causal_lm
+
+    return load_causal_lm(path, dtype=options.dtype, gradient_checkpointing=options.gradient_checkpointing,
+                          gguf_file=options.gguf_file, max_length=options.max_length,
+                          use_chat_template=options.use_chat_template)
+
+
+@register_model("smollm2", "SmolLM2-135M-Instruct, dequantized from its 4-bit GGUF (embedded asset; needs saftune[llm])",
+                options=CausalLMOptions)
+def _smollm2(options: CausalLMOptions):
+    from saftune.models.causal_lm import smollm2_gguf
+
+    return _causal_lm(str(smollm2_gguf()), CausalLMFileOptions(**options.to_dict()))
+
+
 @register_model("efficientnet-lite0", "EfficientNet-Lite0 with its ImageNet weights (embedded asset)",
                 options=ImageModelOptions)
 def _efficientnet(options: ImageModelOptions):
@@ -234,6 +276,21 @@ def _tiny_t5(options: ModelOptions):
     from saftune.models.tiny import tiny_t5
 
     return tiny_t5(options.seed)
+
+
+@register_model("tiny-llama", "tiny random Llama causal LM with a byte tokenizer (tests, smoke runs)",
+                options=TinyLMOptions)
+def _tiny_llama(options: TinyLMOptions):
+    from saftune.models.tiny_lm import tiny_causal_lm
+
+    return tiny_causal_lm("llama", options.seed, chat_template=options.chat_template)
+
+
+@register_model("tiny-gpt2", "tiny random GPT-2 causal LM with a byte tokenizer (tests, smoke runs)")
+def _tiny_gpt2(options: ModelOptions):
+    from saftune.models.tiny_lm import tiny_causal_lm
+
+    return tiny_causal_lm("gpt2", options.seed)
 
 
 @register_model("tiny-cnn", "EfficientNet-Lite0 architecture, random weights, 32px input (tests)")

@@ -11,6 +11,9 @@ value vectors in one of four ways, chosen per tensor:
   same kernel (`saftune.sparse.attention`).
 * `embedding`: an exact `nn.Embedding` weight: `SparseEmbeddingFunction` adds output gradients into the
   selected rows only.
+* `tied`: one tensor that is both an exact `nn.Embedding`'s weight and an exact `nn.Linear`'s weight (a
+  language model's tied input and output embeddings): both kernels above, each adding its part of the
+  gradient into the same value vector, so no dense vocabulary x hidden gradient is formed.
 * `hook`: anything else (convolutions, LayerNorm, raw parameters, denser tensors). The
   tensor keeps `requires_grad`, and a post-accumulate-grad hook gathers the selected entries of its dense
   gradient into `values.grad` and frees the dense gradient at once, tensor by tensor.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -97,10 +100,27 @@ def _attention_projections(model: nn.Module) -> dict[int, nn.MultiheadAttention]
     return found
 
 
+def _plain_embedding(module: nn.Module, attr: str) -> bool:
+    """An exact nn.Embedding weight whose forward `SparseEmbeddingFunction` reproduces."""
+    return (attr == "weight" and type(module) is nn.Embedding and "forward" not in module.__dict__
+            and module.max_norm is None and not module.sparse and not module.scale_grad_by_freq)
+
+
+def _tied_pair(owners: list[tuple[nn.Module, str]]) -> tuple[nn.Embedding, nn.Linear] | None:
+    """(embedding, linear) when a tensor is exactly one plain nn.Embedding's and one nn.Linear's weight."""
+    if len(owners) != 2:
+        return None
+    embedding = [m for m, attr in owners if _plain_embedding(m, attr)]
+    linear = [m for m, attr in owners if attr == "weight" and type(m) is nn.Linear and "forward" not in m.__dict__]
+    return (embedding[0], linear[0]) if len(embedding) == 1 and len(linear) == 1 else None
+
+
 def _choose_path(param: nn.Parameter, owners: list[tuple[nn.Module, str]], density: float, kernels: str, in_attention: bool) -> str:
+    sparse_enough = kernels == "on" or density <= LINEAR_KERNEL_MAX_DENSITY
+    if kernels != "off" and sparse_enough and not in_attention and _tied_pair(owners) is not None:
+        return "tied"
     if kernels == "off" or len(owners) != 1:
         return "hook"
-    sparse_enough = kernels == "on" or density <= LINEAR_KERNEL_MAX_DENSITY
     if in_attention and param.dim() == 2:
         return "attention" if sparse_enough else "hook"
     module, attr = owners[0]
@@ -109,7 +129,7 @@ def _choose_path(param: nn.Parameter, owners: list[tuple[nn.Module, str]], densi
     # Exact types only: a subclass may have its own forward.
     if type(module) is nn.Linear and sparse_enough:
         return "linear"
-    if type(module) is nn.Embedding and module.max_norm is None and not module.sparse and not module.scale_grad_by_freq:
+    if _plain_embedding(module, attr):
         return "embedding"
     return "hook"
 
@@ -166,7 +186,12 @@ class SparseModel:
             values = nn.Parameter(pretrained.to(dtype).clone())
             path = _choose_path(param, owners.get(id(param), []), idx.numel() / param.numel(), kernels, id(param) in attention_of)
             slot = _Slot(name, param, idx, values, pretrained, path)
-            self._install(slot, attention_of[id(param)] if path == "attention" else owners[id(param)][0][0])
+            if path == "tied":
+                embedding, linear = _tied_pair(owners[id(param)])
+                self._install(replace(slot, path="embedding"), embedding)
+                self._install(replace(slot, path="linear"), linear)
+            else:
+                self._install(slot, attention_of[id(param)] if path == "attention" else owners[id(param)][0][0])
             self._slots.append(slot)
         for module, routes in self._attention_routes.items():  # one forward per attention module, for all its routes
             module.forward = partial(attention_forward, module, routes)
@@ -178,9 +203,10 @@ class SparseModel:
             _HOOK_HANDLE = register_optimizer_step_post_hook(_sync_after_step)
         paths = [s.path for s in self._slots]
         logger.info(
-            "sparsify: %d trainable values in %d tensors (linear kernel %d, attention kernel %d, embedding kernel %d, hook %d)",
+            "sparsify: %d trainable values in %d tensors (linear kernel %d, attention kernel %d, embedding kernel %d, "
+            "tied embedding kernels %d, hook %d)",
             self.num_trainable, len(self._slots), paths.count("linear"), paths.count("attention"), paths.count("embedding"),
-            paths.count("hook"),
+            paths.count("tied"), paths.count("hook"),
         )
 
     def _install(self, slot: _Slot, module: nn.Module) -> None:
@@ -283,7 +309,7 @@ class SparseModel:
         return (
             f"SparseModel(trainable={self.num_trainable}, tensors={len(self._slots)}, "
             f"linear={paths.count('linear')}, attention={paths.count('attention')}, embedding={paths.count('embedding')}, "
-            f"hook={paths.count('hook')})"
+            f"tied={paths.count('tied')}, hook={paths.count('hook')})"
         )
 
 

@@ -1,0 +1,13 @@
+"""Causal-LM task data: supervised (prompt, answer) pairs and multiple-choice items.
+
+Example:
+    >>> from saftune.data.llm import MultipleChoiceItem, SFTExample
+    >>> SFTExample("Capital of France?", "Paris").answer
+    'Paris'
+"""
+
+from saftune.data.llm.multiple_choice import MultipleChoiceError, MultipleChoiceItem
+from saftune.data.llm.sft import SFTDataError, SFTEncoding, SFTExample, collate_sft, encode_sft, sft_loss
+
+__all__ = ["MultipleChoiceError", "MultipleChoiceItem", "SFTDataError", "SFTEncoding", "SFTExample", "collate_sft",
+           "encode_sft", "sft_loss"]
