@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from saftune._io import atomic_path
-from saftune.report.results import format_cell, table_caption, table_cells, table_title
+from saftune.report.results import table_caption, table_cells, table_title
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1200px;
@@ -48,19 +48,13 @@ def table_html(table: dict) -> str:
 
 def selection_html(table: dict) -> str:
     """How each row's hyperparameters were chosen (see `saftune.report.tables.format_selection`), or ""."""
-    from saftune.report.tables import format_options
+    from saftune.report.tables import SELECTION_HEADER, selection_cells
 
-    rows = [row for row in table["rows"] if row.get("selection")]
+    rows = selection_cells(table)
     if not rows:
         return ""
-    body = []
-    for row in rows:
-        sel = row["selection"]
-        edge = ", ".join(k for k, inside in (sel.get("interior") or {}).items() if not inside) or "none"
-        val = format_cell({"mean": sel["val_mean"], "std": sel.get("val_std")}) if sel.get("val_mean") is not None else "–"
-        cells = [row["label"], format_options(sel.get("chosen") or {}), edge, val, str(sel.get("trials", "–"))]
-        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("Method", "Chosen on validation", "At edge", "Val (selection seeds)", "Trials"))
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in SELECTION_HEADER)
+    body = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in rows]
     return f'<table class="selection">\n<tr>{head}</tr>\n' + "\n".join(body) + "\n</table>"
 
 

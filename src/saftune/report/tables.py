@@ -78,6 +78,24 @@ def format_options(options: dict) -> str:
                      for k, v in options.items())
 
 
+SELECTION_HEADER = ["Method", "Chosen", "At edge", "Val (selection seeds)", "Trials"]
+
+
+def selection_cells(table: dict) -> list[list[str]]:
+    """The cells of `format_selection`'s table, one list per row that had hyperparameters chosen."""
+    out = []
+    for row in table["rows"]:
+        sel = row.get("selection")
+        if not sel:
+            continue
+        edge = [k for k, inside in (sel.get("interior") or {}).items() if not inside]
+        val = format_cell({"mean": sel["val_mean"], "std": sel.get("val_std")}) if sel.get("val_mean") is not None else "–"
+        seeds = ",".join(str(s) for s in sel.get("seeds") or [])
+        out.append([row["label"], format_options(sel.get("chosen") or {}), ", ".join(edge) or "none",
+                    f"{val} (seeds {seeds})", str(sel.get("trials", "–"))])
+    return out
+
+
 def format_selection(table: dict) -> str:
     """A Markdown table of how each row's hyperparameters were chosen, or "" when none were.
 
@@ -85,19 +103,13 @@ def format_selection(table: dict) -> str:
     values (even after extending the lists), validation accuracy (mean ± std over the selection seeds:
     the spread to read beside the test spread), the number of trials.
     """
-    rows = [row for row in table["rows"] if row.get("selection")]
+    rows = selection_cells(table)
     if not rows:
         return ""
     lines = ["Hyperparameters chosen on validation data only (no OOD data). *At edge*: options whose best value is "
              "still the smallest or largest tried (a choice to distrust).", "",
-             "| Method | Chosen | At edge | Val (selection seeds) | Trials |", "| :--- | :--- | :--- | ---: | ---: |"]
-    for row in rows:
-        sel = row["selection"]
-        edge = [k for k, inside in (sel.get("interior") or {}).items() if not inside]
-        val = format_cell({"mean": sel["val_mean"], "std": sel.get("val_std")}) if sel.get("val_mean") is not None else "–"
-        seeds = ",".join(str(s) for s in sel.get("seeds") or [])
-        lines.append(f"| {_escape(row['label'])} | {_escape(format_options(sel.get('chosen') or {}))} | "
-                     f"{', '.join(edge) or 'none'} | {val} (seeds {seeds}) | {sel.get('trials', '–')} |")
+             "| " + " | ".join(SELECTION_HEADER) + " |", "| :--- | :--- | :--- | ---: | ---: |"]
+    lines += ["| " + " | ".join(_escape(c) for c in cells) + " |" for cells in rows]
     return "\n".join(lines)
 
 
