@@ -274,8 +274,7 @@ def select_hyperparameters(grid: GridConfig, out_dir: Path, model_cache: dict | 
         return {}
     reuse_dir = reuse_dir or (lambda name, seed: run_dir(out_dir, run_id(name, seed)))
     cache_path = Path(out_dir) / "selection.json"
-    key = {k: v for k, v in grid.to_dict().items() if k not in ("seeds", "description", "name")}
-    key["selection_seeds"] = selection_seeds(grid)
+    key = _selection_key(grid)
     done = _cached_selection(cache_path, key)
     seeds = selection_seeds(grid)
     reusable = grid.selection.epochs is None and set(seeds) <= set(grid.seeds) and not grid.sparsities
@@ -351,6 +350,13 @@ def select_hyperparameters(grid: GridConfig, out_dir: Path, model_cache: dict | 
     return done
 
 
+def _selection_key(grid: GridConfig) -> dict:
+    """The settings a cached selection must share to be reused (the seeds only as far as selection uses them)."""
+    key = {k: v for k, v in grid.to_dict().items() if k not in ("seeds", "description", "name")}
+    key["selection_seeds"] = selection_seeds(grid)
+    return key
+
+
 def _cached_selection(cache_path: Path, key: dict) -> dict[str, dict]:
     """The variants already chosen under the same grid settings (empty when the settings changed)."""
     if not cache_path.is_file():
@@ -420,11 +426,13 @@ def run_grid(grid: GridConfig, results_path: str | Path, out_dir: str | Path, *,
     cells = [(dataset, options, variant, sparsity, seed)
              for (dataset, options), (variant, sparsity, seed) in itertools.product(entries, plan(grid))
              if run_id(variant.name, seed, sparsity, dataset if many else None) not in done]
-    tracker = GridProgress(grid, out_dir, len(cells), progress)
     # Hyperparameters are chosen once, on the first dataset's validation split (the source dataset).
-    first = entries[0][0]
+    first, source = entries[0][0], grid.for_dataset(*entries[0])
+    chosen_before = (set(_cached_selection(out_dir / "selection.json", _selection_key(source)))
+                     if source.selection and source.selection.grid else set())
+    tracker = GridProgress(grid, chosen_before, len(cells), progress)
     with tracker:
-        selected = select_hyperparameters(grid.for_dataset(*entries[0]), out_dir, model_cache,
+        selected = select_hyperparameters(source, out_dir, model_cache,
                                           lambda name, seed: run_dir(out_dir, run_id(name, seed, None, first if many else None)),
                                           tracker=tracker, on_selected=on_selected)
         new = []
@@ -458,12 +466,12 @@ class GridProgress:
     evaluates, so the ETA is an upper estimate while runs remain).
     """
 
-    def __init__(self, grid: GridConfig, out_dir: Path, runs: int, show_bar: bool):
-        cached = _cached_selection_names(Path(out_dir) / "selection.json")
+    def __init__(self, grid: GridConfig, chosen_before: set[str], runs: int, show_bar: bool):
         trials = 0
         if grid.selection:
             seeds = selection_seeds(grid)
-            trials = sum(len(candidates(g)) * len(seeds) for n, g in grid.selection.grid.items() if n not in cached)
+            trials = sum(len(candidates(g)) * len(seeds) for n, g in grid.selection.grid.items()
+                         if n not in chosen_before)
         self.total, self.done, self.started = trials + runs, 0, time.perf_counter()
         self.bar = None
         if show_bar:
@@ -507,10 +515,3 @@ class GridProgress:
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def _cached_selection_names(path: Path) -> set[str]:
-    try:
-        return set(json.loads(path.read_text())["variants"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()
