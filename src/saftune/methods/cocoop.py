@@ -24,11 +24,11 @@ from torch import nn
 
 from saftune.config import option
 from saftune.methods.base import Method, MethodConfig, register_method
+from saftune.methods.coop import PROMPT_FILE
 from saftune.methods.flyp import require_dual_encoder
 from saftune.methods.prompt_context import context_template, install_template, replace_context
 from saftune.results import write_result_config
 
-PROMPT_FILE = "prompt.safetensors"  # the `prompt` result kind's file, as CoOp's
 
 
 @dataclass
