@@ -108,14 +108,14 @@ def test_selection_on_every_seed_reuses_each_seeds_winning_trial(tmp_path):
 
 def _fake_trials(monkeypatch, val_of_lr):
     """Trials without training: validation accuracy is a function of the learning rate."""
-    from saftune import grid as grid_module
+    from saftune import pool as pool_module
     from saftune.record import RunRecord
 
     def fake(config, out_dir=None, **kwargs):
         assert kwargs.get("evaluate_splits") == "val"  # selection never looks at test or OOD data
         return RunRecord(metrics={"val": val_of_lr(config.method_options["lr"])})
 
-    monkeypatch.setattr(grid_module, "run_experiment", fake)
+    monkeypatch.setattr(pool_module, "run_experiment", fake)
 
 
 def test_an_edge_choice_is_extended_until_it_is_interior(tmp_path, monkeypatch):
@@ -143,10 +143,10 @@ def test_an_edge_choice_at_a_limit_is_reported_not_extended(tmp_path, monkeypatc
 
 
 def test_an_extension_outside_an_options_range_is_not_tried(tmp_path, monkeypatch):
-    from saftune import grid as grid_module
+    from saftune import pool as pool_module
     from saftune.record import RunRecord
 
-    monkeypatch.setattr(grid_module, "run_experiment",
+    monkeypatch.setattr(pool_module, "run_experiment",
                         lambda config, *a, **k: RunRecord(metrics={"val": config.method_options["sparsity"]}))
     grid = GridConfig.from_dict({**GRID, "seeds": [1], "methods": ["saft"],
                                  "selection": {"epochs": 1, "grid": {"saft": {"sparsity": [0.3, 0.9]}}}})

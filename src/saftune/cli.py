@@ -310,6 +310,8 @@ def cmd_grid(args) -> int:
     overrides = _apply_assignments({}, args.set)
     if args.seeds:
         overrides["seeds"] = [int(s) for s in args.seeds.split(",")]
+    if args.workers:
+        overrides["workers"] = args.workers
     if overrides:
         grid = GridConfig.from_dict({**grid.to_dict(), **overrides})
     out = Path(args.out or f"runs/{grid.name}")
@@ -354,6 +356,8 @@ def cmd_demo(args) -> int:
     grid = GridConfig.load(args.recipe)
     if args.seeds:
         grid = grid.replace(seeds=[int(s) for s in args.seeds.split(",")])
+    if args.workers:
+        grid = GridConfig.from_dict({**grid.to_dict(), "workers": args.workers})
     out = Path(args.out)
     results = out / "results.jsonl"
     print(f"saftune demo: {grid.description}")
@@ -464,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="results file (default <out>/results.jsonl)")
     p.add_argument("--seeds", help="comma-separated seeds, overriding the grid's")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a grid option (dotted keys)")
+    p.add_argument("--workers", type=int, help="processes running trials and runs side by side (overrides the grid's)")
     p.add_argument("--no-report", action="store_true", help="do not write the report afterwards")
     p.set_defaults(func=cmd_grid)
 
@@ -476,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; an interrupted demo resumes)")
     p.add_argument("--seeds", help="comma-separated seeds (default 1,2,3)")
     p.add_argument("--recipe", default="demo", help="built-in recipe name or grid file (default: demo)")
+    p.add_argument("--workers", type=int, help="processes running trials and runs side by side (overrides the recipe)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -41,7 +41,8 @@ from saftune._io import atomic_path, write_json
 from saftune.config import Config, option
 from saftune.methods.base import method_class
 from saftune.record import RunRecord
-from saftune.run import RunConfig, run_experiment
+from saftune.pool import Job, RunPool
+from saftune.run import RunConfig
 from saftune.selection import Trial, best_trial, candidates, edges, extension, searched_values, within
 from saftune.train.trainer import TrainConfig
 
@@ -121,6 +122,8 @@ class GridConfig(Config):
     eval_batch_size: int = option(64, "evaluation batch size", low=1)
     save_results: bool = option(False, "keep each run's artifact (delta, adapter, weights) under the run directory")
     selection: Selection | None = option(None, "hyperparameter selection on validation data")
+    workers: int = option(1, "processes running trials and runs side by side, the CPU's threads split among them "
+                          "(2 on a 2-core CPU: benchmarks/grid_workers.py)", low=1)
 
     def __post_init__(self):
         super().__post_init__()
@@ -252,7 +255,7 @@ def _option_valid(method: str, options: dict) -> bool:
     return True
 
 
-def select_hyperparameters(grid: GridConfig, out_dir: Path, model_cache: dict | None = None,
+def select_hyperparameters(grid: GridConfig, out_dir: Path, pool: RunPool | None = None,
                            reuse_dir=None, *, tracker: GridProgress | None = None, on_selected=None) -> dict[str, dict]:
     """Choose each gridded variant's options by validation accuracy; returns {variant: {chosen, ...}}.
 
@@ -266,6 +269,7 @@ def select_hyperparameters(grid: GridConfig, out_dir: Path, model_cache: dict | 
     evaluates it instead of training it again.
 
     Args:
+        pool: runs the trials (`RunPool`; default: one at a time in this process).
         reuse_dir: (variant name, seed) -> the grid's run directory (default: the single-dataset layout).
         tracker: counts each trial (`GridProgress`).
         on_selected: called with (variant name, outcome, tracker) when a variant is chosen.
@@ -273,6 +277,7 @@ def select_hyperparameters(grid: GridConfig, out_dir: Path, model_cache: dict | 
     if not grid.selection or not grid.selection.grid:
         return {}
     reuse_dir = reuse_dir or (lambda name, seed: run_dir(out_dir, run_id(name, seed)))
+    pool = pool or RunPool()
     cache_path = Path(out_dir) / "selection.json"
     key = _selection_key(grid)
     done = _cached_selection(cache_path, key)
@@ -283,30 +288,43 @@ def select_hyperparameters(grid: GridConfig, out_dir: Path, model_cache: dict | 
         train = train.replace(checkpoint_every=10**9)
     variants = {v.name: v for v in grid.variants()}
     trials_dir = Path(out_dir) / "selection"
-    for name, options_grid in grid.selection.grid.items():
-        if name in done:
-            continue
-        variant = variants[name]
-        trials: list[Trial] = []
-        dirs: dict[tuple[int, int], Path] = {}  # (trial index, seed) -> trial directory
 
-        def run_trials(new_candidates, variant=variant, trials=trials, dirs=dirs, name=name):
-            for candidate in new_candidates:
-                trial = Trial(candidate)
-                for seed in seeds:
-                    config = _run_config(grid, variant, seed, {**variant.options, **candidate}, train, save=False)
-                    trial_dir = trials_dir / f"{name}-{len(trials)}-seed{seed}" if reusable else None
-                    if trial_dir is not None:
-                        shutil.rmtree(trial_dir, ignore_errors=True)
-                        dirs[(len(trials), seed)] = trial_dir
-                    record = run_experiment(config, trial_dir, evaluate_splits="val", model_cache=model_cache)
-                    trial.val[seed] = record.metrics["val"]
-                    if tracker is not None:
-                        tracker.step()
-                logger.info("selection %s %s: val %.4f", name, candidate, trial.mean)
-                trials.append(trial)
+    def start_trials(name: str, options: list[dict], first: int, dirs: dict) -> list[tuple[Trial, int, object]]:
+        """Submit trials `first`, `first + 1`, ... of `name` on every selection seed; (trial, seed, handle)."""
+        variant, started = variants[name], []
+        for index, candidate in enumerate(options, start=first):
+            trial = Trial(candidate)
+            for seed in seeds:
+                config = _run_config(grid, variant, seed, {**variant.options, **candidate}, train, save=False)
+                trial_dir = trials_dir / f"{name}-{index}-seed{seed}" if reusable else None
+                if trial_dir is not None:
+                    shutil.rmtree(trial_dir, ignore_errors=True)
+                    dirs[(index, seed)] = trial_dir
+                started.append((trial, seed, Job(config, trial_dir, evaluate_splits="val")))
+        handles = pool.submit([job for _, _, job in started])
+        return [(trial, seed, handle) for (trial, seed, _), handle in zip(started, handles)]
 
-        run_trials(candidates(options_grid))
+    def finish_trials(name: str, started: list) -> list[Trial]:
+        new_trials = []
+        for trial, _, _ in started:
+            if not any(t is trial for t in new_trials):
+                new_trials.append(trial)
+        for trial, seed, handle in started:
+            trial.val[seed] = handle.result().metrics["val"]
+            if tracker is not None:
+                tracker.step()
+        for trial in new_trials:
+            logger.info("selection %s %s: val %.4f", name, trial.options, trial.mean)
+        return new_trials
+
+    # Every row's first trials are queued at once, so that the workers never wait for a row to be chosen;
+    # a row's extensions queue behind them (and run at once with a single worker, as before).
+    todo = [name for name in grid.selection.grid if name not in done]
+    all_dirs = {name: {} for name in todo}
+    first_trials = {name: start_trials(name, candidates(grid.selection.grid[name]), 0, all_dirs[name]) for name in todo}
+    for name in todo:
+        variant, dirs = variants[name], all_dirs[name]
+        trials: list[Trial] = finish_trials(name, first_trials.pop(name))
         extensions = []
         for round_ in range(1, grid.selection.extend + 1):
             best = best_trial(trials)
@@ -324,7 +342,7 @@ def select_hyperparameters(grid: GridConfig, out_dir: Path, model_cache: dict | 
                 break
             if tracker is not None:
                 tracker.add(len(new) * len(seeds))
-            run_trials(new)
+            trials += finish_trials(name, start_trials(name, new, len(trials), dirs))
         best = best_trial(trials)
         at_edge = edges(trials, best)
         searched = [k for k in best.options if len(searched_values(trials, k)) >= 2]
@@ -352,7 +370,7 @@ def select_hyperparameters(grid: GridConfig, out_dir: Path, model_cache: dict | 
 
 def _selection_key(grid: GridConfig) -> dict:
     """The settings a cached selection must share to be reused (the seeds only as far as selection uses them)."""
-    key = {k: v for k, v in grid.to_dict().items() if k not in ("seeds", "description", "name")}
+    key = {k: v for k, v in grid.to_dict().items() if k not in ("seeds", "description", "name", "workers")}
     key["selection_seeds"] = selection_seeds(grid)
     return key
 
@@ -420,7 +438,6 @@ def run_grid(grid: GridConfig, results_path: str | Path, out_dir: str | Path, *,
     results_path.parent.mkdir(parents=True, exist_ok=True)
     repair_tail(results_path)
     done = finished_run_ids(results_path)
-    model_cache: dict = {}  # one pristine pretrained model per process; each run gets a copy
     entries = grid.dataset_entries()
     many = len(entries) > 1
     cells = [(dataset, options, variant, sparsity, seed)
@@ -428,27 +445,47 @@ def run_grid(grid: GridConfig, results_path: str | Path, out_dir: str | Path, *,
              if run_id(variant.name, seed, sparsity, dataset if many else None) not in done]
     # Hyperparameters are chosen once, on the first dataset's validation split (the source dataset).
     first, source = entries[0][0], grid.for_dataset(*entries[0])
-    chosen_before = (set(_cached_selection(out_dir / "selection.json", _selection_key(source)))
-                     if source.selection and source.selection.grid else set())
-    tracker = GridProgress(grid, chosen_before, len(cells), progress)
-    with tracker:
-        selected = select_hyperparameters(source, out_dir, model_cache,
-                                          lambda name, seed: run_dir(out_dir, run_id(name, seed, None, first if many else None)),
-                                          tracker=tracker, on_selected=on_selected)
+    gridded = set(source.selection.grid) if source.selection else set()
+    cached = _cached_selection(out_dir / "selection.json", _selection_key(source)) if gridded else {}
+    tracker = GridProgress(grid, set(cached), len(cells), progress)
+    # Pretrained models, evaluations and trainings the runs share (through files when several workers run).
+    cache_dir = out_dir / "cache"
+    with tracker, RunPool(grid.workers, cache_dir=cache_dir if grid.workers > 1 else None) as pool:
+        handles, outcomes = {}, {}  # cell index -> the run's handle; variant name -> its selection outcome
+
+        def queue_runs(name: str, outcome: dict) -> None:
+            """Queue the runs of a row whose options are known (with one worker they run when collected)."""
+            outcomes[name] = outcome
+            indices = [i for i, cell in enumerate(cells) if cell[2].name == name]
+            jobs = []
+            for i in indices:
+                dataset, options, variant, sparsity, seed = cells[i]
+                run_options = {**variant.options, **outcome.get("chosen", {})}
+                if sparsity is not None:
+                    run_options["sparsity"] = sparsity
+                config = _run_config(grid.for_dataset(dataset, options), variant, seed, run_options, save=grid.save_results)
+                jobs.append(Job(config, run_dir(out_dir, run_id(variant.name, seed, sparsity, dataset if many else None))))
+            handles.update(zip(indices, pool.submit(jobs)))
+
+        def chosen(name: str, outcome: dict, progress_) -> None:
+            queue_runs(name, outcome)  # its runs need not wait for the other rows' trials
+            if on_selected:
+                on_selected(name, outcome, progress_)
+
+        for variant in grid.variants():
+            if variant.name not in gridded or variant.name in cached:
+                queue_runs(variant.name, cached.get(variant.name, {}))
+        select_hyperparameters(source, out_dir, pool,
+                               lambda name, seed: run_dir(out_dir, run_id(name, seed, None, first if many else None)),
+                               tracker=tracker, on_selected=chosen)
         new = []
-        for dataset, options, variant, sparsity, seed in cells:
-            rid = run_id(variant.name, seed, sparsity, dataset if many else None)
-            outcome = selected.get(variant.name) or {}
-            run_options = {**variant.options, **outcome.get("chosen", {})}
-            if sparsity is not None:
-                run_options["sparsity"] = sparsity
-            config = _run_config(grid.for_dataset(dataset, options), variant, seed, run_options, save=grid.save_results)
-            started = time.perf_counter()
-            record = run_experiment(config, run_dir(out_dir, rid), model_cache=model_cache)
-            record.run_id, record.variant, record.grid = rid, variant.name, grid.name
+        for i, (dataset, options, variant, sparsity, seed) in enumerate(cells):  # in the plan's order
+            record = handles[i].result()
+            outcome = outcomes[variant.name]
+            record.run_id, record.variant, record.grid = run_id(variant.name, seed, sparsity, dataset if many else None), \
+                variant.name, grid.name
             record.selected_options = outcome.get("chosen", {})
             record.selection = selection_record(outcome)
-            record.wall_seconds = round(time.perf_counter() - started, 2)
             if record.sparsity is None:
                 record.sparsity = sparsity
             append_result(results_path, record.to_dict())
@@ -456,6 +493,7 @@ def run_grid(grid: GridConfig, results_path: str | Path, out_dir: str | Path, *,
             tracker.step()
             if on_record:
                 on_record(record, tracker)
+    shutil.rmtree(cache_dir, ignore_errors=True)  # the grid is complete: nothing left to share
     return new
 
 

@@ -19,17 +19,19 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from saftune import distributed
 from saftune._io import write_json
 from saftune.config import Config, option
 from saftune.data.registry import check_dataset, dataset_options, load_dataset
+from saftune.eval.cache import EvaluationCache
 from saftune.eval.evaluate import evaluate, evaluate_split
 from saftune.methods.base import create_method
 from saftune.models.registry import check_model, create
 from saftune.record import RunRecord
+from saftune.train.shared import SharedTraining
 from saftune.train.trainer import LOG_FILE, TrainConfig, fit, read_log_line
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,33 @@ class RunConfig(Config):
         """The settings a checkpoint must share to be resumed by this run."""
         return {"model": self.model, "model_options": self.model_options, "dataset": self.dataset,
                 "dataset_options": self.dataset_options, "seed": self.seed}
+
+
+@dataclass
+class RunCache:
+    """What the runs of one process (a grid) share, each part giving exactly what redoing the work would.
+
+    Attributes:
+        models: one pristine copy of each pretrained model, loaded from disk once; runs get deep copies.
+        evaluations: accuracies of identical weights on identical splits (`saftune.eval.cache`).
+        trainings: trained states of identical trainings (`saftune.train.shared`).
+    """
+
+    models: dict | None = field(default_factory=dict)
+    evaluations: EvaluationCache | None = field(default_factory=EvaluationCache)
+    trainings: SharedTraining | None = field(default_factory=SharedTraining)
+
+    @classmethod
+    def in_directory(cls, directory: str | Path) -> RunCache:
+        """Evaluations and trained states also kept in `directory`, shared by the processes of a grid."""
+        directory = Path(directory)
+        return cls(evaluations=EvaluationCache(directory / "evaluations.jsonl"),
+                   trainings=SharedTraining(directory=directory / "trainings"))
+
+    @classmethod
+    def disabled(cls) -> RunCache:
+        """Nothing shared: a single run loads, trains and evaluates everything itself."""
+        return cls(models=None, evaluations=None, trainings=None)
 
 
 def build_benchmark(config: RunConfig):
@@ -109,7 +138,7 @@ def _pretrained(config: RunConfig, cache: dict | None):
 
 
 def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resume: bool = True,
-                   evaluate_splits: str = "all", model_cache: dict | None = None) -> RunRecord:
+                   evaluate_splits: str = "all", cache: RunCache | None = None) -> RunRecord:
     """Run one experiment and return its record (metrics, parameter counts, timings, configuration).
 
     Args:
@@ -117,9 +146,10 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
         out_dir: where the run writes (None: nothing is written).
         resume: continue from a checkpoint in `out_dir` when there is one.
         evaluate_splits: "all" (validation, ID test, OOD sets) or "val" (validation only: hyperparameter trials).
-        model_cache: a dict in which to keep one pristine copy of each pretrained model, so a grid
-            loads it from disk once (runs get deep copies).
+        cache: what a grid's runs share (`RunCache`): pretrained models, evaluations and trainings
+            that would come out the same if redone.
     """
+    run_started = time.perf_counter()
     if evaluate_splits not in ("all", "val"):
         raise ValueError(f"evaluate_splits must be 'all' or 'val'; got {evaluate_splits!r}")
     # Names and options first: a typo fails at once, before any data or weights are read.
@@ -131,23 +161,26 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
     if writes:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "run.json", config.to_dict())
-    model, bench = build_model_and_benchmark(config, model_cache)
+    cache = cache or RunCache.disabled()
+    model, bench = build_model_and_benchmark(config, cache.models)
     total_params = sum(p.numel() for p in model.parameters())
     train_config = config.train.replace(seed=config.seed)
 
     def on_val(m):
-        return {"val": evaluate_split(m, bench, bench.val, batch_size=config.eval_batch_size)}
+        return {"val": evaluate_split(m, bench, bench.val, batch_size=config.eval_batch_size, cache=cache.evaluations)}
 
     started = time.perf_counter()
     trained = fit(model, method, bench.train, train_config, run_dir=out_dir, resume=resume,
-                  identity=config.identity(), evaluate_fn=on_val)
+                  identity=config.identity(), evaluate_fn=on_val, shared=cache.trainings)
     history = _logged_history(out_dir if writes else None, trained.history)
     train_seconds = time.perf_counter() - started
-    if trained.resumed_from:  # add the time the earlier attempt spent up to the checkpoint
+    if trained.shared:  # the identical training's time: what this result costs to train
+        train_seconds = trained.seconds
+    elif trained.resumed_from:  # add the time the earlier attempt spent up to the checkpoint
         train_seconds += next((h["seconds"] for h in history if h.get("step") == trained.resumed_from and "seconds" in h), 0.0)
 
     def evaluate_all(m):
-        return evaluate(m, bench, batch_size=config.eval_batch_size, include_val=True)
+        return evaluate(m, bench, batch_size=config.eval_batch_size, include_val=True, cache=cache.evaluations)
 
     started = time.perf_counter()
     method.choose_after_training(model, lambda m: on_val(m)["val"])  # validation only, in trials too
@@ -165,6 +198,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
     record.add(extra, f"{config.method}.evaluate_extra")
     if history:
         record.loss_curve = _loss_curve(history)
+    record.wall_seconds = round(time.perf_counter() - run_started, 2)
     if writes:
         if config.save_result:
             info = {"method": config.method, "method_config": method.config.to_dict(), "base_model": config.model,

@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from saftune import distributed
 from saftune.data.base import Benchmark, Split
+from saftune.eval.cache import EvaluationCache, weights_digest
 from saftune.eval.metrics import average_ood, harmonic_mean, project_logits, top1
 from saftune.models.base import Classifier
 
@@ -83,20 +85,37 @@ def predict(model: Classifier, split: Split, *, batch_size: int = 64, progress: 
 
 
 def evaluate_split(model: Classifier, benchmark: Benchmark, split: Split, *, batch_size: int = 64,
-                   progress: bool = False, fresh_prompts: bool = True) -> float:
-    """Top-1 accuracy on one split (`fresh_prompts`: see `predict`)."""
+                   progress: bool = False, fresh_prompts: bool = True, cache: EvaluationCache | None = None,
+                   weights: str | None = None) -> float:
+    """Top-1 accuracy on one split (`fresh_prompts`: see `predict`).
+
+    With `cache`, an accuracy already measured for the same weights and split is returned without
+    evaluating (`weights`: the model's `weights_digest` when the caller has it).
+    """
     if len(split) == 0:
         raise ValueError(f"split {split.name!r} is empty: nothing to evaluate")
+    key = None
+    if cache is not None:
+        content = (split.inputs, np.asarray(split.labels), split.classnames or benchmark.classnames,
+                   split.templates or benchmark.templates, split.class_subset)
+        key = cache.key(model, content, batch_size=batch_size, weights=weights)
+        score = cache.get(key)
+        if score is not None:
+            return score
     with _task(model, benchmark, split):
         logits = predict(model, split, batch_size=batch_size, progress=progress, fresh_prompts=fresh_prompts)
-    return top1(logits, torch.as_tensor(split.labels))
+    score = top1(logits, torch.as_tensor(split.labels))
+    if key is not None:
+        cache.put(key, score)
+    return score
 
 
 def evaluate(model: Classifier, benchmark: Benchmark, *, batch_size: int = 64, include_val: bool = False,
-             progress: bool = False) -> dict[str, float]:
+             progress: bool = False, cache: EvaluationCache | None = None) -> dict[str, float]:
     """ID and OOD accuracies of `model` on `benchmark` (plus "val" when `include_val`).
 
     The model keeps its training mode afterwards; evaluation itself runs in eval mode without gradients.
+    With `cache` (`EvaluationCache`), splits already evaluated with the same weights are not evaluated again.
     """
     was_training = model.training
     if model.classnames != benchmark.classnames or model.templates != benchmark.templates:
@@ -105,7 +124,8 @@ def evaluate(model: Classifier, benchmark: Benchmark, *, batch_size: int = 64, i
     # Eval mode once for all splits (weights do not change while it evaluates): a dual encoder embeds its
     # class prompts once per call, not once per split.
     model.eval()
-    options = {"batch_size": batch_size, "progress": progress, "fresh_prompts": False}
+    options = {"batch_size": batch_size, "progress": progress, "fresh_prompts": False, "cache": cache,
+               "weights": weights_digest(model) if cache is not None else None}
     try:
         if include_val:
             metrics["val"] = evaluate_split(model, benchmark, benchmark.val, **options)

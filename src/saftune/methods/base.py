@@ -129,6 +129,16 @@ class Method:
             for n, t in state.items():
                 params[n].copy_(t)
 
+    def training_key(self) -> dict | None:
+        """What this method's training depends on, so an identical training may stand in for it; None: never.
+
+        A grid shares trained states between runs whose keys, loop settings, model, data and seed are all
+        equal (`saftune.train.shared`): WiSE-FT's row reuses the `ft` row's training. Return a key only
+        when `state_dict` after the loop is all the method keeps (nothing `finalize` needs lives on the
+        method object), so that loading a shared state and finalizing equals training again.
+        """
+        return None
+
     # -- the run record -------------------------------------------------------------------------------
     def choose_after_training(self, model: Classifier, evaluate_val: Callable[[Classifier], float]) -> None:
         """Fix settings that need no training, on the validation split only (WiSE-FT's alpha); default none.

@@ -18,3 +18,6 @@ class FullFineTune(Method):
     name = "ft"
     config_class = FullFineTuneConfig
     help = "full fine-tuning: every parameter, cross-entropy"
+
+    def training_key(self):
+        return {"method": self.name, "config": self.config.to_dict()}

@@ -65,6 +65,10 @@ class SparseMethod(Method):
     def trainable_parameters(self, model):
         return self.sparse.trainable_parameters()
 
+    def training_key(self):
+        # The mask is selected again by `prepare` (deterministic for a seed); the values are the whole state.
+        return {"method": self.name, "config": self.config.to_dict()}
+
     def state_dict(self, model):
         return self.sparse.state_dict()
 

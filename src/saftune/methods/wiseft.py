@@ -109,6 +109,9 @@ class WiseFT(Method):
     def record_fields(self, model):
         return {**self.base.record_fields(model), "wiseft_alpha": self.alpha}
 
+    def training_key(self):
+        return self.base.training_key()  # the base method's training: shared with its own row's runs
+
     def state_dict(self, model):
         return self.base.state_dict(model)
 

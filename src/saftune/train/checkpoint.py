@@ -43,11 +43,13 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, *, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                    fingerprint: str, extra: dict | None = None) -> Path:
+                    fingerprint: str, extra: dict | None = None, moments: bool = True) -> Path:
     """Write `run_dir/checkpoint` so that a crash at any moment leaves one complete checkpoint.
 
     The new checkpoint is built beside the current one and swapped in with renames; the previous one is
-    deleted only when it is no longer the only valid checkpoint.
+    deleted only when it is no longer the only valid checkpoint. `moments=False` leaves out the
+    optimizer's per-parameter state (AdamW's two moments, twice the trained tensors): for the checkpoint
+    of a finished run, which nothing trains on from.
     """
     run_dir = Path(run_dir)
     final, staging, old = run_dir / CHECKPOINT_DIR, run_dir / _STAGING, run_dir / _OLD
@@ -55,7 +57,10 @@ def save_checkpoint(run_dir: Path, *, step: int, trainable: dict[str, torch.Tens
     staging.mkdir(parents=True)
     save_file({n: t.detach().contiguous().cpu() for n, t in trainable.items()}, str(staging / TRAINABLE))
     # The step again, inside a checksummed file: trainer.json's own bytes have no checksum.
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+    optimizer_state = optimizer.state_dict()
+    if not moments:
+        optimizer_state = {**optimizer_state, "state": {}}
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "step": step},
                staging / OPTIMIZER)
     files = {}
     for name in (TRAINABLE, OPTIMIZER):

@@ -46,6 +46,7 @@ from saftune.methods.base import Method, PrepareContext
 from saftune.models.base import Classifier
 from saftune.train.checkpoint import config_fingerprint, discard_checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from saftune.train.schedule import lr_multiplier
+from saftune.train.shared import SharedTraining, TrainedState
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
+    shared: bool = False  # the trained state came from an identical training (`SharedTraining`)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -212,6 +214,7 @@ def fit(
     resume: bool = True,
     identity: dict | None = None,
     evaluate_fn: Callable[[Classifier], dict] | None = None,
+    shared: SharedTraining | None = None,
 ) -> TrainResult:
     """Prepare `method` on `model` and train it on `train`.
 
@@ -225,6 +228,8 @@ def fit(
         identity: extra settings that make a run what it is (model, dataset, ...): part of the
             checkpoint fingerprint, so a checkpoint of another run is refused.
         evaluate_fn: called every `eval_every` steps; its metrics are logged.
+        shared: trained states of this process's earlier runs: an identical training (`Method.training_key`)
+            is loaded from it instead of run again, and this one is added to it.
 
     Returns:
         A `TrainResult` (steps, seconds, the logged records).
@@ -239,6 +244,9 @@ def fit(
     batches = _Batches(model, train, config, device)
     fingerprint = config_fingerprint({"train": config.semantic(), "method": method.name,
                                       "method_config": method.config.to_dict(), **(identity or {})})
+    training_key = method.training_key() if shared is not None and config.eval_every is None else None
+    shared_key = config_fingerprint({"train": config.semantic(), "training": training_key, **(identity or {})}) \
+        if training_key is not None else None
     # Read (and refuse a foreign) checkpoint before the expensive prepare; restore it after.
     checkpoint, state = _checkpoint_to_resume(run_dir, resume, fingerprint)
     method.prepare(model, PrepareContext(batches=batches.fixed, seed=config.seed, device=device, out_dir=run_dir,
@@ -261,8 +269,20 @@ def fit(
 
     def save(step: int) -> None:
         if run_dir is not None and distributed.is_main():
+            # The last step's checkpoint only serves evaluation (a grid's winning trial): no AdamW moments.
             save_checkpoint(run_dir, step=step, trainable=method.state_dict(model), optimizer=optimizer,
-                            scheduler=scheduler, fingerprint=fingerprint, extra={"method": method.name})
+                            scheduler=scheduler, fingerprint=fingerprint, extra={"method": method.name},
+                            moments=step < total_steps)
+
+    reused = shared.get(shared_key) if shared_key is not None and start == 0 else None
+    if reused is not None:  # an identical training already ran in this process: its state, log and end checkpoint
+        method.load_state_dict(model, reused.state)
+        with log:
+            log.replay(reused.history)
+        if _ends_interval(total_steps, config.checkpoint_every, total_steps):
+            save(total_steps)  # what the finished training would have left
+        method.finalize(model)
+        return TrainResult(steps=total_steps, seconds=reused.seconds, history=list(reused.history), shared=True)
 
     model.train()
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc=f"train {method.name}",
@@ -294,9 +314,11 @@ def fit(
                 logger.warning("stopped after step %d; run again with the same settings to resume", step + 1)
                 raise KeyboardInterrupt
     bar.close()
+    seconds = time.perf_counter() - log.started
+    if shared_key is not None and start == 0:
+        shared.put(shared_key, TrainedState(method.state_dict(model), total_steps, seconds, log.history))
     method.finalize(model)
-    return TrainResult(steps=total_steps, seconds=time.perf_counter() - log.started, history=log.history,
-                       resumed_from=start)
+    return TrainResult(steps=total_steps, seconds=seconds, history=log.history, resumed_from=start)
 
 
 def _checkpoint_to_resume(run_dir: Path | None, resume: bool, fingerprint: str) -> tuple[Path | None, dict | None]:
@@ -322,12 +344,19 @@ def _optimizer(model: Classifier, method: Method, config: TrainConfig,
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError(f"method {method.name!r} left nothing to train")
-    optimizer = torch.optim.AdamW(groups, lr=method.config.lr, weight_decay=method.config.weight_decay)
+    # One fused kernel per step instead of a dozen passes over every tensor (CPU and CUDA): the per-tensor
+    # loop took a quarter of MiniLM full fine-tuning's step on 2 CPU cores (benchmarks/optimizer_step.py).
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_ADAMW_DTYPES for p in params)
+    optimizer = torch.optim.AdamW(groups, lr=method.config.lr, weight_decay=method.config.weight_decay,
+                                  fused=fused or None)
     # A lambda, not a callable object: LambdaLR leaves it out of the checkpointed state.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, total_steps=total_steps, warmup_steps=config.warmup_steps,
                                            schedule=config.schedule))
     return params, optimizer, scheduler
+
+
+_FUSED_ADAMW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
@@ -448,6 +477,13 @@ class _RunLog:
             for name in ("loss", "lr", *terms):
                 self.writer.add_scalar(f"train/{name}", record[name], step)
         return record
+
+    def replay(self, records: list[dict]) -> None:
+        """Write the records of an identical training (`SharedTraining`) as this run's log."""
+        for record in records:
+            self.history.append(record)
+            if "eval" in record or _ends_interval(record["step"], self.config.log_every, self.total_steps):
+                self._write(record)
 
     def eval(self, step: int, metrics: dict) -> None:
         """Record the validation metrics after step `step` (always written)."""
