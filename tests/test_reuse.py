@@ -151,3 +151,44 @@ def test_two_worker_processes_give_the_grid_the_same_records_and_share_through_f
     for a, b in zip(alone, pooled):
         assert b.metrics == a.metrics and b.selected_options == a.selected_options
     assert not (tmp_path / "b" / "cache").exists()  # the shared files go when the grid is complete
+
+
+def test_urgent_jobs_go_to_the_next_free_worker_before_earlier_queued_ones(monkeypatch, tmp_path):
+    from concurrent.futures import Future
+
+    from saftune import pool as pool_module
+
+    started = []  # (job name, its executor future), in the order the workers got them
+
+    class FakeExecutor:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, fn, job):
+            future = Future()
+            started.append((job.config.method_options["name"], future))
+            return future
+
+        def shutdown(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(pool_module, "ProcessPoolExecutor", FakeExecutor)
+
+    def job(name):
+        return pool_module.Job(RunConfig(model="tiny-sentence", dataset="toy-text", method="zeroshot",
+                                         method_options={"name": name}))
+
+    with pool_module.RunPool(2, cache_dir=tmp_path) as pool:
+        normal = pool.submit([job(f"n{i}") for i in range(4)])
+        urgent = pool.submit([job("u0"), job("u1")], urgent=True)
+        assert [name for name, _ in started] == ["n0", "n1"]  # no more jobs than workers were handed out
+        started[0][1].set_result("record n0")
+        assert [name for name, _ in started] == ["n0", "n1", "u0"]
+        assert normal[0].result() == "record n0"
+        started[1][1].set_exception(RuntimeError("job n1 failed"))
+        started[2][1].set_result("record u0")
+        assert [name for name, _ in started] == ["n0", "n1", "u0", "u1", "n2"]
+        with pytest.raises(RuntimeError, match="n1 failed"):
+            normal[1].result()
+        assert urgent[0].result() == "record u0"
+    assert normal[3].cancelled()  # a job still waiting when the pool closes never starts

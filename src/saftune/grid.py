@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,7 +302,9 @@ def select_hyperparameters(grid: GridConfig, out_dir: Path, pool: RunPool | None
                     shutil.rmtree(trial_dir, ignore_errors=True)
                     dirs[(index, seed)] = trial_dir
                 started.append((trial, seed, Job(config, trial_dir, evaluate_splits="val")))
-        handles = pool.submit([job for _, _, job in started])
+        # A row's extensions go before other rows' trials: its choice (and its runs) should not wait for them.
+        handles = pool.submit([job for _, _, job in started], urgent=first > 0)
+        _count_when_done(handles, tracker)
         return [(trial, seed, handle) for (trial, seed, _), handle in zip(started, handles)]
 
     def finish_trials(name: str, started: list) -> list[Trial]:
@@ -311,14 +314,12 @@ def select_hyperparameters(grid: GridConfig, out_dir: Path, pool: RunPool | None
                 new_trials.append(trial)
         for trial, seed, handle in started:
             trial.val[seed] = handle.result().metrics["val"]
-            if tracker is not None:
-                tracker.step()
         for trial in new_trials:
             logger.info("selection %s %s: val %.4f", name, trial.options, trial.mean)
         return new_trials
 
     # Every row's first trials are queued at once, so that the workers never wait for a row to be chosen;
-    # a row's extensions queue behind them (and run at once with a single worker, as before).
+    # a row's extensions go ahead of them (with a single worker everything runs in this order, as before).
     todo = [name for name in grid.selection.grid if name not in done]
     all_dirs = {name: {} for name in todo}
     first_trials = {name: start_trials(name, candidates(grid.selection.grid[name]), 0, all_dirs[name]) for name in todo}
@@ -366,6 +367,13 @@ def select_hyperparameters(grid: GridConfig, out_dir: Path, pool: RunPool | None
         if on_selected:
             on_selected(name, outcome, tracker)
     return done
+
+
+def _count_when_done(handles: list, tracker: GridProgress | None) -> None:
+    """Count each job in the progress when it finishes (with workers, not when its result is collected)."""
+    if tracker is not None:
+        for handle in handles:
+            handle.add_done_callback(lambda _: tracker.step())
 
 
 def _selection_key(grid: GridConfig) -> dict:
@@ -453,7 +461,7 @@ def run_grid(grid: GridConfig, results_path: str | Path, out_dir: str | Path, *,
     with tracker, RunPool(grid.workers, cache_dir=cache_dir if grid.workers > 1 else None) as pool:
         handles, outcomes = {}, {}  # cell index -> the run's handle; variant name -> its selection outcome
 
-        def queue_runs(name: str, outcome: dict) -> None:
+        def queue_runs(name: str, outcome: dict, urgent: bool = False) -> None:
             """Queue the runs of a row whose options are known (with one worker they run when collected)."""
             outcomes[name] = outcome
             indices = [i for i, cell in enumerate(cells) if cell[2].name == name]
@@ -465,10 +473,12 @@ def run_grid(grid: GridConfig, results_path: str | Path, out_dir: str | Path, *,
                     run_options["sparsity"] = sparsity
                 config = _run_config(grid.for_dataset(dataset, options), variant, seed, run_options, save=grid.save_results)
                 jobs.append(Job(config, run_dir(out_dir, run_id(variant.name, seed, sparsity, dataset if many else None))))
-            handles.update(zip(indices, pool.submit(jobs)))
+            submitted = pool.submit(jobs, urgent=urgent)
+            _count_when_done(submitted, tracker)
+            handles.update(zip(indices, submitted))
 
         def chosen(name: str, outcome: dict, progress_) -> None:
-            queue_runs(name, outcome)  # its runs need not wait for the other rows' trials
+            queue_runs(name, outcome, urgent=True)  # its runs need not wait for the other rows' trials
             if on_selected:
                 on_selected(name, outcome, progress_)
 
@@ -490,7 +500,6 @@ def run_grid(grid: GridConfig, results_path: str | Path, out_dir: str | Path, *,
                 record.sparsity = sparsity
             append_result(results_path, record.to_dict())
             new.append(record)
-            tracker.step()
             if on_record:
                 on_record(record, tracker)
     shutil.rmtree(cache_dir, ignore_errors=True)  # the grid is complete: nothing left to share
@@ -511,6 +520,7 @@ class GridProgress:
             trials = sum(len(candidates(g)) * len(seeds) for n, g in grid.selection.grid.items()
                          if n not in chosen_before)
         self.total, self.done, self.started = trials + runs, 0, time.perf_counter()
+        self._lock = threading.Lock()
         self.bar = None
         if show_bar:
             from tqdm.auto import tqdm
@@ -532,9 +542,10 @@ class GridProgress:
             self.bar.refresh()
 
     def step(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
+        with self._lock:  # worker jobs finish on the pool's thread
+            self.done += 1
+            if self.bar is not None:
+                self.bar.update(1)
 
     @property
     def elapsed(self) -> float:

@@ -22,8 +22,11 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +65,10 @@ class RunPool:
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self.cache = RunCache.in_directory(self.cache_dir) if self.cache_dir is not None else RunCache()
         self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.RLock()  # a done-callback may run at once, inside `_dispatch`
+        self._urgent: deque = deque()  # (job, handle) waiting for a worker, before those of `_queued`
+        self._queued: deque = deque()
+        self._running = 0
 
     def __enter__(self) -> RunPool:
         return self
@@ -70,25 +77,55 @@ class RunPool:
         self.close()
 
     def close(self) -> None:
+        with self._lock:  # jobs not yet started never start
+            for _, handle in [*self._urgent, *self._queued]:
+                handle.cancel()
+            self._urgent.clear()
+            self._queued.clear()
         if self._executor is not None:
             self._executor.shutdown(cancel_futures=True)
             self._executor = None
 
-    def submit(self, jobs: Iterable[Job]) -> list:
+    def submit(self, jobs: Iterable[Job], *, urgent: bool = False) -> list:
         """Queue `jobs`; returns one handle per job whose `.result()` is its record.
 
-        With several workers the jobs start at once, in order, as workers come free; with one, a job
-        runs in this process when its result is first asked for.
+        With several workers, jobs start in order as workers come free, `urgent` ones (a row's edge
+        extensions, the runs of a row just chosen) before every job queued without it. With one
+        worker a job runs in this process when its result is first asked for.
         """
         jobs = list(jobs)
         if self.workers == 1:
             return [_Deferred(job, self.cache) for job in jobs]
-        if self._executor is None:
-            # spawn, not fork: a forked child of a process that already ran OpenMP threads can hang.
-            self._executor = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                initargs=(self.threads, str(self.cache_dir), logging.getLogger("saftune").getEffectiveLevel()))
-        return [self._executor.submit(_run_job, job) for job in jobs]
+        handles = [Future() for _ in jobs]
+        with self._lock:
+            (self._urgent if urgent else self._queued).extend(zip(jobs, handles))
+            self._dispatch()
+        return handles
+
+    def _dispatch(self) -> None:
+        """Hand queued jobs to free workers (called holding the lock)."""
+        # The executor gets no more jobs than it has workers, so that a later urgent job goes next.
+        while self._running < self.workers and (self._urgent or self._queued):
+            job, handle = (self._urgent or self._queued).popleft()
+            if not handle.set_running_or_notify_cancel():
+                continue  # cancelled while it waited
+            if self._executor is None:
+                # spawn, not fork: a forked child of a process that already ran OpenMP threads can hang.
+                self._executor = ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                    initargs=(self.threads, str(self.cache_dir), logging.getLogger("saftune").getEffectiveLevel()))
+            self._running += 1
+            self._executor.submit(_run_job, job).add_done_callback(partial(self._finished, handle))
+
+    def _finished(self, handle: Future, done: Future) -> None:
+        with self._lock:
+            self._running -= 1
+            error = done.exception()
+            if error is None:
+                handle.set_result(done.result())
+            else:
+                handle.set_exception(error)
+            self._dispatch()
 
     def map(self, jobs: Iterable[Job]) -> Iterator[RunRecord]:
         """The record of each job, in the jobs' order."""
@@ -106,12 +143,22 @@ class _Deferred:
 
     def __init__(self, job: Job, cache: RunCache):
         self.job, self.cache, self._record = job, cache, None
+        self._callbacks = []
 
     def result(self) -> RunRecord:
         if self._record is None:
             job = self.job
             self._record = run_experiment(job.config, job.out_dir, evaluate_splits=job.evaluate_splits, cache=self.cache)
+            for callback in self._callbacks:
+                callback(self)
         return self._record
+
+    def add_done_callback(self, callback) -> None:
+        """Call `callback(self)` once the job has run (as `concurrent.futures.Future` does)."""
+        if self._record is not None:
+            callback(self)
+        else:
+            self._callbacks.append(callback)
 
     def cancel(self) -> bool:
         return self._record is None
