@@ -102,8 +102,11 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
 
+    import torch
+
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "settings": {k: getattr(args, k) for k in ("batch", "seq", "sparsity", "epoch_batches", "threads", "repeats")},
         "models": {},
     }

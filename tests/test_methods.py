@@ -18,7 +18,7 @@ METHOD_OPTIONS = {  # learning rates large enough for a few steps on a tiny rand
     "flyp": {"lr": 1e-3}, "clipood": {"lr": 1e-3}, "coop": {"lr": 1e-2}, "cocoop": {"lr": 1e-2}, "maple": {"lr": 1e-2, "depth": 2},
     "saft": {"lr": 1e-2, "sparsity": 0.05},
 }
-PROMPT_LEARNERS = {"coop": "coop_context", "cocoop": "conditional_prompts.", "maple": "deep_prompts."}
+PROMPT_LEARNERS = {"coop": "prompt_learner.", "cocoop": "prompt_learner.", "maple": "prompt_learner."}
 
 
 def _setup(spec, seed=0):

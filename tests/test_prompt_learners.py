@@ -69,8 +69,8 @@ def test_cocoop_with_a_zero_meta_net_is_the_zero_shot_model_of_its_template(spec
     model, bench = _prepared("cocoop", {}, spec)
     assert model.templates == ["a photo of a {}."]
     with torch.no_grad():
-        model.conditional_prompts.meta_net.linear2.weight.zero_()
-        model.conditional_prompts.meta_net.linear2.bias.zero_()
+        model.prompt_learner.meta_net.linear2.weight.zero_()
+        model.prompt_learner.meta_net.linear2.bias.zero_()
     reference, _ = _setup(spec)
     reference.set_classes(bench.classnames, ["a photo of a {}."])
     reference.eval()
@@ -81,7 +81,7 @@ def test_cocoop_with_a_zero_meta_net_is_the_zero_shot_model_of_its_template(spec
 
 def test_cocoop_logits_are_each_inputs_own_prompts_by_hand():
     model, bench = _prepared("cocoop", {})
-    learner = model.conditional_prompts
+    learner = model.prompt_learner
     with torch.no_grad():  # a meta-net that moves the context visibly
         learner.meta_net.linear2.weight.normal_(0, 1.0)
     fresh, _ = _setup()
@@ -105,14 +105,14 @@ def test_cocoop_prompt_chunks_do_not_change_the_logits():
     batch = model.collate(bench.test.inputs)
     with torch.no_grad():
         whole = model(batch)
-        model.conditional_prompts.prompt_chunk = 1  # one input's prompts per text-encoder call
+        model.prompt_learner.prompt_chunk = 1  # one input's prompts per text-encoder call
         torch.testing.assert_close(model(batch), whole, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("depth", [1, 2])
 def test_maple_equals_a_hand_computed_forward_at_initialisation(depth):
     model, bench = _prepared("maple", {"depth": depth})
-    prompts = model.deep_prompts
+    prompts = model.prompt_learner
     assert prompts.first.shape == (2, 32) and prompts.deeper.shape == (depth - 1, 2, 32)
     fresh, _ = _setup()
     fresh.set_classes(bench.classnames, ["a photo of a {}."])
@@ -152,4 +152,81 @@ def test_context_words_must_cover_n_ctx_tokens():
 def test_random_context_uses_placeholders():
     model, _ = _prepared("cocoop", {"ctx_init": "", "n_ctx": 3})
     assert model.templates == ["X X X {}."]
-    assert model.conditional_prompts.context.std() < 0.05
+    assert model.prompt_learner.context.std() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------
+# The one API a learned-prompt method changes the model through: attach_prompt_learner / detach.
+
+PROMPT_METHODS = [("coop", {}, "tiny-clip"), ("coop", {}, "tiny-sentence"), ("cocoop", {}, "tiny-clip"),
+                  ("cocoop", {}, "tiny-sentence"), ("maple", {"depth": 2}, "tiny-clip")]
+
+
+def _hook_counts(model):
+    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
+
+
+def _attributes(model):
+    """Every module's own attribute names and child slots, by module name."""
+    return {n: (set(vars(m)), dict(m._modules)) for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("name, options, spec", PROMPT_METHODS)
+def test_a_prompt_method_changes_the_model_only_through_the_prompt_learner_api(name, options, spec):
+    model, bench = _setup(spec)
+    model.eval()
+    batch = model.collate(bench.test.inputs)
+    with torch.no_grad():
+        zero_shot = model(batch)
+    attributes, hooks = _attributes(model), _hook_counts(model)
+    parameters = {n for n, _ in model.named_parameters()}
+    assert model.prompt_learner is None
+
+    create_method(name, options).prepare(model, PrepareContext(batches=lambda: iter(()), seed=0))
+    assert model.prompt_learner is not None
+    after = _attributes(model)
+    for module_name, (names, children) in attributes.items():  # no attribute added to any module
+        assert set(after[module_name][0]) == names, module_name
+        changed = {k for k, child in after[module_name][1].items() if children.get(k, "absent") is not child}
+        assert changed == ({"prompt_learner"} if module_name == "" else set()), module_name
+    assert all(n.startswith("prompt_learner.") for n, _ in model.named_parameters() if n not in parameters)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {f"prompt_learner.{n}" for n, _ in model.prompt_learner.named_parameters()}
+    model.eval()
+    with torch.no_grad():
+        assert not torch.equal(model(batch), zero_shot)
+
+    model.detach_prompt_learner()
+    assert model.prompt_learner is None and model.templates == bench.templates
+    assert _hook_counts(model) == hooks and {n for n, _ in model.named_parameters()} == parameters
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(batch), zero_shot)
+
+
+def test_a_second_prompt_learner_is_refused_and_the_first_kept():
+    model, bench = _prepared("coop", {})
+    batch = model.collate(bench.test.inputs)
+    first, hooks = model.prompt_learner, _hook_counts(model)
+    with torch.no_grad():
+        expected = model(batch)
+    for name, options in (("coop", {}), ("cocoop", {}), ("maple", {"depth": 2})):
+        with pytest.raises(RuntimeError, match=r"a prompt learner \(PromptContext\) is already attached to this "
+                                               r"model; call detach_prompt_learner\(\) first"):
+            create_method(name, options).prepare(model, PrepareContext(batches=lambda: iter(()), seed=0))
+        assert model.prompt_learner is first and _hook_counts(model) == hooks  # the refused hooks are removed
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(batch), expected)
+    model.detach_prompt_learner()
+    create_method("cocoop").prepare(model, PrepareContext(batches=lambda: iter(()), seed=0))  # after detach: fine
+    assert type(model.prompt_learner).__name__ == "ConditionalPrompt"
+
+
+def test_the_learners_template_holds_across_set_classes_until_detach():
+    model, bench = _prepared("cocoop", {})
+    model.set_classes(["dark", "bright", "grey"], ["{}.", "a {}."])
+    assert model.templates == ["a photo of a {}."] and model.classnames == ["dark", "bright", "grey"]
+    model.detach_prompt_learner()
+    assert model.templates == ["{}.", "a {}."]  # the task's templates given while the learner was attached
+    assert model.detach_prompt_learner() is None  # nothing attached: nothing to do

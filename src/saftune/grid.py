@@ -285,8 +285,8 @@ def select_hyperparameters(grid: GridConfig, out_dir: Path, pool: RunPool | None
     seeds = selection_seeds(grid)
     reusable = grid.selection.epochs is None and set(seeds) <= set(grid.seeds) and not grid.sparsities
     train = grid.train if grid.selection.epochs is None else grid.train.replace(epochs=grid.selection.epochs)
-    if reusable:  # keep each trial's final state, so the winner can stand as the grid's run
-        train = train.replace(checkpoint_every=10**9)
+    if reusable:  # keep each trial's final state (without AdamW's moments), so the winner can stand as the grid's run
+        train = train.replace(checkpoint_every=10**9, final_moments=False)
     variants = {v.name: v for v in grid.variants()}
     trials_dir = Path(out_dir) / "selection"
 

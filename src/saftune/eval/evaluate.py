@@ -94,15 +94,16 @@ def evaluate_split(model: Classifier, benchmark: Benchmark, split: Split, *, bat
     """
     if len(split) == 0:
         raise ValueError(f"split {split.name!r} is empty: nothing to evaluate")
-    key = None
-    if cache is not None:
-        content = (split.inputs, np.asarray(split.labels), split.classnames or benchmark.classnames,
-                   split.templates or benchmark.templates, split.class_subset)
-        key = cache.key(model, content, batch_size=batch_size, weights=weights)
-        score = cache.get(key)
-        if score is not None:
-            return score
     with _task(model, benchmark, split):
+        key = None
+        if cache is not None:
+            # The prompts the model actually uses (a prompt learner keeps its own templates).
+            content = (split.inputs, np.asarray(split.labels), list(model.classnames), list(model.templates or []),
+                       split.class_subset)
+            key = cache.key(model, content, batch_size=batch_size, weights=weights)
+            score = cache.get(key)
+            if score is not None:
+                return score
         logits = predict(model, split, batch_size=batch_size, progress=progress, fresh_prompts=fresh_prompts)
     score = top1(logits, torch.as_tensor(split.labels))
     if key is not None:

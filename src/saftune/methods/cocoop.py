@@ -26,7 +26,7 @@ from saftune.config import option
 from saftune.methods.base import Method, MethodConfig, register_method
 from saftune.methods.coop import PROMPT_FILE
 from saftune.methods.flyp import require_dual_encoder
-from saftune.methods.prompt_context import context_template, install_template, replace_context
+from saftune.methods.prompt_context import context_embeddings, context_template, replace_context
 from saftune.results import write_result_config
 
 
@@ -88,11 +88,14 @@ class ConditionalPrompt(nn.Module):
         return torch.cat(out)
 
 
-def attach_conditional_prompt(model, learner: ConditionalPrompt, n_ctx: int) -> ConditionalPrompt:
-    """Install `learner` on a dual encoder whose template is already fixed (see `install_template`)."""
-    model.conditional_prompts = learner.to(model.prompt_token_embedding.weight.device)
-    model._cocoop_hook = replace_context(model, n_ctx, lambda: learner.active)
-    return learner
+def attach_conditional_prompt(model, learner: ConditionalPrompt, template: str, n_ctx: int) -> ConditionalPrompt:
+    """Attach `learner` to a dual encoder as its prompt learner, with the `template` its context sits in.
+
+    Its `class_embeddings` gives the model each input's own class embeddings (see `attach_prompt_learner`).
+    """
+    learner = learner.to(model.prompt_token_embedding.weight.device)
+    hook = replace_context(model, n_ctx, lambda: learner.active)
+    return model.attach_prompt_learner(learner, templates=[template], hooks=[hook])
 
 
 @register_method
@@ -109,7 +112,7 @@ class CoCoOp(Method):
             p.requires_grad_(False)
         cfg = self.config
         template = context_template(cfg.ctx_init, cfg.n_ctx, cfg.placeholder)
-        init = install_template(model, template, cfg.n_ctx, "cocoop")
+        init = context_embeddings(model, template, cfg.n_ctx, "cocoop")
         if not cfg.ctx_init.strip():
             generator = torch.Generator().manual_seed(context.seed)
             init = torch.randn(init.shape, generator=generator) * cfg.init_std
@@ -118,7 +121,7 @@ class CoCoOp(Method):
         with torch.random.fork_rng(devices=[]):  # the meta-net's initialisation, from the run seed
             torch.manual_seed(context.seed)
             learner = ConditionalPrompt(init, feature_dim, cfg.prompt_chunk)
-        attach_conditional_prompt(model, learner, cfg.n_ctx).requires_grad_(True)
+        attach_conditional_prompt(model, learner, template, cfg.n_ctx).requires_grad_(True)
 
     def save_result(self, model, directory, info):
         from safetensors.torch import save_file
@@ -127,10 +130,10 @@ class CoCoOp(Method):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        learner = model.conditional_prompts
+        learner = model.prompt_learner
         with atomic_path(directory / PROMPT_FILE) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in learner.state_dict().items()}, str(tmp))
-        meta = {"prompt_learner": self.name, "template": model.fixed_templates[0], "n_ctx": self.config.n_ctx,
+        meta = {"prompt_learner": self.name, "template": model.templates[0], "n_ctx": self.config.n_ctx,
                 "feature_dim": learner.meta_net.linear1.in_features, "prompt_chunk": self.config.prompt_chunk}
         return write_result_config(directory, self.result_kind, {**info, **meta}).parent
 
@@ -146,7 +149,7 @@ class CoCoOp(Method):
 
         require_dual_encoder(model, "cocoop")
         state = load_file(str(Path(directory) / PROMPT_FILE))
-        install_template(model, config["template"], config["n_ctx"], "cocoop")
+        context_embeddings(model, config["template"], config["n_ctx"], "cocoop")  # checks the template fits
         learner = ConditionalPrompt(state["context"], config["feature_dim"], config.get("prompt_chunk", 4096))
         learner.load_state_dict(state)
-        attach_conditional_prompt(model, learner, config["n_ctx"]).requires_grad_(False)
+        attach_conditional_prompt(model, learner, config["template"], config["n_ctx"]).requires_grad_(False)

@@ -3,6 +3,7 @@
 Prompts become "X X ... X <class name>." with `n_ctx` placeholder words; a forward hook on the prompt
 encoder's token embedding replaces the placeholders' embeddings with learned vectors, only while
 prompts are being encoded (so a shared tower, as in sentence encoders, still embeds inputs normally).
+The vectors live in a `PromptContext` module, attached with `DualEncoderClassifier.attach_prompt_learner`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from saftune.config import option
 from saftune.methods.base import Method, MethodConfig, register_method
 from saftune.methods.flyp import require_dual_encoder
+from saftune.methods.prompt_context import replace_context, template_ids
 from saftune.results import write_result_config
 
 PROMPT_FILE = "prompt.safetensors"
@@ -30,26 +32,30 @@ class CoOpConfig(MethodConfig):
     placeholder: str = option("X", "the placeholder word whose embeddings are replaced")
 
 
-def attach_prompt(model, context: torch.Tensor, placeholder: str = "X") -> nn.Parameter:
-    """Install learned context vectors [n_ctx, dim] on a dual encoder (returns the parameter)."""
+class PromptContext(nn.Module):
+    """CoOp's prompt learner: context vectors [n_ctx, dim], the same in every class prompt.
+
+    Example:
+        >>> PromptContext(torch.zeros(16, 8)).context.shape
+        torch.Size([16, 8])
+    """
+
+    def __init__(self, context: torch.Tensor):
+        super().__init__()
+        self.context = nn.Parameter(context.detach().clone())
+
+
+def attach_prompt(model, context: torch.Tensor, placeholder: str = "X") -> PromptContext:
+    """Attach learned context vectors [n_ctx, dim] to a dual encoder as its prompt learner (returned)."""
     n_ctx = context.shape[0]
-    model.fixed_templates = [" ".join([placeholder] * n_ctx) + " {}."]
-    model.set_classes(model.classnames, model.fixed_templates)
-    ids = model.prompt_tokens()["input_ids"]
+    template = " ".join([placeholder] * n_ctx) + " {}."
+    ids = template_ids(model, template)
     if ids.shape[1] < n_ctx + 1 or not bool((ids[:, 1 : n_ctx + 1] == ids[0, 1]).all()):
         raise ValueError(f"the placeholder {placeholder!r} does not tokenize to one token per word right after the "
                          "start token; choose another `placeholder`")
-    model.coop_context = nn.Parameter(context.clone())
-
-    def replace_context(module, args, output):
-        if not model.encoding_prompts:
-            return output
-        output = output.clone()
-        output[:, 1 : n_ctx + 1] = model.coop_context.to(output.dtype)
-        return output
-
-    model._coop_hook = model.prompt_token_embedding.register_forward_hook(replace_context)
-    return model.coop_context
+    learner = PromptContext(context)
+    hook = replace_context(model, n_ctx, lambda: learner.context)
+    return model.attach_prompt_learner(learner, templates=[template], hooks=[hook])
 
 
 @register_method
@@ -67,8 +73,8 @@ class CoOp(Method):
         dim = model.prompt_token_embedding.embedding_dim
         generator = torch.Generator().manual_seed(context.seed)
         init = torch.randn(self.config.n_ctx, dim, generator=generator) * self.config.init_std
-        param = attach_prompt(model, init.to(model.prompt_token_embedding.weight.device), self.config.placeholder)
-        param.requires_grad_(True)
+        learner = attach_prompt(model, init.to(model.prompt_token_embedding.weight.device), self.config.placeholder)
+        learner.requires_grad_(True)
 
     def save_result(self, model, directory, info):
         from safetensors.torch import save_file
@@ -78,7 +84,7 @@ class CoOp(Method):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(directory / PROMPT_FILE) as tmp:
-            save_file({"context": model.coop_context.detach().cpu().contiguous()}, str(tmp))
+            save_file({"context": model.prompt_learner.context.detach().cpu().contiguous()}, str(tmp))
         return write_result_config(directory, self.result_kind, {**info, "placeholder": self.config.placeholder}).parent
 
     @staticmethod
@@ -93,5 +99,4 @@ def load_prompt(model, directory: Path, placeholder: str = "X") -> None:
 
     require_dual_encoder(model, "coop")
     context = load_file(str(Path(directory) / PROMPT_FILE))["context"]
-    attach_prompt(model, context.to(model.prompt_token_embedding.weight.device), placeholder)
-    model.coop_context.requires_grad_(False)
+    attach_prompt(model, context.to(model.prompt_token_embedding.weight.device), placeholder).requires_grad_(False)

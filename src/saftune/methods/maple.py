@@ -26,7 +26,7 @@ from torch import nn
 from saftune.config import option
 from saftune.methods.base import Method, MethodConfig, register_method
 from saftune.methods.coop import PROMPT_FILE
-from saftune.methods.prompt_context import context_template, install_template, replace_context
+from saftune.methods.prompt_context import context_embeddings, context_template, replace_context
 from saftune.results import write_result_config
 
 
@@ -90,14 +90,14 @@ def _replace_hidden(args: tuple, kwargs: dict, replace) -> tuple[tuple, dict]:
     return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
 
 
-def attach_deep_prompts(model, prompts: DeepPrompts) -> DeepPrompts:
-    """Install `prompts` on an hf-clip classifier whose template is already fixed (see `install_template`)."""
+def attach_deep_prompts(model, prompts: DeepPrompts, template: str) -> DeepPrompts:
+    """Attach `prompts` to an hf-clip classifier as its prompt learner, with the `template` layer 0's sit in."""
     clip = model.clip
     text_layers, vision_layers = clip.text_model.encoder.layers, clip.vision_model.encoder.layers
     if prompts.depth > min(len(text_layers), len(vision_layers)):
         raise ValueError(f"maple: depth {prompts.depth} is more than the model's {len(text_layers)} text and "
                          f"{len(vision_layers)} vision layers; lower `depth`")
-    model.deep_prompts = prompts.to(model.prompt_token_embedding.weight.device)
+    prompts = prompts.to(model.prompt_token_embedding.weight.device)
     n_ctx = prompts.first.shape[0]
     handles = [replace_context(model, n_ctx, lambda: prompts.first)]
 
@@ -127,8 +127,7 @@ def attach_deep_prompts(model, prompts: DeepPrompts) -> DeepPrompts:
 
         handles.append(text_layers[layer].register_forward_pre_hook(text_hook, with_kwargs=True))
         handles.append(vision_layers[layer].register_forward_pre_hook(vision_hook, with_kwargs=True))
-    model._maple_hooks = handles
-    return prompts
+    return model.attach_prompt_learner(prompts, templates=[template], hooks=handles)
 
 
 @register_method
@@ -145,13 +144,13 @@ class MaPLe(Method):
             p.requires_grad_(False)
         cfg = self.config
         template = context_template(cfg.ctx_init, cfg.n_ctx, cfg.placeholder)
-        first = install_template(model, template, cfg.n_ctx, "maple")
+        first = context_embeddings(model, template, cfg.n_ctx, "maple")
         with torch.random.fork_rng(devices=[]):  # the prompts' and couplings' initialisation, from the run seed
             torch.manual_seed(context.seed)
             if not cfg.ctx_init.strip():
                 first = torch.randn(first.shape) * cfg.init_std
             prompts = DeepPrompts(first, cfg.depth, model.clip.config.vision_config.hidden_size, cfg.init_std)
-        attach_deep_prompts(model, prompts).requires_grad_(True)
+        attach_deep_prompts(model, prompts, template).requires_grad_(True)
 
     def save_result(self, model, directory, info):
         from safetensors.torch import save_file
@@ -161,8 +160,8 @@ class MaPLe(Method):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(directory / PROMPT_FILE) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.deep_prompts.state_dict().items()}, str(tmp))
-        meta = {"prompt_learner": self.name, "template": model.fixed_templates[0], "n_ctx": self.config.n_ctx,
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.prompt_learner.state_dict().items()}, str(tmp))
+        meta = {"prompt_learner": self.name, "template": model.templates[0], "n_ctx": self.config.n_ctx,
                 "depth": self.config.depth}
         return write_result_config(directory, self.result_kind, {**info, **meta}).parent
 
@@ -178,7 +177,7 @@ class MaPLe(Method):
 
         require_hf_clip(model)
         state = load_file(str(Path(directory) / PROMPT_FILE))
-        install_template(model, config["template"], config["n_ctx"], "maple")
+        context_embeddings(model, config["template"], config["n_ctx"], "maple")  # checks the template fits
         prompts = DeepPrompts(state["first"], config["depth"], state["couplings.0.weight"].shape[0])
         prompts.load_state_dict(state)
-        attach_deep_prompts(model, prompts).requires_grad_(False)
+        attach_deep_prompts(model, prompts, config["template"]).requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Learned context vectors inside the class prompts, shared by CoCoOp and MaPLe.
+"""Learned context vectors inside the class prompts: the template checks and the hook CoOp, CoCoOp and MaPLe share.
 
 A prompt becomes "<start> c_1 ... c_n <rest of the template> <class name>." where c_1..c_n are learned
 vectors that replace the token embeddings of the first n words of the template. The template is
@@ -6,7 +6,8 @@ vectors that replace the token embeddings of the first n words of the template. 
 words, so before training the prompts are exactly the zero-shot ones; with an empty `ctx_init` the
 template is n placeholder words and the vectors start random. A forward hook on the prompt encoder's
 token embedding writes the vectors in, only while prompts are being encoded (a shared tower, as in
-sentence encoders, still embeds its inputs normally).
+sentence encoders, still embeds its inputs normally). A method hands its learner, the template and that
+hook to `DualEncoderClassifier.attach_prompt_learner`, and sets nothing else on the model.
 
 Example:
     >>> context_template("a photo of a", 4), context_template("", 2, "X")
@@ -27,20 +28,23 @@ def context_template(ctx_init: str, n_ctx: int, placeholder: str = "X") -> str:
     return words + " {}."
 
 
-def install_template(model, template: str, n_ctx: int, method: str) -> torch.Tensor:
-    """Switch `model` to the one fixed `template` and return the token embeddings of its context words.
+def template_ids(model, template: str) -> torch.Tensor:
+    """Token ids [C, L] of the class prompts `template` gives, without switching `model` to it."""
+    tokens = model.tokenize_prompts([template.format(c) for c in model.classnames])
+    return tokens["input_ids"] if "input_ids" in tokens else next(iter(tokens.values()))
+
+
+def context_embeddings(model, template: str, n_ctx: int, method: str) -> torch.Tensor:
+    """The token embeddings [n_ctx, dim] of `template`'s context words, checked to sit at positions 1..n_ctx.
 
     Raises a ValueError naming the fix when the first `n_ctx` tokens after the start token are not the
-    same in every prompt (the words before the class name tokenize to fewer than `n_ctx` tokens).
+    same in every prompt (the words before the class name tokenize to fewer than `n_ctx` tokens). The
+    model is not changed: `attach_prompt_learner(..., templates=[template])` switches it.
     """
-    model.fixed_templates = [template]
-    model.set_classes(model.classnames, model.fixed_templates)
-    tokens = model.prompt_tokens()
-    ids = next(iter(tokens.values())) if "input_ids" not in tokens else tokens["input_ids"]
+    ids = template_ids(model, template)
     words = template.replace(" {}.", "")
     alone = model.tokenize_prompts([words])
     alone = alone["input_ids"] if "input_ids" in alone else next(iter(alone.values()))
-    alone = alone.to(ids.device)
     fits = ids.shape[1] > n_ctx and alone.shape[1] > n_ctx and bool((ids[:, 1 : n_ctx + 1] == alone[0, 1 : n_ctx + 1]).all())
     if not fits:
         raise ValueError(f"{method}: the context words {words!r} do not give {n_ctx} tokens before the class name in every "

@@ -7,6 +7,11 @@ the prompt side cannot change (linear probe, SAFT on the image encoder only). Wi
 (`torch.no_grad()`, `torch.inference_mode()`) they are computed once and cached; the cache is dropped by every step with gradients and by every mode
 change (`train()` / `eval()`), so an evaluation always sees the current weights.
 
+Learned prompts (CoOp, CoCoOp, MaPLe) go through one API: `attach_prompt_learner` registers the learner
+as the submodule `prompt_learner`, switches to the learner's own templates and keeps the hooks that
+write its vectors into the encoders; `detach_prompt_learner` undoes all three. A method leaves no other
+state on the model.
+
 Example (a toy dual encoder with bag-of-words "encoders"):
     >>> import torch
     >>> class Toy(DualEncoderClassifier):
@@ -22,6 +27,11 @@ Example (a toy dual encoder with bag-of-words "encoders"):
     >>> toy = Toy(); toy.set_classes(["a", "bb"], ["{}", "the {}"])
     >>> toy({"ids": torch.tensor([[1], [2]])}).shape
     torch.Size([2, 2])
+    >>> learner = toy.attach_prompt_learner(torch.nn.Linear(4, 4), templates=["a {}"])
+    >>> toy.templates, [n for n, _ in toy.named_parameters() if n.startswith("prompt_learner")]
+    (['a {}'], ['prompt_learner.weight', 'prompt_learner.bias'])
+    >>> toy.detach_prompt_learner() is learner, toy.prompt_learner, toy.templates
+    (True, None, ['{}', 'the {}'])
 """
 
 from __future__ import annotations
@@ -30,22 +40,29 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
 
 from saftune.models.base import Classifier
+
+PROMPT_LEARNER = "prompt_learner"  # the one submodule name a learned-prompt method attaches under
 
 
 class DualEncoderClassifier(Classifier):
     """Base of CLIP-style classifiers. Subclasses implement the three encoder hooks below."""
+
+    prompt_learner: torch.nn.Module | None  # see `attach_prompt_learner`; a registered submodule slot
 
     def __init__(self):
         super().__init__()
         self._prompts_frozen = False  # see `freeze_prompt_side`
         self.encoding_prompts = False  # True while prompts go through the (possibly shared) encoder: CoOp's cue
         self.head: torch.nn.Linear | None = None  # a linear probe replaces the zero-shot head when attached
-        self.fixed_templates: list[str] | None = None  # learned prompts (CoOp) keep their own template
-        # CoCoOp: a module whose `class_embeddings(model, features)` gives each input its own class
-        # embeddings [B, C, E]; None: one set of class embeddings for every input
-        self.conditional_prompts: torch.nn.Module | None = None
+        # An empty slot from the start, so attaching fills it and adds no attribute (nn.Module skips None
+        # children in parameters(), state_dict() and named_modules()).
+        self.register_module(PROMPT_LEARNER, None)
+        self._learner_hooks: list[RemovableHandle] = []
+        self._learner_templates: list[str] | None = None  # the attached learner's templates, used by set_classes
+        self._task_templates: list[str] | None = None  # the templates last asked for, restored on detach
         self._prompt_tokens: dict | None = None
         self._class_cache: torch.Tensor | None = None
 
@@ -80,10 +97,60 @@ class DualEncoderClassifier(Classifier):
                 f"this classifier has a trained linear head for {self.head.out_features} classes; it cannot switch "
                 f"to {len(classnames)} classes (set `head = None` to go back to the zero-shot head)"
             )
-        super().set_classes(classnames, self.fixed_templates or templates)
+        self._task_templates = None if templates is None else list(templates)
+        super().set_classes(classnames, self._learner_templates or templates)
         texts = [t.format(c) for c in self.classnames for t in self.templates]
         self._prompt_tokens = self.tokenize_prompts(texts)
         self._class_cache = None
+
+    # -- learned prompts ------------------------------------------------------------------------------
+    def attach_prompt_learner(self, learner: torch.nn.Module, *, templates: Sequence[str],
+                              hooks: Sequence[RemovableHandle] = ()) -> torch.nn.Module:
+        """Attach a learned-prompt module: the one way a method adds prompt state to this model.
+
+        `learner` becomes the submodule `prompt_learner` (its parameters are named `prompt_learner.*` and
+        move, save and load with the model); the class prompts switch to `templates` and keep them across
+        `set_classes` until `detach_prompt_learner`; `hooks` are the handles of the hooks that write the
+        learner's vectors into the encoders, removed on detach. A learner with a method
+        `class_embeddings(model, features) -> [B, C, E]` gives each input its own class embeddings
+        (CoCoOp); otherwise every input shares the usual (cached) class embeddings.
+
+        Raises a RuntimeError when a learner is already attached (a ValueError for a bad template); the
+        `hooks` passed in are then removed, so a refused attach leaves the model as it was.
+
+        Example: see the module docstring (a learner without hooks, only its template).
+        """
+        if self.prompt_learner is not None:
+            for handle in hooks:
+                handle.remove()
+            raise RuntimeError(f"a prompt learner ({type(self.prompt_learner).__name__}) is already attached to this "
+                               "model; call detach_prompt_learner() first")
+        self._learner_templates = list(templates)
+        try:
+            self.set_classes(self.classnames, self._task_templates)
+        except BaseException:
+            self._learner_templates = None
+            for handle in hooks:
+                handle.remove()
+            raise
+        self.register_module(PROMPT_LEARNER, learner)
+        self._learner_hooks = list(hooks)
+        return learner
+
+    def detach_prompt_learner(self) -> torch.nn.Module | None:
+        """Remove the attached prompt learner, its hooks and its templates; return it (None if none was attached).
+
+        The model is then the zero-shot model of the templates last given to `set_classes`.
+        """
+        learner = self.prompt_learner
+        for handle in self._learner_hooks:
+            handle.remove()
+        self._learner_hooks = []
+        self.register_module(PROMPT_LEARNER, None)
+        if self._learner_templates is not None:
+            self._learner_templates = None
+            self.set_classes(self.classnames, self._task_templates)
+        return learner
 
     def prompt_tokens(self) -> dict:
         if self._prompt_tokens is None:
@@ -132,8 +199,9 @@ class DualEncoderClassifier(Classifier):
     def logits_from_features(self, features: torch.Tensor, class_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         if self.head is not None:
             return self.head(features)
-        if class_embeddings is None and self.conditional_prompts is not None:
-            classes = self.conditional_prompts.class_embeddings(self, features)  # [B, C, E]
+        per_input = getattr(self.prompt_learner, "class_embeddings", None)  # CoCoOp: see `attach_prompt_learner`
+        if class_embeddings is None and per_input is not None:
+            classes = per_input(self, features)  # [B, C, E]
             return self.logit_scale * torch.einsum("be,bce->bc", features, classes)
         classes = self.class_embeddings() if class_embeddings is None else class_embeddings
         return self.logit_scale * features @ classes.T

@@ -71,12 +71,14 @@ class TrainConfig(Config):
     eval_every: int | None = option(None, "evaluate on the validation split every N steps", low=1)
     checkpoint_every: int | None = option(None, "write a resumable checkpoint every N steps and at the end", low=1)
     log_every: int = option(1, "write a log line every N steps", low=1)
+    final_moments: bool = option(True, "keep AdamW's moments in the last step's checkpoint (False: it holds only what "
+                                 "evaluation needs, a third of the size for full fine-tuning; a grid's trials)")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     progress: bool | None = option(None, "progress bar (default: when stderr is a terminal)")
     tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)")
 
     # Settings that do not change the trained weights: a checkpoint may be resumed with other values.
-    NON_SEMANTIC = ("eval_every", "checkpoint_every", "log_every", "progress", "tensorboard", "device")
+    NON_SEMANTIC = ("eval_every", "checkpoint_every", "log_every", "final_moments", "progress", "tensorboard", "device")
 
     def semantic(self) -> dict:
         return {k: v for k, v in self.to_dict().items() if k not in self.NON_SEMANTIC}
@@ -269,10 +271,9 @@ def fit(
 
     def save(step: int) -> None:
         if run_dir is not None and distributed.is_main():
-            # The last step's checkpoint only serves evaluation (a grid's winning trial): no AdamW moments.
             save_checkpoint(run_dir, step=step, trainable=method.state_dict(model), optimizer=optimizer,
                             scheduler=scheduler, fingerprint=fingerprint, extra={"method": method.name},
-                            moments=step < total_steps)
+                            moments=step < total_steps or config.final_moments)
 
     reused = shared.get(shared_key) if shared_key is not None and start == 0 else None
     if reused is not None:  # an identical training already ran in this process: its state, log and end checkpoint
