@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import saftune
 from saftune import SparseDelta, SparseMask

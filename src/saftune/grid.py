@@ -489,7 +489,7 @@ def run_grid(grid: GridConfig, results_path: str | Path, out_dir: str | Path, *,
                                lambda name, seed: run_dir(out_dir, run_id(name, seed, None, first if many else None)),
                                tracker=tracker, on_selected=chosen)
         new = []
-        for i, (dataset, options, variant, sparsity, seed) in enumerate(cells):  # in the plan's order
+        for i, (dataset, _, variant, sparsity, seed) in enumerate(cells):  # in the plan's order
             record = handles[i].result()
             outcome = outcomes[variant.name]
             record.run_id, record.variant, record.grid = run_id(variant.name, seed, sparsity, dataset if many else None), \

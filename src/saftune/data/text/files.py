@@ -189,7 +189,7 @@ def read_text_file(path: Path, options: TextFilesOptions) -> TextRows:
             if column not in row:
                 raise _missing_column(path, number if what == "field" else 1, option_name, column, list(row), what)
         texts = [row[c] for _, c in columns[:-1]]
-        for (option_name, column), value in zip(columns, texts):
+        for (_, column), value in zip(columns, texts):
             if not isinstance(value, str) or not value.strip():
                 raise TextFileError(f"{str(path)!r} line {number}: empty text in {what} {column!r}; fill it in or "
                                     "remove the row")
