@@ -33,10 +33,11 @@ import torch
 from saftune.eval import evaluate, predict
 from saftune.eval.metrics import project_logits, top1
 from saftune.models import create
+from saftune.grid import GridConfig
 from saftune.run import RunConfig, build_benchmark
 
 RESULTS = Path(__file__).parent / "results"
-DEMO_DATA = {"shots": 16, "val_per_class": 200, "max_test": 500, "max_ood": 500}
+DEMO_DATA = GridConfig.load("demo").dataset_options  # the demo's data, from its recipe
 
 
 @torch.no_grad()

@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from saftune.pool import Job, RunPool
+from saftune.grid import GridConfig
 from saftune.run import RunConfig
 from saftune.train.trainer import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
-DEMO_DATA = {"shots": 16, "val_per_class": 200, "max_test": 500, "max_ood": 500}
+DEMO_DATA = GridConfig.load("demo").dataset_options  # the demo's data, from its recipe
 
 
 def jobs(count: int, steps: int) -> list[Job]:

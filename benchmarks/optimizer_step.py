@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from saftune.models import create
+from saftune.grid import GridConfig
 from saftune.run import RunConfig, build_benchmark
 
 RESULTS = Path(__file__).parent / "results"
@@ -73,8 +74,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pretrained = create("minilm")
-    bench = build_benchmark(RunConfig(dataset="sentiment-domains",
-                                      dataset_options={"shots": 16, "val_per_class": 200, "max_test": 500, "max_ood": 500}))
+    bench = build_benchmark(RunConfig(dataset="sentiment-domains", dataset_options=GridConfig.load("demo").dataset_options))
     pretrained.set_classes(bench.classnames, bench.templates)
     implementations = ["for-loop", "foreach", "fused"]
     seconds = {name: [] for name in implementations}
