@@ -27,7 +27,9 @@ from saftune._io import write_json
 from saftune.config import Config, option
 from saftune.data.registry import check_dataset, dataset_options, load_dataset
 from saftune.eval.cache import EvaluationCache
+from saftune.data.llm.benchmark import LMBenchmark
 from saftune.eval.evaluate import evaluate, evaluate_split
+from saftune.eval.lm import evaluate_lm, evaluate_lm_validation
 from saftune.methods.base import create_method
 from saftune.models.registry import check_model, create
 from saftune.record import RunRecord
@@ -106,7 +108,8 @@ def build_model_and_benchmark(config: RunConfig, model_cache: dict | None = None
     if model.modality != bench.modality:
         raise ValueError(f"model {config.model!r} takes {model.modality} inputs but dataset {config.dataset!r} holds "
                          f"{bench.modality}; choose a {bench.modality} model (saftune list models)")
-    model.set_classes(bench.classnames, bench.templates)
+    if not isinstance(bench, LMBenchmark):  # a causal LM scores options by likelihood: no class head to set
+        model.set_classes(bench.classnames, bench.templates)
     return model, bench
 
 
@@ -166,7 +169,11 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
     total_params = sum(p.numel() for p in model.parameters())
     train_config = config.train.replace(seed=config.seed)
 
+    language_model = isinstance(bench, LMBenchmark)
+
     def on_val(m):
+        if language_model:
+            return {"val": evaluate_lm_validation(m, bench, batch_size=config.eval_batch_size, cache=cache.evaluations)}
         return {"val": evaluate_split(m, bench, bench.val, batch_size=config.eval_batch_size, cache=cache.evaluations)}
 
     started = time.perf_counter()
@@ -180,7 +187,8 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
         train_seconds += next((h["seconds"] for h in history if h.get("step") == trained.resumed_from and "seconds" in h), 0.0)
 
     def evaluate_all(m):
-        return evaluate(m, bench, batch_size=config.eval_batch_size, include_val=True, cache=cache.evaluations)
+        scorer = evaluate_lm if language_model else evaluate
+        return scorer(m, bench, batch_size=config.eval_batch_size, include_val=True, cache=cache.evaluations)
 
     started = time.perf_counter()
     method.choose_after_training(model, lambda m: on_val(m)["val"])  # validation only, in trials too
@@ -192,8 +200,8 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
                        metrics=metrics, trainable=method.num_trainable(model), total_params=total_params,
                        steps=trained.steps, train_seconds=round(train_seconds, 2), eval_seconds=round(eval_seconds, 2),
                        config=config.to_dict(), method_config=method.config.to_dict(),
-                       benchmark={"train": len(bench.train), "val": len(bench.val),
-                                  **{k: len(v) for k, v in bench.eval_splits().items()}, **bench.info})
+                       benchmark={"modality": bench.modality, "train": len(bench.train), "val": len(bench.val),
+                                  **bench.eval_sizes(), **bench.info})
     record.add(method.record_fields(model), f"{config.method}.record_fields")
     record.add(extra, f"{config.method}.evaluate_extra")
     if history:

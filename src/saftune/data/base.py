@@ -97,6 +97,10 @@ class Benchmark:
         """The ID test split (key "id") followed by the OOD splits."""
         return {"id": self.test, **self.ood}
 
+    def eval_sizes(self) -> dict[str, int]:
+        """Examples per evaluated split: "id" and each OOD set by name (as results record them)."""
+        return {k: len(v) for k, v in self.eval_splits().items()}
+
     def validate(self) -> None:
         """Refuse a benchmark that cannot be trained or scored; cheap, so runs call it before any model loads.
 

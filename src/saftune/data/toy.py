@@ -71,3 +71,51 @@ def toy_images(options: ToyOptions) -> Benchmark:
                      image_split("train", 2 * shots, seed), image_split("val", 8, 100 + seed),
                      image_split("test", test_size, 1000), {"low-contrast": image_split("low-contrast", test_size, 1001, 0.5)},
                      info={"source": "generated", "shots": shots, "seed": seed})
+
+
+@dataclass
+class ToyLMOptions(Config):
+    """Options of the generated causal-LM toy task."""
+
+    train_size: int = option(16, "fine-tuning pairs", low=2)
+    seed: int = option(1, "seed of the generated training pairs", low=0)
+    test_size: int = option(8, "items in the speciality test set and in each probe", low=2)
+    instructions: int = option(0, "instruction-following prompts to include (0: none; generation is the slow part)",
+                               low=0)
+
+
+def _word_questions(n: int, seed: int) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs: is a sentiment word positive? Balanced yes/no."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for i in range(n):
+        positive = i % 2 == 0
+        word = str(rng.choice(POSITIVE if positive else NEGATIVE))
+        pairs.append((f"Is the word '{word}' positive?", "yes" if positive else "no"))
+    return pairs
+
+
+@register_dataset("toy-lm", "generated yes/no speciality + two probes for causal LMs (smoke tests; no assets)",
+                  options=ToyLMOptions)
+def toy_lm(options: ToyLMOptions):
+    from saftune.data.llm import LMBenchmark, MultipleChoiceItem, SFTExample
+
+    def items(pairs, tag):
+        return [MultipleChoiceItem(p, ("yes", "no"), 0 if a == "yes" else 1, id=f"{tag}-{i}", delimiter="")
+                for i, (p, a) in enumerate(pairs)]
+
+    train = _word_questions(options.train_size, options.seed)
+    letters = [MultipleChoiceItem(f"Question: which letter comes after {c}?\nAnswer:", (chr(ord(c) + 1), chr(ord(c) + 2)),
+                                  0, id=f"letters-{c}") for c in "abcdefghijklmnop"[: options.test_size]]
+    counting = [MultipleChoiceItem(f"Question: what is {k} plus one?\nAnswer:", (str(k + 1), str(k + 3)), 0,
+                                   id=f"counting-{k}") for k in range(options.test_size)]
+    instructions = []
+    if options.instructions:
+        from saftune.data.llm.instructions import instruction_prompts
+
+        instructions = instruction_prompts(options.instructions)
+    return LMBenchmark("toy-lm", Split("toy-lm/train", [SFTExample(p, a) for p, a in train], [0] * len(train)),
+                       val=items(_word_questions(8, 100 + options.seed), "val"),
+                       test=items(_word_questions(options.test_size, 1000), "test"),
+                       probes={"letters": letters, "counting": counting}, instructions=instructions,
+                       info={"source": "generated", "train_size": options.train_size, "seed": options.seed})

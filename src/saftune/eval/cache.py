@@ -88,7 +88,7 @@ def data_digest(*parts) -> str:
 
 
 class EvaluationCache:
-    """Split accuracies by (weights digest, split content, class names, batch size).
+    """Split scores by (weights digest, split content, class names, batch size).
 
     In memory, and with `path` also in a JSON-lines file that several processes append to and read
     (each entry is one short line, written with one append).
@@ -96,7 +96,7 @@ class EvaluationCache:
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else None
-        self._scores: dict[tuple, float] = {}
+        self._scores: dict[tuple, float | dict[str, float]] = {}
         self._read_up_to = 0  # bytes of the file already read
         self.hits = 0
 
@@ -104,7 +104,7 @@ class EvaluationCache:
         """The cache key of evaluating `model` on `split_content`; pass `weights` to reuse a digest."""
         return (weights or weights_digest(model), data_digest(split_content), batch_size)
 
-    def get(self, key: tuple) -> float | None:
+    def get(self, key: tuple) -> float | dict[str, float] | None:
         score = self._scores.get(key)
         if score is None and self.path is not None:
             self._read_new_lines()  # what other processes measured since
@@ -112,7 +112,8 @@ class EvaluationCache:
         self.hits += score is not None
         return score
 
-    def put(self, key: tuple, score: float) -> None:
+    def put(self, key: tuple, score: float | dict[str, float]) -> None:
+        """Keep a score: one accuracy, or several measures of one evaluation (a dict of floats)."""
         self._scores[key] = score
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,7 @@ class EvaluationCache:
         for line in complete.splitlines():
             try:
                 key, score = json.loads(line)
-                self._scores[tuple(key)] = float(score)
+                self._scores[tuple(key)] = score if isinstance(score, dict) else float(score)
             except (ValueError, TypeError):
                 continue  # a damaged line only costs its evaluation being redone
 

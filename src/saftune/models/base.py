@@ -111,6 +111,12 @@ class Classifier(nn.Module):
         return PreparedExamples(examples, self.collate, lengths)
 
     # -- model ----------------------------------------------------------------------------------
+    def check_training_split(self, split) -> None:
+        """Refuse a training split this model cannot learn from (`saftune.data.base.check_split`), before any work."""
+        from saftune.data.base import check_split
+
+        check_split(split, self.classnames, role="training")
+
     def features(self, batch: dict) -> torch.Tensor:
         """Input features [B, E] (normalised for dual encoders)."""
         raise NotImplementedError

@@ -107,7 +107,7 @@ class CausalLM(Classifier):
     the output projection module (tied or not), which LoRA leaves out.
     """
 
-    modality = "text"
+    modality = "causal-lm"  # trained on (prompt, answer) pairs, scored on `LMBenchmark`s
 
     def __init__(self, model: nn.Module, tokenizer, *, name: str = "", max_length: int | None = None,
                  use_chat_template: bool = True):
@@ -264,6 +264,14 @@ class CausalLM(Classifier):
         from saftune.data.llm.sft import sft_loss
 
         return sft_loss(self, batch)
+
+    def check_training_split(self, split) -> None:
+        """A causal LM learns from (prompt, answer) pairs: `SFTExample`s or 2-tuples of strings."""
+        from saftune.data.llm.sft import as_examples
+
+        if not len(split):
+            raise ValueError(f"training split {split.name!r} is empty; give it (prompt, answer) pairs")
+        as_examples(split.inputs)  # raises naming the first malformed pair
 
     def set_classes(self, classnames, templates=None) -> None:
         raise ValueError("a causal LM has no class head; score options with saftune.eval.multiple_choice instead")

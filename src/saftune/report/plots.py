@@ -100,9 +100,13 @@ def plot_id_vs_ood(table: dict, path: str | os.PathLike) -> Path | None:
                 ax.annotate(f"{p['alpha']:g}", (px, py), xytext=(3, -9), textcoords="offset points",
                             fontsize=7, color=style["color"])
     ax.margins(0.12)  # points on the data limits would sit on the frame
-    ax.set_xlabel(f"{column_header(xk)} accuracy (%)")
-    ax.set_ylabel(f"{column_header(yk)} accuracy (%)" if yk != "ood_avg" else "OOD accuracy, average over sets (%)")
-    ax.set_title(f"{_title(table)}: {column_header(xk)} vs {column_header(yk)}")
+    suite = table.get("suite")
+    ax.set_xlabel(f"{column_header(xk, suite)} accuracy (%)")
+    if yk != "ood_avg":
+        ax.set_ylabel(f"{column_header(yk, suite)} accuracy (%)")
+    else:
+        ax.set_ylabel("Generality, average over probes (%)" if suite else "OOD accuracy, average over sets (%)")
+    ax.set_title(f"{_title(table)}: {column_header(xk, suite)} vs {column_header(yk, suite)}")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     return _save(fig, path)
@@ -158,8 +162,8 @@ def plot_sparsity(table: dict, path: str | os.PathLike) -> Path | None:
         ax.set_xticks(levels, [f"{s:g}" for s in levels])
         ax.minorticks_off()
         ax.set_xlabel("sparsity level α (share of parameters trained)")
-        ax.set_ylabel(f"{column_header(metric)} accuracy (%)")
-        ax.set_title(column_header(metric))
+        ax.set_ylabel(f"{column_header(metric, table.get('suite'))} accuracy (%)")
+        ax.set_title(column_header(metric, table.get("suite")))
         ax.grid(True, alpha=0.3)
     axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     fig.suptitle(f"{_title(table)}: accuracy vs sparsity")

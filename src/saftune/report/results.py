@@ -36,8 +36,12 @@ logger = logging.getLogger(__name__)
 # Metric families in the order the papers print them; "val" is left out of the tables on purpose: it
 # is the model-selection split, not a reported result (it stays in each row's "metrics").
 _LEADING = ("id",)
-_TRAILING = ("ood_avg", "base", "new", "hm")
+_TRAILING = ("ood_avg", "base", "new", "hm", "gain/id", "gain/ood_avg")
 _HEADERS = {"id": "ID", "ood_avg": "OOD avg", "base": "Base", "new": "New", "hm": "HM"}
+# A causal-LM suite (`LMBenchmark`) reports the same keys under the speciality-vs-generality names.
+SPECIALITY_SUITE = "speciality-generality"
+_SUITE_HEADERS = {SPECIALITY_SUITE: {"id": "Speciality", "ood_avg": "Generality", "gain/id": "Δ Speciality",
+                                     "gain/ood_avg": "Δ Generality"}}
 MISSING = "–"
 
 
@@ -159,9 +163,38 @@ def order_columns(keys: Iterable[str]) -> list[str]:
             + [k for k in _TRAILING if k in keys])
 
 
-def column_header(key: str) -> str:
-    """Display name of a metric column: "ID", the OOD set's own name, "OOD avg", "Base", "New", "HM"."""
-    return _HEADERS.get(key, key.removeprefix("ood/"))
+def column_header(key: str, suite: str | None = None) -> str:
+    """Display name of a metric column: "ID", the OOD set's own name, "OOD avg", "Base", "New", "HM".
+
+    Example:
+        >>> column_header("ood_avg"), column_header("ood_avg", SPECIALITY_SUITE), column_header("ood/tweets")
+        ('OOD avg', 'Generality', 'tweets')
+    """
+    return _SUITE_HEADERS.get(suite, {}).get(key) or _HEADERS.get(key, key.removeprefix("ood/"))
+
+
+def _suite(runs: list[RunRecord]) -> str | None:
+    """SPECIALITY_SUITE for runs of causal LMs on an `LMBenchmark`, else None (classification)."""
+    return SPECIALITY_SUITE if any(r.benchmark.get("modality") == "causal-lm" for r in runs) else None
+
+
+def _add_gains(rows: list[dict], runs_by_label: dict[str, list[RunRecord]]) -> None:
+    """Speciality gain and generality change of every row against the zero-shot row, paired by seed.
+
+    Each seed's fine-tuned accuracy minus the same seed's zero-shot accuracy, then mean ± std over
+    seeds (the zero-shot model is the same for every seed, but its probes may be drawn per seed).
+    """
+    base = next((r for r in rows if r["method"] == "zeroshot"), None)
+    if base is None:
+        return
+    reference = {run.seed: run.metrics for run in runs_by_label[base["label"]]}
+    for row in rows:
+        for key in ("id", "ood_avg"):
+            diffs = [float(run.metrics[key]) - float(reference[run.seed][key]) for run in runs_by_label[row["label"]]
+                     if _number(run.metrics.get(key)) is not None and run.seed in reference
+                     and _number(reference[run.seed].get(key)) is not None]
+            if diffs:
+                row["metrics"][f"gain/{key}"] = summarize_values(diffs)
 
 
 def aggregate(records: list[RunRecord | dict]) -> list[dict]:
@@ -194,18 +227,23 @@ def aggregate(records: list[RunRecord | dict]) -> list[dict]:
         by_variant: dict[str, list[RunRecord]] = {}
         for run in runs:
             by_variant.setdefault(_variant(run), []).append(run)
-        rows = []
+        rows, runs_by_label = [], {}
         for variant, variant_runs in by_variant.items():
             levels = list(dict.fromkeys(run.sparsity for run in variant_runs))
             if len(levels) == 1:
+                runs_by_label[variant] = variant_runs
                 rows.append(_row(variant, variant, variant_runs))
                 continue
             # None sorts first: a run without a recorded level is the variant's default setting
             for level in sorted(levels, key=lambda s: (s is not None, s if isinstance(s, (int, float)) else 0)):
                 label = f"{variant} (α={level:g})" if isinstance(level, (int, float)) else variant
-                rows.append(_row(label, variant, [r for r in variant_runs if r.sparsity == level]))
-        columns = order_columns(k for run in runs for k, v in run.metrics.items() if _number(v) is not None)
-        tables.append({"dataset": dataset, "model": model, "columns": columns,
+                runs_by_label[label] = [r for r in variant_runs if r.sparsity == level]
+                rows.append(_row(label, variant, runs_by_label[label]))
+        suite = _suite(runs)
+        if suite == SPECIALITY_SUITE:
+            _add_gains(rows, runs_by_label)
+        columns = order_columns(k for row in rows for k, v in row["metrics"].items() if v)
+        tables.append({"dataset": dataset, "model": model, "columns": columns, "suite": suite,
                        "ood_sets": [c.removeprefix("ood/") for c in columns if c.startswith("ood/")], "rows": rows})
     return tables
 
@@ -417,7 +455,7 @@ def table_cells(table: dict) -> tuple[list[str], list[list[tuple[str, str | None
 
     Columns: Method, one per metric, Seeds, Trainable, Share. Marks are "best", "second" or None.
     """
-    header = ["Method", *(column_header(c) for c in table["columns"]), "Seeds", "Trainable", "Share"]
+    header = ["Method", *(column_header(c, table.get("suite")) for c in table["columns"]), "Seeds", "Trainable", "Share"]
     marks = rank_marks(table)
     body = []
     for i, row in enumerate(table["rows"]):
@@ -436,6 +474,11 @@ def table_title(table: dict) -> str:
 
 def table_caption(table: dict) -> str:
     """One sentence saying what the numbers are, naming the OOD sets."""
+    if table.get("suite") == SPECIALITY_SUITE:
+        return ("Accuracy (%), mean ± sample std over seeds; Speciality: the fine-tuning task's test items; "
+                f"generality sets: {', '.join(table['ood_sets'])} (multiple-choice probes: acc_norm; instructions: "
+                "strict prompt-level instruction following); Generality: their mean; Δ: change from the zero-shot "
+                "model, paired by seed.")
     parts = ["Top-1 accuracy (%), mean ± sample std over seeds"]
     if table["ood_sets"]:
         parts.append(f"ID: in-distribution test set; OOD sets: {', '.join(table['ood_sets'])}")

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from saftune import distributed
 from saftune._io import atomic_path
 from saftune.config import Config, option
-from saftune.data.base import Split, check_split
+from saftune.data.base import Split
 from saftune.methods.base import Method, PrepareContext
 from saftune.models.base import Classifier
 from saftune.train.checkpoint import config_fingerprint, discard_checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
@@ -242,7 +242,7 @@ def fit(
     progress = config.progress if config.progress is not None else sys.stderr.isatty()
     torch.manual_seed(config.seed)
     model.to(device)
-    check_split(train, model.classnames, role="training")  # bad data fails before phase 1 or a checkpoint read
+    model.check_training_split(train)  # bad data fails before phase 1 or a checkpoint read
     batches = _Batches(model, train, config, device)
     fingerprint = config_fingerprint({"train": config.semantic(), "method": method.name,
                                       "method_config": method.config.to_dict(), **(identity or {})})

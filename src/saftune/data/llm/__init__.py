@@ -8,6 +8,7 @@ Example:
 
 from saftune.data.llm.multiple_choice import MultipleChoiceError, MultipleChoiceItem
 from saftune.data.llm.sft import SFTDataError, SFTEncoding, SFTExample, collate_sft, encode_sft, sft_loss
+from saftune.data.llm.benchmark import LMBenchmark  # noqa: E402  (after the types it holds)
 
-__all__ = ["MultipleChoiceError", "MultipleChoiceItem", "SFTDataError", "SFTEncoding", "SFTExample", "collate_sft",
+__all__ = ["LMBenchmark", "MultipleChoiceError", "MultipleChoiceItem", "SFTDataError", "SFTEncoding", "SFTExample", "collate_sft",
            "encode_sft", "sft_loss"]
