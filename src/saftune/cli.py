@@ -238,7 +238,7 @@ def cmd_eval(args) -> int:
         from saftune._io import write_json
 
         write_json(args.out, {"metrics": metrics, "benchmark": bench.name,
-                              "sizes": {k: len(v) for k, v in bench.eval_splits().items()}})
+                              "sizes": bench.eval_sizes()})
     return 0
 
 

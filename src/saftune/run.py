@@ -29,7 +29,7 @@ from saftune.data.registry import check_dataset, dataset_options, load_dataset
 from saftune.eval.cache import EvaluationCache
 from saftune.data.llm.benchmark import LMBenchmark
 from saftune.eval.evaluate import evaluate, evaluate_split
-from saftune.eval.lm import evaluate_lm, evaluate_lm_validation
+from saftune.eval.lm import evaluate_lm_validation
 from saftune.methods.base import create_method
 from saftune.models.registry import check_model, create
 from saftune.record import RunRecord
@@ -187,8 +187,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
         train_seconds += next((h["seconds"] for h in history if h.get("step") == trained.resumed_from and "seconds" in h), 0.0)
 
     def evaluate_all(m):
-        scorer = evaluate_lm if language_model else evaluate
-        return scorer(m, bench, batch_size=config.eval_batch_size, include_val=True, cache=cache.evaluations)
+        return evaluate(m, bench, batch_size=config.eval_batch_size, include_val=True, cache=cache.evaluations)
 
     started = time.perf_counter()
     method.choose_after_training(model, lambda m: on_val(m)["val"])  # validation only, in trials too

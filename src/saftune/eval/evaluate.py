@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 
 from saftune import distributed
 from saftune.data.base import Benchmark, Split
+from saftune.data.llm.benchmark import LMBenchmark
 from saftune.eval.cache import EvaluationCache, weights_digest
+from saftune.eval.lm import evaluate_lm
 from saftune.eval.metrics import average_ood, harmonic_mean, project_logits, top1
 from saftune.models.base import Classifier
 
@@ -117,7 +119,11 @@ def evaluate(model: Classifier, benchmark: Benchmark, *, batch_size: int = 64, i
 
     The model keeps its training mode afterwards; evaluation itself runs in eval mode without gradients.
     With `cache` (`EvaluationCache`), splits already evaluated with the same weights are not evaluated again.
+    A causal LM on an `LMBenchmark` is scored by `saftune.eval.lm.evaluate_lm` (speciality and generality
+    under the same metric names).
     """
+    if isinstance(benchmark, LMBenchmark):
+        return evaluate_lm(model, benchmark, batch_size=batch_size, include_val=include_val, cache=cache)
     was_training = model.training
     if model.classnames != benchmark.classnames or model.templates != benchmark.templates:
         model.set_classes(benchmark.classnames, benchmark.templates)
