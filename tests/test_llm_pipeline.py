@@ -14,6 +14,7 @@ from saftune.eval.multiple_choice import score_multiple_choice
 from saftune.models.tiny_lm import tiny_causal_lm
 from saftune.report import aggregate, format_markdown
 from saftune.run import RunCache, RunConfig, run_experiment
+from saftune.train.checkpoint import find_checkpoint
 from saftune.train.trainer import TrainConfig
 
 
@@ -81,3 +82,40 @@ def test_report_of_an_lm_grid_shows_gains_over_zero_shot_paired_by_seed(tmp_path
 def test_a_sentence_encoder_on_an_lm_benchmark_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="causal-lm"):
         run_experiment(RunConfig(model="tiny-sentence", dataset="toy-lm", method="zeroshot"), tmp_path)
+
+
+class _Killed(BaseException):
+    """Stands for the process dying mid-training (not an Exception: nothing catches it)."""
+
+
+@pytest.mark.parametrize("method, options", [("saft", {"lr": 1e-2, "sparsity": 0.01}), ("kd", {"lr": 1e-3})])
+def test_an_lm_run_stopped_mid_training_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, method, options):
+    def config():
+        return RunConfig(model="tiny-llama", dataset="toy-lm", method=method, method_options=options,
+                         train=TrainConfig(epochs=3, batch_size=4, checkpoint_every=2), eval_batch_size=8)
+
+    clean = run_experiment(config(), tmp_path / "clean")
+    from saftune.methods.base import method_class
+
+    cls = method_class(method)
+    real = cls.after_step
+
+    def dies_at_step_7(self, model, step, total_steps):
+        if step == 7:
+            raise _Killed
+        return real(self, model, step, total_steps)
+
+    monkeypatch.setattr(cls, "after_step", dies_at_step_7)
+    with pytest.raises(_Killed):
+        run_experiment(config(), tmp_path / "killed")
+    monkeypatch.setattr(cls, "after_step", real)
+    checkpoint = find_checkpoint(tmp_path / "killed")
+    assert json.loads((checkpoint / "trainer.json").read_text())["step"] == 6  # what the second attempt resumes from
+    resumed = run_experiment(config(), tmp_path / "killed")
+    assert resumed.steps == clean.steps == 12
+    assert resumed.metrics == clean.metrics
+    clean_log = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                 for line in (tmp_path / "clean" / "log.jsonl").read_text().splitlines()]
+    killed_log = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                  for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert killed_log == clean_log  # the same losses at every step, each logged once
