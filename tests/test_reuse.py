@@ -192,3 +192,13 @@ def test_urgent_jobs_go_to_the_next_free_worker_before_earlier_queued_ones(monke
             normal[1].result()
         assert urgent[0].result() == "record u0"
     assert normal[3].cancelled()  # a job still waiting when the pool closes never starts
+
+
+def test_a_damaged_shared_training_file_is_a_miss_not_an_error(tmp_path, caplog):
+    from saftune.train.shared import SharedTraining, TrainedState
+
+    SharedTraining(directory=tmp_path).put("k", TrainedState({"w": torch.ones(3)}, steps=2, seconds=1.0))
+    assert torch.equal(SharedTraining(directory=tmp_path).get("k").state["w"], torch.ones(3))
+    (tmp_path / "k.safetensors").write_bytes(b"not safetensors")
+    assert SharedTraining(directory=tmp_path).get("k") is None
+    assert "unreadable" in caplog.text

@@ -21,14 +21,18 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saftune._io import atomic_path, write_json
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,7 +66,8 @@ class SharedTraining:
         found = self._states.get(key)
         if found is None and self.directory is not None and (self.directory / f"{key}.json").is_file():
             found = self._read(key)
-            self._keep(key, found)
+            if found is not None:
+                self._keep(key, found)
         self.hits += found is not None
         return found
 
@@ -84,10 +89,15 @@ class SharedTraining:
         while sum(s.nbytes for s in self._states.values()) > self.max_bytes:
             self._states.popitem(last=False)
 
-    def _read(self, key: str) -> TrainedState:
-        meta = json.loads((self.directory / f"{key}.json").read_text())
-        state = load_file(str(self.directory / f"{key}.safetensors"))
-        return TrainedState(state, meta["steps"], meta["seconds"], meta["history"])
+    def _read(self, key: str) -> TrainedState | None:
+        """The state another process wrote, or None when its files are damaged (the training is redone)."""
+        try:
+            meta = json.loads((self.directory / f"{key}.json").read_text())
+            state = load_file(str(self.directory / f"{key}.safetensors"))
+            return TrainedState(state, meta["steps"], meta["seconds"], meta["history"])
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
+            logger.warning("shared training %s is unreadable (%s); training again", key, error)
+            return None
 
     def __len__(self) -> int:
         return len(self._states)
