@@ -50,7 +50,9 @@ class RunRecord:
     sparsity: float | None = None                       # sparse methods; also the grid's sparsity level
     mask_summary: list | None = None                    # [{"block", "selected", "total"}]: the paper's Fig. 6
     wiseft_curve: list | None = None                    # [{"alpha", <metric>: value}] over the evaluated alphas
-    wiseft_alpha: float | None = None                   # the reported mixing weight
+    wiseft_alpha: float | None = None                   # the reported mixing weight (None: a per-layer profile)
+    wiseft_layer_curve: list | None = None              # [{"layer_alphas": [a_1, ..., a_K], <metric>: value}]
+    wiseft_layer_alphas: list | None = None             # the reported per-layer profile, bottom to top
     # set by the grid runner
     run_id: str | None = None
     variant: str | None = None                          # the grid row

@@ -1,7 +1,9 @@
 """`lora`: low-rank adapters through the PEFT library (`LoraConfig`), merged for deployment.
 
-Targets default to every `nn.Linear` outside the classification head, and every
-`nn.MultiheadAttention` (open_clip's fused attention) as a whole, which PEFT supports.
+Targets default to every linear projection outside the classification head or LM output head:
+`nn.Linear`, GPT-2's `transformers.pytorch_utils.Conv1D` (a linear layer storing its weight as
+[in, out]; PEFT adapts it with `fan_in_fan_out=True`, which is set when the targets are Conv1D), and
+every `nn.MultiheadAttention` (open_clip's fused attention) as a whole, which PEFT supports.
 """
 
 from __future__ import annotations
@@ -27,8 +29,23 @@ class LoRAConfig(MethodConfig):
                                        "MultiheadAttention outside the head")
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's linear layer (`transformers.pytorch_utils.Conv1D`, weight [in, out])."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for non-HF models
+        return False
+    return isinstance(module, Conv1D)
+
+
 def default_targets(model) -> list[str]:
-    """Full names of every Linear / MultiheadAttention outside the head scope (MHA children excluded)."""
+    """Full names of every Linear / Conv1D / MultiheadAttention outside the head scope (MHA children excluded).
+
+    Example:
+        >>> from saftune.models.tiny_lm import tiny_causal_lm
+        >>> [t.removeprefix("lm.transformer.h.") for t in default_targets(tiny_causal_lm("gpt2"))[:4]]
+        ['0.attn.c_attn', '0.attn.c_proj', '0.mlp.c_fc', '0.mlp.c_proj']
+    """
     import fnmatch
 
     head_patterns = model.scopes.get("head", [])
@@ -41,17 +58,33 @@ def default_targets(model) -> list[str]:
         if isinstance(module, nn.MultiheadAttention):
             names.append(name)
             inside_mha.append(name)
-        elif isinstance(module, nn.Linear) and name != "head":
+        elif (isinstance(module, nn.Linear) or _is_conv1d(module)) and name != "head":
             names.append(name)
     if not names:
-        raise ValueError(f"{type(model).__name__} has no Linear or MultiheadAttention module for LoRA")
+        raise ValueError(f"{type(model).__name__} has no Linear, Conv1D or MultiheadAttention module for LoRA")
     return names
 
 
-def _lora_config(rank, alpha, dropout, targets):
+def fan_in_fan_out(model, targets: list[str]) -> bool:
+    """True when targeted layers store their weight as [in, out] (GPT-2's Conv1D): PEFT's `fan_in_fan_out`.
+
+    Targets are suffixes of module names, as PEFT matches them. A target list mixing Conv1D and nn.Linear
+    layers still works: PEFT sets the layout of each layer from its type (and logs a warning for those
+    whose type disagrees with the config).
+
+    Example:
+        >>> from saftune.models.tiny_lm import tiny_causal_lm
+        >>> fan_in_fan_out(tiny_causal_lm("gpt2"), ["c_attn"]), fan_in_fan_out(tiny_causal_lm("llama"), ["q_proj"])
+        (True, False)
+    """
+    return any(_is_conv1d(m) for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets))
+
+
+def _lora_config(rank, alpha, dropout, targets, fan_in_fan_out=False):
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                      fan_in_fan_out=fan_in_fan_out)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -73,7 +106,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 class LoRA(Method):
     name = "lora"
     config_class = LoRAConfig
-    help = "low-rank adapters (PEFT LoraConfig) on the Linear and attention layers"
+    help = "low-rank adapters (PEFT LoraConfig) on the linear projections and attention layers"
     interpolates_linearly = False  # mixing A and B does not mix the weight updates linearly
     result_kind = "lora"
     result_files = ("adapter_config.json", "adapter_model.safetensors")
@@ -82,7 +115,8 @@ class LoRA(Method):
         from peft import inject_adapter_in_model
 
         targets = self.config.targets or default_targets(model)
-        self.peft_config = _lora_config(self.config.rank, self.config.alpha, self.config.dropout, targets)
+        self.peft_config = _lora_config(self.config.rank, self.config.alpha, self.config.dropout, targets,
+                                        fan_in_fan_out(model, targets))
         inject_adapter_in_model(self.peft_config, model)
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
@@ -117,7 +151,8 @@ def load_lora(model, directory: Path, merge: bool = False) -> nn.Module:
     directory = Path(directory)
     saved = json.loads((directory / "adapter_config.json").read_text())
     config = LoraConfig(r=saved["r"], lora_alpha=saved["lora_alpha"], lora_dropout=saved.get("lora_dropout", 0.0),
-                        target_modules=saved["target_modules"], bias=saved.get("bias", "none"))
+                        target_modules=saved["target_modules"], bias=saved.get("bias", "none"),
+                        fan_in_fan_out=saved.get("fan_in_fan_out", False))
     inject_adapter_in_model(config, model)
     result = set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
     unexpected = getattr(result, "unexpected_keys", [])

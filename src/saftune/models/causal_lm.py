@@ -145,6 +145,35 @@ class CausalLM(Classifier):
     def num_layers(self) -> int:
         return int(self.lm.config.num_hidden_layers)
 
+    def layer_index(self, name: str) -> int:
+        """How deep parameter `name` sits: its transformer block's index (0 = nearest the input), -1 below
+        the blocks (token and position embeddings, a tied head included), `num_layers` above them (final
+        norm, an untied output head). Per-layer weight averaging groups parameters by it (`wiseft`).
+
+        The blocks are the model's `nn.ModuleList` of `num_layers` modules (`model.layers` in Llama,
+        `transformer.h` in GPT-2), whatever the architecture calls it.
+
+        Example:
+            >>> from saftune.models.tiny_lm import tiny_causal_lm
+            >>> lm = tiny_causal_lm("gpt2")
+            >>> [lm.layer_index(n) for n in ("lm.transformer.wpe.weight", "lm.transformer.h.1.mlp.c_fc.weight",
+            ...                               "lm.transformer.ln_f.bias")]
+            [-1, 1, 2]
+        """
+        prefix = self._block_prefix()
+        if name.startswith(prefix):
+            return int(name[len(prefix):].split(".", 1)[0])
+        owner = self.get_submodule(name.rpartition(".")[0]) if "." in name else self
+        return -1 if isinstance(owner, nn.Embedding) else self.num_layers
+
+    def _block_prefix(self) -> str:
+        """"lm.<path>." of the transformer blocks' ModuleList (the first one of `num_layers` modules)."""
+        for path, module in self.lm.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) == self.num_layers:
+                return f"lm.{path}."
+        raise CausalLMError(f"{type(self.lm).__name__} has no list of {self.num_layers} transformer blocks "
+                            "(an nn.ModuleList as long as config.num_hidden_layers), so its parameters have no layer index")
+
     @property
     def tied_embeddings(self) -> bool:
         """True when the output projection is the input embedding matrix (one tensor)."""
@@ -240,14 +269,37 @@ class CausalLM(Classifier):
         Returns:
             (log-probabilities [N] in fp32, the batch row of each [N]), in row-major position order.
         """
+        logits, chosen, rows = self.answer_logits(input_ids, attention_mask, targets)
+        logprobs = -F.cross_entropy(logits, chosen, reduction="none")
+        return logprobs, rows
+
+    def answer_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Vocabulary logits (fp32) of the positions that predict a target, and nothing else.
+
+        What `target_log_probs` scores, before the log-softmax: distillation compares these with a
+        teacher's logits at the same positions (`saftune.methods.kd`).
+
+        Args:
+            input_ids, attention_mask, targets: [B, T], as for `target_log_probs`.
+
+        Returns:
+            (logits [N, V], the target token of each [N], its batch row [N]), in row-major position order.
+
+        Example:
+            >>> from saftune.models.tiny_lm import tiny_causal_lm
+            >>> lm = tiny_causal_lm("gpt2")
+            >>> ids = torch.tensor([[72, 105, 33]]); targets = torch.tensor([[-100, -100, 33]])
+            >>> logits, chosen, rows = lm.answer_logits(ids, torch.ones_like(ids), targets)
+            >>> tuple(logits.shape), chosen.tolist(), rows.tolist()
+            ((1, 259), [33], [0])
+        """
         if bool((targets[:, 0] != IGNORE_INDEX).any()):
             raise ValueError("the first position of a sequence has no preceding token and cannot be scored")
         rows, cols = torch.nonzero(targets[:, 1:] != IGNORE_INDEX, as_tuple=True)
         hidden = self.hidden_states(input_ids, attention_mask)
         logits = self.logits_from_hidden(hidden[rows, cols])  # [N, V]: only where a target is predicted
-        chosen = targets[rows, cols + 1]
-        logprobs = -F.cross_entropy(logits, chosen, reduction="none")
-        return logprobs, rows
+        return logits, targets[rows, cols + 1], rows
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Next-token logits [B, T, V] of a batch (`input_ids`, `attention_mask`): the full model output."""

@@ -54,30 +54,32 @@ def _byte_char(b: int) -> str:
     return chr(256 + sorted(set(range(256)) - set(printable)).index(b))
 
 
-def tiny_lm_config(arch: str = "llama", *, tie: bool = True, vocab_size: int = 259, context: int = 64, bias: bool = False):
-    """A transformers config for a random causal LM with hidden size 32 and two layers.
+def tiny_lm_config(arch: str = "llama", *, tie: bool = True, vocab_size: int = 259, context: int = 64, bias: bool = False,
+                   layers: int = 2):
+    """A transformers config for a random causal LM with hidden size 32 and (by default) two layers.
 
     Args:
         arch: "llama" (RMSNorm, rotary, gated MLP, no biases unless `bias`) or "gpt2" (LayerNorm, biases).
         tie: tie the input and output embeddings (SmolLM2 and GPT-2 do).
         context: the model's maximum sequence length.
+        layers: number of transformer blocks (more than two for per-layer tests).
     """
     from transformers import GPT2Config, LlamaConfig
 
     if arch == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                            tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias, bos_token_id=256, eos_token_id=256)
     if arch == "gpt2":
         # No dropout: a tiny model must be a deterministic function in train mode too (tests compare steps).
-        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=context,
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=layers, n_head=4, n_positions=context,
                           tie_word_embeddings=tie, bos_token_id=256, eos_token_id=256,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     raise ValueError(f"tiny causal LM architecture must be 'llama' or 'gpt2'; got {arch!r}")
 
 
 def tiny_causal_lm(arch: str = "llama", seed: int = 0, *, tie: bool = True, chat_template: bool = False,
-                   context: int = 64, bias: bool = False, dtype: str = "float32"):
+                   context: int = 64, bias: bool = False, dtype: str = "float32", layers: int = 2):
     """A `CausalLM` with random weights (seeded) and the byte tokenizer.
 
     Args:
@@ -88,12 +90,13 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, *, tie: bool = True, chat
         context: maximum sequence length.
         bias: Llama with biases in attention and MLP (GPT-2 always has them).
         dtype: "float32" or "bfloat16".
+        layers: number of transformer blocks.
     """
     from transformers import AutoModelForCausalLM
 
     from saftune.models.causal_lm import CausalLM, torch_dtype
 
-    config = tiny_lm_config(arch, tie=tie, context=context, bias=bias)
+    config = tiny_lm_config(arch, tie=tie, context=context, bias=bias, layers=layers)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config).to(torch_dtype(dtype))
