@@ -119,3 +119,14 @@ def test_an_lm_run_stopped_mid_training_resumes_to_the_uninterrupted_result(tmp_
     killed_log = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
                   for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
     assert killed_log == clean_log  # the same losses at every step, each logged once
+
+
+def test_per_layer_averaging_reaches_the_record_the_table_rows_and_the_plot(tmp_path):
+    from saftune.report.plots import plot_id_vs_ood
+
+    record = run_experiment(_config("wiseft", lr=3e-3, alphas=[0.0, 1.0], layer_alphas=[[0.0, 1.0], [1.0, 0.0]]))
+    assert [p["layer_alphas"] for p in record.wiseft_layer_curve] == [[0.0, 1.0], [1.0, 0.0]]
+    row = aggregate([{**record.to_dict(), "variant": "wiseft"}])[0]["rows"][0]
+    assert row["wiseft_layer_curve"][1]["ood_avg"] == pytest.approx(record.wiseft_layer_curve[1]["ood_avg"])
+    table = aggregate([{**record.to_dict(), "variant": "wiseft"}])[0]
+    assert plot_id_vs_ood(table, tmp_path / "plot.png").stat().st_size > 0

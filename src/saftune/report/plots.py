@@ -99,6 +99,12 @@ def plot_id_vs_ood(table: dict, path: str | os.PathLike) -> Path | None:
             for p, px, py in zip(curve, xs, ys):
                 ax.annotate(f"{p['alpha']:g}", (px, py), xytext=(3, -9), textcoords="offset points",
                             fontsize=7, color=style["color"])
+        layers = [p for p in row.get("wiseft_layer_curve") or [] if xk in p and yk in p]
+        for j, p in enumerate(layers):  # per-layer averaging: one point per profile (bottom/.../top alphas)
+            ax.plot(100 * p[xk], 100 * p[yk], "*", color=style["color"], markersize=9,
+                    label=f"{row['label']}: per-layer α (bottom→top)" if j == 0 else None)
+            ax.annotate("/".join(f"{a:g}" for a in p["layer_alphas"]), (100 * p[xk], 100 * p[yk]), xytext=(4, 3),
+                        textcoords="offset points", fontsize=7, color=style["color"])
     ax.margins(0.12)  # points on the data limits would sit on the frame
     suite = table.get("suite")
     ax.set_xlabel(f"{column_header(xk, suite)} accuracy (%)")

@@ -274,6 +274,8 @@ def _row(label: str, variant: str, runs: list[RunRecord]) -> dict:
         "total_params": total_mean,
         "trainable_share": trainable_mean / total_mean if trainable_mean is not None and total_mean else None,
         "wiseft_curve": _mean_curve([r.wiseft_curve for r in runs if isinstance(r.wiseft_curve, list)]),
+        "wiseft_layer_curve": _mean_layer_curve([r.wiseft_layer_curve for r in runs
+                                                 if isinstance(r.wiseft_layer_curve, list)]),
         "mask_summary": _mean_mask([r.mask_summary for r in runs if isinstance(r.mask_summary, list)]),
         "loss_curve": _mean_loss([r.loss_curve for r in runs if isinstance(r.loss_curve, list)]),
         "run_ids": [r.run_id for r in runs],
@@ -311,6 +313,29 @@ def _mean_curve(curves: list[list[dict]]) -> list[dict] | None:
     return [{"alpha": alpha, "n": max(len(v) for v in slot.values()) if slot else 0,
              **{key: statistics.fmean(v) for key, v in slot.items()}}
             for alpha, slot in sorted(points.items())]
+
+
+def _mean_layer_curve(curves: list[list[dict]]) -> list[dict] | None:
+    """Per-layer averaging points averaged over seeds, matched on their profile ("layer_alphas").
+
+    Example:
+        >>> _mean_layer_curve([[{"layer_alphas": [0, 1], "id": 0.5}], [{"layer_alphas": [0, 1], "id": 0.7}]])
+        [{'layer_alphas': [0, 1], 'n': 2, 'id': 0.6}]
+    """
+    points: dict[tuple, dict[str, list[float]]] = {}
+    for curve in curves:
+        for point in curve:
+            profile = point.get("layer_alphas") if isinstance(point, dict) else None
+            if not isinstance(profile, list):
+                continue
+            slot = points.setdefault(tuple(profile), {})
+            for key, value in point.items():
+                if key != "layer_alphas" and _number(value) is not None:
+                    slot.setdefault(key, []).append(float(value))
+    if not points:
+        return None
+    return [{"layer_alphas": list(profile), "n": max((len(v) for v in slot.values()), default=0),
+             **{key: round(statistics.fmean(v), 12) for key, v in slot.items()}} for profile, slot in points.items()]
 
 
 _DIGITS = re.compile(r"\d+")
