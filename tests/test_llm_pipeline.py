@@ -130,3 +130,16 @@ def test_per_layer_averaging_reaches_the_record_the_table_rows_and_the_plot(tmp_
     assert row["wiseft_layer_curve"][1]["ood_avg"] == pytest.approx(record.wiseft_layer_curve[1]["ood_avg"])
     table = aggregate([{**record.to_dict(), "variant": "wiseft"}])[0]
     assert plot_id_vs_ood(table, tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_instruction_following_is_a_generality_set_scored_once_per_weights():
+    from saftune.data.registry import load_dataset
+
+    bench = load_dataset("toy-lm", instructions=6)
+    lm, cache = tiny_causal_lm("llama", context=512), EvaluationCache()  # byte tokens: prompts are long
+    metrics = evaluate_lm(lm, bench, cache=cache)
+    assert {"ood/instructions", "instructions/loose", "instructions/strict_instruction"} <= set(metrics)
+    assert metrics["ood_avg"] == pytest.approx(
+        (metrics["ood/letters"] + metrics["ood/counting"] + metrics["ood/instructions"]) / 3)
+    # the test set, the two probes and the instruction set (generation is the slow part) all come back from the cache
+    assert evaluate_lm(lm, bench, cache=cache) == metrics and cache.hits == 4 and len(cache) == 4

@@ -117,5 +117,5 @@ def toy_lm(options: ToyLMOptions):
     return LMBenchmark("toy-lm", Split("toy-lm/train", [SFTExample(p, a) for p, a in train], [0] * len(train)),
                        val=items(_word_questions(8, 100 + options.seed), "val"),
                        test=items(_word_questions(options.test_size, 1000), "test"),
-                       probes={"letters": letters, "counting": counting}, instructions=instructions,
+                       probes={"letters": letters, "counting": counting}, instructions=instructions, max_new_tokens=16,
                        info={"source": "generated", "train_size": options.train_size, "seed": options.seed})

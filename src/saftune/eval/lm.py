@@ -69,8 +69,7 @@ def evaluate_lm_validation(model: CausalLM, bench: LMBenchmark, *, batch_size: i
 
 
 def evaluate_lm(model: CausalLM, bench: LMBenchmark, *, batch_size: int = 16, include_val: bool = False,
-                only_val: bool = False, cache: EvaluationCache | None = None,
-                instruction_batch_size: int | None = None) -> dict[str, float]:
+                only_val: bool = False, cache: EvaluationCache | None = None) -> dict[str, float]:
     """Speciality and generality metrics of `model` (see the module docstring); the training mode is kept."""
     was_training = model.training
     model.eval()
@@ -87,8 +86,8 @@ def evaluate_lm(model: CausalLM, bench: LMBenchmark, *, batch_size: int = 16, in
             scores = _scored(model, items, tag="probe", **options)
             metrics[f"ood/{name}"], metrics[f"acc/{name}"] = scores["acc_norm"], scores["acc"]
         if bench.instructions:
-            rates = _instruction_rates(model, bench.instructions, batch_size=instruction_batch_size or batch_size,
-                                       cache=cache, weights=weights)
+            rates = _instruction_rates(model, bench.instructions, batch_size=bench.generation_batch_size,
+                                       max_new_tokens=bench.max_new_tokens, cache=cache, weights=weights)
             metrics[f"ood/{INSTRUCTIONS}"] = rates["strict"]
             metrics.update({f"{INSTRUCTIONS}/{k}": v for k, v in rates.items() if k != "strict"})
     finally:
@@ -98,14 +97,15 @@ def evaluate_lm(model: CausalLM, bench: LMBenchmark, *, batch_size: int = 16, in
     return metrics
 
 
-def _instruction_rates(model, prompts, *, batch_size, cache, weights) -> dict[str, float]:
+def _instruction_rates(model, prompts, *, batch_size, max_new_tokens, cache, weights) -> dict[str, float]:
     from saftune.eval.instruction_following import evaluate_instructions
 
-    content = [INSTRUCTIONS, [repr(p) for p in prompts]]
+    content = [INSTRUCTIONS, max_new_tokens, [repr(p) for p in prompts]]
     key = cache.key(model, content, batch_size=batch_size, weights=weights) if cache is not None else None
     if key is not None and (hit := cache.get(key)) is not None:
         return hit
-    rates = {k: float(v) for k, v in evaluate_instructions(model, prompts, batch_size=batch_size).metrics().items()}
+    result = evaluate_instructions(model, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    rates = {k: float(v) for k, v in result.metrics().items() if k != "n"}
     if key is not None:
         cache.put(key, rates)
     return rates

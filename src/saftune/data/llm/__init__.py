@@ -9,6 +9,7 @@ Example:
 from saftune.data.llm.multiple_choice import MultipleChoiceError, MultipleChoiceItem
 from saftune.data.llm.sft import SFTDataError, SFTEncoding, SFTExample, collate_sft, encode_sft, sft_loss
 from saftune.data.llm.benchmark import LMBenchmark  # noqa: E402  (after the types it holds)
+from saftune.data.llm.instructions import Instruction, InstructionPrompt, instruction_prompts  # noqa: E402
 
-__all__ = ["LMBenchmark", "MultipleChoiceError", "MultipleChoiceItem", "SFTDataError", "SFTEncoding", "SFTExample", "collate_sft",
-           "encode_sft", "sft_loss"]
+__all__ = ["Instruction", "InstructionPrompt", "LMBenchmark", "MultipleChoiceError", "MultipleChoiceItem",
+           "SFTDataError", "SFTEncoding", "SFTExample", "collate_sft", "encode_sft", "instruction_prompts", "sft_loss"]

@@ -39,6 +39,8 @@ class LMBenchmark:
         probes: name -> multiple-choice items of a generality probe, reported as "ood/<name>".
         instructions: instruction-following prompts (`saftune.data.llm.instructions`), reported as
             "ood/instructions" (strict prompt-level accuracy); empty: not measured.
+        max_new_tokens: the answer length limit of instruction-following generation (greedy decoding).
+        generation_batch_size: prompts generated together (32 is the fastest measured on a CPU).
         info: provenance and protocol (sources, licences, sizes, chance levels), recorded with results.
     """
 
@@ -48,6 +50,8 @@ class LMBenchmark:
     test: list[MultipleChoiceItem]
     probes: dict[str, list[MultipleChoiceItem]] = field(default_factory=dict)
     instructions: list = field(default_factory=list)
+    max_new_tokens: int = 128
+    generation_batch_size: int = 32
     info: dict = field(default_factory=dict)
 
     modality = "causal-lm"
@@ -71,3 +75,11 @@ class LMBenchmark:
                 raise ValueError(f"dataset {self.name!r}: the {role} set is empty; give it multiple-choice items")
             if not all(isinstance(i, MultipleChoiceItem) for i in items):
                 raise ValueError(f"dataset {self.name!r}: the {role} set must hold MultipleChoiceItem objects")
+        if self.instructions:
+            from saftune.data.llm.instructions import InstructionPrompt
+
+            if not all(isinstance(p, InstructionPrompt) for p in self.instructions):
+                raise ValueError(f"dataset {self.name!r}: instructions must be InstructionPrompt objects "
+                                 "(saftune.data.llm.instructions.instruction_prompts)")
+            if self.max_new_tokens < 1 or self.generation_batch_size < 1:
+                raise ValueError(f"dataset {self.name!r}: max_new_tokens and generation_batch_size must be >= 1")
