@@ -10,6 +10,7 @@ import math
 import re
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -84,7 +85,8 @@ def toy_asset(tmp_path, monkeypatch):
 
 def test_registry_lists_every_asset_with_pinned_source_and_checksum():
     listing = list_assets()
-    assert set(listing) == {"minilm", "efficientnet-lite0", "vader", "mnist5k", "modeldata", "smollm2"}
+    assert set(listing) == {"minilm", "efficientnet-lite0", "vader", "mnist5k", "modeldata", "smollm2", "openai-evals",
+                            "bigbench"}
     for name, description in listing.items():
         assert description and "\n" not in description
         asset = ASSETS[name]
@@ -208,6 +210,15 @@ def test_stale_partial_directories_are_cleaned_up(home, toy_asset):
 def test_missing_archive_file_is_a_fetch_error(home, tmp_path):
     with pytest.raises(AssetFetchError, match="does not exist"):
         fetch("vader", archive=tmp_path / "nope.tar.gz")
+
+
+def test_a_downloaded_archive_is_returned_for_checking_and_extraction(tmp_path, monkeypatch):
+    def pip_download(command, cwd):  # what `pip download -d DIR` leaves: the one archive file
+        (Path(cwd) / "vaderSentiment-3.3.2.tar.gz").write_bytes(b"sdist")
+
+    monkeypatch.setattr(download, "_run", pip_download)
+    found = download.download_archive(ASSETS["vader"], tmp_path)
+    assert found == tmp_path / "vaderSentiment-3.3.2.tar.gz"
 
 
 def test_debian_asset_without_apt_explains_why(tmp_path, monkeypatch):

