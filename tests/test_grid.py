@@ -78,7 +78,9 @@ def test_every_paper_recipe_parses_and_names_registered_things():
     from saftune.data.registry import check_dataset
     from saftune.models.registry import _MODELS, check_model
 
-    recipes = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")) + [Path("demo")]
+    from saftune.grid import RECIPES
+
+    recipes = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")) + sorted(RECIPES.glob("*.yaml"))
     assert len(recipes) >= 6
     for path in recipes:
         bench = GridConfig.load(path)
