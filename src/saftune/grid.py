@@ -461,11 +461,10 @@ def run_grid(grid: GridConfig, results_path: str | Path, out_dir: str | Path, *,
     with tracker, RunPool(grid.workers, cache_dir=cache_dir if grid.workers > 1 else None) as pool:
         handles, outcomes = {}, {}  # cell index -> the run's handle; variant name -> its selection outcome
 
-        def queue_runs(name: str, outcome: dict, urgent: bool = False, indices: list[int] | None = None) -> None:
+        def queue_runs(name: str, outcome: dict, urgent: bool = False) -> None:
             """Queue the runs of a row whose options are known (with one worker they run when collected)."""
             outcomes[name] = outcome
-            if indices is None:
-                indices = [i for i, cell in enumerate(cells) if cell[2].name == name]
+            indices = [i for i, cell in enumerate(cells) if cell[2].name == name]
             jobs = []
             for i in indices:
                 dataset, options, variant, sparsity, seed = cells[i]
@@ -483,21 +482,12 @@ def run_grid(grid: GridConfig, results_path: str | Path, out_dir: str | Path, *,
             if on_selected:
                 on_selected(name, outcome, progress_)
 
-        later = []  # runs of untrained rows after their first: by then its evaluations are in the shared cache
         for variant in grid.variants():
             if variant.name not in gridded or variant.name in cached:
-                indices = [i for i, cell in enumerate(cells) if cell[2].name == variant.name]
-                if not method_class(variant.method).trains and grid.workers > 1:
-                    # Zero-shot runs of several seeds often evaluate the same weights on the same test sets;
-                    # run at once in two workers, both would miss the cache.
-                    later.append((variant.name, cached.get(variant.name, {}), indices[1:]))
-                    indices = indices[:1]
-                queue_runs(variant.name, cached.get(variant.name, {}), indices=indices)
+                queue_runs(variant.name, cached.get(variant.name, {}))
         select_hyperparameters(source, out_dir, pool,
                                lambda name, seed: run_dir(out_dir, run_id(name, seed, None, first if many else None)),
                                tracker=tracker, on_selected=chosen)
-        for name, outcome, indices in later:
-            queue_runs(name, outcome, indices=indices)
         new = []
         for i, (dataset, _, variant, sparsity, seed) in enumerate(cells):  # in the plan's order
             record = handles[i].result()
