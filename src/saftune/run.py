@@ -28,8 +28,7 @@ from saftune.config import Config, option
 from saftune.data.registry import check_dataset, dataset_options, load_dataset
 from saftune.eval.cache import EvaluationCache
 from saftune.data.llm.benchmark import LMBenchmark
-from saftune.eval.evaluate import evaluate, evaluate_split
-from saftune.eval.lm import evaluate_lm_validation
+from saftune.eval.evaluate import evaluate, evaluate_validation
 from saftune.methods.base import create_method
 from saftune.models.registry import check_model, create
 from saftune.record import RunRecord
@@ -169,12 +168,8 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
     total_params = sum(p.numel() for p in model.parameters())
     train_config = config.train.replace(seed=config.seed)
 
-    language_model = isinstance(bench, LMBenchmark)
-
     def on_val(m):
-        if language_model:
-            return {"val": evaluate_lm_validation(m, bench, batch_size=config.eval_batch_size, cache=cache.evaluations)}
-        return {"val": evaluate_split(m, bench, bench.val, batch_size=config.eval_batch_size, cache=cache.evaluations)}
+        return {"val": evaluate_validation(m, bench, batch_size=config.eval_batch_size, cache=cache.evaluations)}
 
     started = time.perf_counter()
     trained = fit(model, method, bench.train, train_config, run_dir=out_dir, resume=resume,

@@ -112,6 +112,14 @@ class EvaluationCache:
         self.hits += score is not None
         return score
 
+    def get_or_compute(self, key: tuple, compute):
+        """The score kept under `key`, or `compute()`'s, which is then kept."""
+        score = self.get(key)
+        if score is None:
+            score = compute()
+            self.put(key, score)
+        return score
+
     def put(self, key: tuple, score: float | dict[str, float]) -> None:
         """Keep a score: one accuracy, or several measures of one evaluation (a dict of floats)."""
         self._scores[key] = score

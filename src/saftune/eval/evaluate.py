@@ -26,7 +26,7 @@ from saftune import distributed
 from saftune.data.base import Benchmark, Split
 from saftune.data.llm.benchmark import LMBenchmark
 from saftune.eval.cache import EvaluationCache, weights_digest
-from saftune.eval.lm import evaluate_lm
+from saftune.eval.lm import evaluate_lm, evaluate_lm_validation
 from saftune.eval.metrics import average_ood, harmonic_mean, project_logits, top1
 from saftune.models.base import Classifier
 
@@ -111,6 +111,15 @@ def evaluate_split(model: Classifier, benchmark: Benchmark, split: Split, *, bat
     if key is not None:
         cache.put(key, score)
     return score
+
+
+def evaluate_validation(model: Classifier, benchmark: Benchmark, *, batch_size: int = 64,
+                        cache: EvaluationCache | None = None) -> float:
+    """Validation accuracy, what hyperparameters are chosen on: the val split, or an `LMBenchmark`'s
+    speciality validation items (`saftune.eval.lm.evaluate_lm_validation`)."""
+    if isinstance(benchmark, LMBenchmark):
+        return evaluate_lm_validation(model, benchmark, batch_size=batch_size, cache=cache)
+    return evaluate_split(model, benchmark, benchmark.val, batch_size=batch_size, cache=cache)
 
 
 def evaluate(model: Classifier, benchmark: Benchmark, *, batch_size: int = 64, include_val: bool = False,

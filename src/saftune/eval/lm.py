@@ -50,16 +50,20 @@ def _items_content(items: Sequence[MultipleChoiceItem]) -> list:
     return [[i.context, list(i.options), i.gold, i.delimiter] for i in items]
 
 
+def _cached(cache, model, content, *, batch_size, weights, compute):
+    """`compute()`, or what the cache kept for the same weights, content and batch size."""
+    if cache is None:
+        return compute()
+    return cache.get_or_compute(cache.key(model, content, batch_size=batch_size, weights=weights), compute)
+
+
 def _scored(model, items, *, batch_size, cache, weights, tag) -> dict[str, float]:
     """{"acc", "acc_norm"} of `items`, from the cache when the same weights scored them before."""
-    key = cache.key(model, [tag, _items_content(items)], batch_size=batch_size, weights=weights) if cache is not None else None
-    if key is not None and (hit := cache.get(key)) is not None:
-        return hit
-    result = score_multiple_choice(model, items, batch_size=batch_size)
-    scores = {"acc": result.acc, "acc_norm": result.acc_norm}
-    if key is not None:
-        cache.put(key, scores)
-    return scores
+    def compute():
+        result = score_multiple_choice(model, items, batch_size=batch_size)
+        return {"acc": result.acc, "acc_norm": result.acc_norm}
+
+    return _cached(cache, model, [tag, _items_content(items)], batch_size=batch_size, weights=weights, compute=compute)
 
 
 def evaluate_lm_validation(model: CausalLM, bench: LMBenchmark, *, batch_size: int = 16,
@@ -100,12 +104,9 @@ def evaluate_lm(model: CausalLM, bench: LMBenchmark, *, batch_size: int = 16, in
 def _instruction_rates(model, prompts, *, batch_size, max_new_tokens, cache, weights) -> dict[str, float]:
     from saftune.eval.instruction_following import evaluate_instructions
 
+    def compute():
+        result = evaluate_instructions(model, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        return {k: float(v) for k, v in result.metrics().items() if k != "n"}
+
     content = [INSTRUCTIONS, max_new_tokens, [repr(p) for p in prompts]]
-    key = cache.key(model, content, batch_size=batch_size, weights=weights) if cache is not None else None
-    if key is not None and (hit := cache.get(key)) is not None:
-        return hit
-    result = evaluate_instructions(model, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    rates = {k: float(v) for k, v in result.metrics().items() if k != "n"}
-    if key is not None:
-        cache.put(key, rates)
-    return rates
+    return _cached(cache, model, content, batch_size=batch_size, weights=weights, compute=compute)
