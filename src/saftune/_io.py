@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
@@ -36,6 +37,17 @@ def atomic_path(path: str | os.PathLike):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def did_you_mean(name: str, known) -> str:
+    """" Did you mean 'x'?" for the known name closest to a misspelt one, or "" when none is close.
+
+    Example:
+        >>> did_you_mean("saf", ["saft", "lora"]), did_you_mean("zzz", ["saft"])
+        (" Did you mean 'saft'?", '')
+    """
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:

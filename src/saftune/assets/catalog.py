@@ -9,11 +9,11 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from saftune._io import did_you_mean
 from saftune.assets.formats import (
     EFFICIENTNET_FILE,
     SMOLLM2_FILE,
@@ -151,7 +151,6 @@ def get_asset(name: str) -> Asset:
         'vaderSentiment==3.3.2'
     """
     if name not in ASSETS:
-        close = difflib.get_close_matches(name, ASSETS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, ASSETS)
         raise ValueError(f"unknown asset {name!r}.{hint} Known assets: {', '.join(ASSETS)}")
     return ASSETS[name]

@@ -15,10 +15,10 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from saftune._io import did_you_mean
 from saftune.config import Config
 from saftune.data.base import Benchmark
 
@@ -80,8 +80,7 @@ def list_datasets() -> dict[str, str]:
 def _entry(name: str) -> DatasetEntry:
     _load_builtin()
     if name not in _DATASETS:
-        close = difflib.get_close_matches(name, _DATASETS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, _DATASETS)
         raise ValueError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(sorted(_DATASETS))}")
     return _DATASETS[name]
 

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from saftune._io import atomic_path
+from saftune._io import atomic_path, did_you_mean
 from saftune.config import Config, option
 from saftune.models.base import Classifier, classification_loss
 from saftune.results import ResultError, ensure_head, write_result_config
@@ -249,8 +248,7 @@ def method_class(name: str) -> type[Method]:
     """The class registered as `name`, or a clear error with the known names."""
     _load_builtin()
     if name not in _METHODS:
-        close = difflib.get_close_matches(name, _METHODS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, _METHODS)
         raise ValueError(f"unknown method {name!r}.{hint} Known methods: {', '.join(_METHODS)}")
     return _METHODS[name]
 

@@ -16,10 +16,10 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from saftune._io import did_you_mean
 from saftune.config import Config, option
 from saftune.models.base import Classifier
 
@@ -125,8 +125,7 @@ def _entry(spec: str) -> ModelEntry:
     family = spec.partition(":")[0]
     entry = _MODELS.get(family)
     if entry is None:
-        close = difflib.get_close_matches(family, _MODELS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(family, _MODELS)
         raise ValueError(f"unknown model {spec!r}.{hint} Known models: {', '.join(list_models())}")
     return entry
 

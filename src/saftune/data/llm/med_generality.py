@@ -65,12 +65,12 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
+from saftune._io import did_you_mean
 from saftune.assets import BIGBENCH_TASKS, asset_path, evals_file
 from saftune.config import Config, option
 from saftune.data.base import Split
@@ -176,8 +176,7 @@ def check_probe_names(names) -> None:
     """Refuse unknown probe names, suggesting the closest known one."""
     for name in names:
         if name not in PROBES:
-            close = difflib.get_close_matches(name, PROBES, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name, PROBES)
             raise ValueError(f"unknown probe {name!r}.{hint} Known probes: {', '.join(PROBES)}")
 
 
