@@ -191,6 +191,21 @@ def test_batching_and_order_do_not_change_the_scores():
     assert reversed_scores[::-1] == pytest.approx(one, abs=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_options_differing_only_in_their_last_token_share_a_row_and_keep_their_scores(arch):
+    lm = tiny_causal_lm(arch, seed=4)
+    # "Y"/"N"/"M" after one context, and " y"/" n" (one byte each after the shared space): one row each.
+    requests = [(context, option) for context in ("Sick?", "Healthy?") for option in "YNM"]
+    requests += [("Sick?", " y"), ("Sick?", " n"), ("Sick?", "no")]
+    rows = []
+    handle = lm.lm.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    scores, _ = loglikelihoods(lm, requests, batch_size=8)
+    handle.remove()
+    assert rows == [4]  # two contexts' one-byte options, the " y"/" n" pair, "no"
+    hand = [_hand_loglikelihood(lm, context, option) for context, option in requests]
+    assert scores == pytest.approx(hand, abs=1e-5)
+
+
 def test_long_contexts_lose_tokens_from_the_left_and_are_counted(caplog):
     lm = tiny_causal_lm("llama", context=64)
     context = "w" * 80 + " Answer:"

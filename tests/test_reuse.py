@@ -202,3 +202,20 @@ def test_a_damaged_shared_training_file_is_a_miss_not_an_error(tmp_path, caplog)
     (tmp_path / "k.safetensors").write_bytes(b"not safetensors")
     assert SharedTraining(directory=tmp_path).get("k") is None
     assert "unreadable" in caplog.text
+
+
+def test_a_sparsity_sweep_scores_once_per_seed_and_selects_what_scoring_again_selects(tmp_path):
+    cache = RunCache()
+    dense = _run("saft", {"lr": 1e-2, "sparsity": 0.05}, cache, tmp_path / "a")
+    sparse = _run("saft", {"lr": 3e-3, "sparsity": 0.01}, cache, tmp_path / "b")
+    alone = _run("saft", {"lr": 3e-3, "sparsity": 0.01}, None, tmp_path / "c")
+    assert cache.scores.hits == 1 and len(cache.scores) == 1  # the second run's learning rate and sparsity differ
+    from saftune.sparse import SparseMask
+    masks = {name: SparseMask.load(tmp_path / name / "mask.safetensors") for name in "abc"}
+    for name, tensor in masks["c"].indices.items():
+        assert torch.equal(masks["b"].indices[name], tensor)
+    assert masks["a"].num_selected > masks["b"].num_selected
+    assert sparse.metrics == alone.metrics and dense.metrics != sparse.metrics
+    _run("saft", {"lr": 3e-3, "sparsity": 0.01}, cache, tmp_path / "d", seed=2)  # another seed scores again
+    _run("saft", {"lr": 3e-3, "sparsity": 0.01, "score": "random"}, cache, tmp_path / "e")  # no data: not kept
+    assert cache.scores.hits == 1 and len(cache.scores) == 2

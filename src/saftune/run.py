@@ -67,23 +67,27 @@ class RunCache:
         models: one pristine copy of each pretrained model, loaded from disk once; runs get deep copies.
         evaluations: accuracies of identical weights on identical splits (`saftune.eval.cache`).
         trainings: trained states of identical trainings (`saftune.train.shared`).
+        scores: phase-1 scores of identical selections (`PrepareContext.reuse_scores`): a SAFT sparsity
+            sweep and its learning-rate trials score once per seed.
     """
 
     models: dict | None = field(default_factory=dict)
     evaluations: EvaluationCache | None = field(default_factory=EvaluationCache)
     trainings: SharedTraining | None = field(default_factory=SharedTraining)
+    scores: SharedTraining | None = field(default_factory=lambda: SharedTraining(max_bytes=2 * 2**30))
 
     @classmethod
     def in_directory(cls, directory: str | Path) -> RunCache:
         """Evaluations and trained states also kept in `directory`, shared by the processes of a grid."""
         directory = Path(directory)
         return cls(evaluations=EvaluationCache(directory / "evaluations.jsonl"),
-                   trainings=SharedTraining(directory=directory / "trainings"))
+                   trainings=SharedTraining(directory=directory / "trainings"),
+                   scores=SharedTraining(max_bytes=2 * 2**30, directory=directory / "scores"))
 
     @classmethod
     def disabled(cls) -> RunCache:
         """Nothing shared: a single run loads, trains and evaluates everything itself."""
-        return cls(models=None, evaluations=None, trainings=None)
+        return cls(models=None, evaluations=None, trainings=None, scores=None)
 
 
 def build_benchmark(config: RunConfig):
@@ -173,7 +177,8 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
 
     started = time.perf_counter()
     trained = fit(model, method, bench.train, train_config, run_dir=out_dir, resume=resume,
-                  identity=config.identity(), evaluate_fn=on_val, shared=cache.trainings)
+                  identity=config.identity(), evaluate_fn=on_val, shared=cache.trainings,
+                  shared_scores=cache.scores)
     history = _logged_history(out_dir if writes else None, trained.history)
     train_seconds = time.perf_counter() - started
     if trained.shared:  # the identical training's time: what this result costs to train

@@ -89,24 +89,24 @@ def encode_request(model: CausalLM, context: str, continuation: str) -> tuple[li
     return [tokenizer.eos_token_id], whole
 
 
-@torch.no_grad()
-def loglikelihoods(model: CausalLM, requests: Sequence[tuple[str, str]], *, batch_size: int = 16,
-                   max_length: int | None = None) -> tuple[list[float], int]:
-    """Summed log-probability of each continuation after its context.
+@dataclass
+class _Sequence:
+    """One forward-pass row: `tokens`, scored from `start` on, answering the requests in `members`.
 
-    Args:
-        model: the `CausalLM`.
-        requests: (context, continuation) pairs.
-        batch_size: sequences per forward pass (sorted longest first, so padding stays small).
-        max_length: the window (default: `model.max_length`); longer sequences lose context from the left.
-
-    Returns:
-        (log-likelihoods in request order, how many requests were truncated).
+    Requests that differ only in the last token of their continuation (yes/no after the same context, or
+    "\nyes" / "\nno" once the context's trailing newline has moved over) share the row: each member is
+    (request index, its last token), and its log-likelihood is the row's sum up to the last position
+    plus its own token's log-probability at that position.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
-    limit = max_length or model.max_length
-    sequences, starts, truncated = [], [], 0
+
+    tokens: list[int]
+    start: int
+    members: list[tuple[int, int]]
+
+
+def _sequences(model: CausalLM, requests: Sequence[tuple[str, str]], limit: int) -> tuple[list[_Sequence], int]:
+    """The rows that answer `requests`: one per distinct (context, continuation but its last token)."""
+    rows, by_prefix, truncated = [], {}, 0
     for i, (context, continuation) in enumerate(requests):
         context_ids, continuation_ids = encode_request(model, context, continuation)
         if not continuation_ids:
@@ -117,31 +117,61 @@ def loglikelihoods(model: CausalLM, requests: Sequence[tuple[str, str]], *, batc
         tokens = context_ids + continuation_ids
         if len(tokens) > limit:
             tokens, truncated = tokens[-limit:], truncated + 1
-        sequences.append(tokens)
-        starts.append(len(tokens) - len(continuation_ids))
+        start = len(tokens) - len(continuation_ids)
+        # The options of one item run their shared context once (the harness shares one-token
+        # continuations the same way); a multiple-choice eval of yes/no items halves.
+        key = (tuple(tokens[:-1]), start)
+        if key in by_prefix:
+            by_prefix[key].members.append((i, tokens[-1]))
+        else:
+            by_prefix[key] = _Sequence(tokens, start, [(i, tokens[-1])])
+            rows.append(by_prefix[key])
+    return rows, truncated
+
+
+@torch.no_grad()
+def loglikelihoods(model: CausalLM, requests: Sequence[tuple[str, str]], *, batch_size: int = 16,
+                   max_length: int | None = None) -> tuple[list[float], int]:
+    """Summed log-probability of each continuation after its context.
+
+    Args:
+        model: the `CausalLM`.
+        requests: (context, continuation) pairs.
+        batch_size: sequences per forward pass (sorted longest first, so padding stays small); requests
+            that differ only in their last token share one sequence.
+        max_length: the window (default: `model.max_length`); longer sequences lose context from the left.
+
+    Returns:
+        (log-likelihoods in request order, how many requests were truncated).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+    sequences, truncated = _sequences(model, requests, max_length or model.max_length)
     if truncated:
         logger.warning("%d of %d sequences were longer than %d tokens and lost context from the left",
-                       truncated, len(sequences), limit)
+                       truncated, len(requests), max_length or model.max_length)
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
-    results = [0.0] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i].tokens), i))
+    results = [0.0] * len(requests)
     was_training = model.training
     model.eval()
     try:
         for b in range(0, len(order), batch_size):
-            chunk = order[b: b + batch_size]
-            width = len(sequences[chunk[0]])
-            ids = torch.full((len(chunk), width), model.tokenizer.pad_token_id, dtype=torch.long)
+            chunk = [sequences[i] for i in order[b: b + batch_size]]
+            ids = torch.full((len(chunk), len(chunk[0].tokens)), model.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             targets = torch.full_like(ids, IGNORE_INDEX)
-            for r, i in enumerate(chunk):
-                seq = torch.tensor(sequences[i])
+            for r, row in enumerate(chunk):
+                seq = torch.tensor(row.tokens)
                 ids[r, : len(seq)], mask[r, : len(seq)] = seq, 1
-                targets[r, starts[i]: len(seq)] = seq[starts[i]:]
-            logprobs, rows = model.target_log_probs(ids.to(device), mask.to(device), targets.to(device))
-            sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add(0, rows, logprobs.double())
-            for r, i in enumerate(chunk):
-                results[i] = float(sums[r])
+                targets[r, row.start: len(seq)] = seq[row.start:]
+            logits, chosen, rows = model.answer_logits(ids.to(device), mask.to(device), targets.to(device))
+            logprobs = torch.log_softmax(logits.double(), dim=-1)
+            for r, row in enumerate(chunk):
+                where = (rows == r).nonzero().squeeze(1)  # the row's scored positions, in order
+                shared = float(logprobs[where[:-1], chosen[where[:-1]]].sum())
+                for i, token in row.members:
+                    results[i] = shared + float(logprobs[where[-1], token])
     finally:
         model.train(was_training)
     return results, truncated

@@ -57,6 +57,9 @@ class PrepareContext:
         out_dir: the run directory (None when not saving), e.g. for the SAFT mask.
         resuming: True when a checkpoint will be loaded after `prepare` (reuse saved work).
         progress: show progress bars.
+        reuse_scores: `reuse_scores(settings, compute)` returns phase-1 scores an identical run of this
+            grid computed with the same `settings` (same model, data, seed and batches), else
+            `compute()`'s, kept for the next run; None: always compute.
     """
 
     batches: Callable[[], Iterator[dict]]
@@ -65,6 +68,7 @@ class PrepareContext:
     out_dir: Path | None = None
     resuming: bool = False
     progress: bool = False
+    reuse_scores: Callable[[dict, Callable[[], dict]], dict] | None = None
 
 
 class Method:

@@ -49,6 +49,7 @@ class SAFT(SparseMethod):
             model, classification_loss, context.batches(), sparsity=self.config.sparsity, score=self.config.score,
             include=model.scope_patterns(self.config.scope), budget=self.config.budget, seed=context.seed,
             progress=context.progress, max_batches=self.config.max_batches, score_options=self.score_options(),
+            reuse_scores=context.reuse_scores,
         )
 
     def score_options(self) -> dict | None:

@@ -20,7 +20,7 @@ import logging
 import math
 import numbers
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 
 import torch
@@ -289,6 +289,7 @@ def select_mask(
     progress: bool | None = None,
     max_batches: int | None = None,
     score_options: dict | None = None,
+    reuse_scores: Callable[[dict, Callable[[], dict]], dict] | None = None,
 ) -> SparseMask:
     """Phase 1 of SAFT: pick the d = floor(sparsity * D) most important entries.
 
@@ -309,6 +310,9 @@ def select_mask(
         progress: show a progress bar over the data (default: when stderr is a terminal).
         max_batches: score from the first `max_batches` batches of `data` only (SIFT; default: all).
         score_options: keyword options of the score (e.g. {"steps": 100, "lr": 1e-4} for "lt-sft").
+        reuse_scores: `reuse_scores(settings, compute)` -> scores, a cache for scores that need data
+            (`PrepareContext.reuse_scores`): the settings name the score, its options, the candidate
+            tensors and max_batches; the caller's key adds the model, data and seed.
 
     Returns:
         A `SparseMask` with exactly d entries.
@@ -352,10 +356,17 @@ def select_mask(
         indices = {n: torch.arange(p.numel()) for n, p in params.items()}
         return SparseMask(indices, shapes, meta)
 
-    with scoring_mode(model, params.values()), torch.enable_grad():
-        if max_batches is not None and data is not None:
-            data = itertools.islice(data, max_batches)
-        scores = spec.compute(model, params, loss_fn, data, seed=seed, progress=progress, **score_options)
+    def compute() -> dict[str, torch.Tensor]:
+        with scoring_mode(model, params.values()), torch.enable_grad():
+            batches = itertools.islice(data, max_batches) if max_batches is not None and data is not None else data
+            return spec.compute(model, params, loss_fn, batches, seed=seed, progress=progress, **score_options)
+
+    if reuse_scores is not None and spec.needs_data:
+        settings = {"score": score, "score_options": score_options, "candidates": list(params), "max_batches": max_batches}
+        device = next(iter(params.values())).device
+        scores = {n: t.to(device) for n, t in reuse_scores(settings, compute).items()}
+    else:
+        scores = compute()
     names = list(params)
     for name in names:
         if not bool(torch.isfinite(scores[name]).all()):

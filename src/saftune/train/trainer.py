@@ -124,6 +124,31 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _score_reuser(shared: SharedTraining | None, config: TrainConfig, identity: dict | None):
+    """`PrepareContext.reuse_scores` over `shared`: phase-1 scores keyed by what they depend on.
+
+    Scores depend on the model, the data, the seed (a randomly initialised head), the phase-1 batches
+    (batch size) and the score's own settings, not on the learning rate or the sparsity: the SAFT rows
+    of a sparsity sweep and their learning-rate trials score once per seed.
+    """
+    if shared is None:
+        return None
+
+    def reuse(settings: dict, compute: Callable[[], dict]) -> dict:
+        key = config_fingerprint({"phase1": settings, "batch_size": config.batch_size, "precision": config.precision,
+                                  "seed": config.seed, **(identity or {})})
+        found = shared.get(key)
+        if found is not None:
+            logger.info("phase 1: scores of an identical earlier run reused (%.0f s saved)", found.seconds)
+            return found.state
+        started = time.perf_counter()
+        scores = compute()
+        shared.put(key, TrainedState(scores, steps=0, seconds=time.perf_counter() - started))
+        return scores
+
+    return reuse
+
+
 class _Batches:
     """The micro-batch sequence of a run: epoch e is a permutation seeded by (seed, e)."""
 
@@ -217,6 +242,7 @@ def fit(
     identity: dict | None = None,
     evaluate_fn: Callable[[Classifier], dict] | None = None,
     shared: SharedTraining | None = None,
+    shared_scores: SharedTraining | None = None,
 ) -> TrainResult:
     """Prepare `method` on `model` and train it on `train`.
 
@@ -232,6 +258,7 @@ def fit(
         evaluate_fn: called every `eval_every` steps; its metrics are logged.
         shared: trained states of this process's earlier runs: an identical training (`Method.training_key`)
             is loaded from it instead of run again, and this one is added to it.
+        shared_scores: phase-1 scores of this process's earlier runs (`PrepareContext.reuse_scores`).
 
     Returns:
         A `TrainResult` (steps, seconds, the logged records).
@@ -252,7 +279,8 @@ def fit(
     # Read (and refuse a foreign) checkpoint before the expensive prepare; restore it after.
     checkpoint, state = _checkpoint_to_resume(run_dir, resume, fingerprint)
     method.prepare(model, PrepareContext(batches=batches.fixed, seed=config.seed, device=device, out_dir=run_dir,
-                                         resuming=checkpoint is not None, progress=progress))
+                                         resuming=checkpoint is not None, progress=progress,
+                                         reuse_scores=_score_reuser(shared_scores, config, identity)))
     if not method.trains:
         method.finalize(model)
         return TrainResult(steps=0, seconds=0.0)
