@@ -194,6 +194,44 @@ def test_urgent_jobs_go_to_the_next_free_worker_before_earlier_queued_ones(monke
     assert normal[3].cancelled()  # a job still waiting when the pool closes never starts
 
 
+def test_jobs_doing_the_same_work_never_run_side_by_side(monkeypatch, tmp_path):
+    from concurrent.futures import Future
+
+    from saftune import pool as pool_module
+    from saftune.grid import _same_work
+
+    started = []
+
+    class FakeExecutor:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, fn, job):
+            started.append((job.config.seed, job.config.method, Future()))
+            return started[-1][2]
+
+        def shutdown(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(pool_module, "ProcessPoolExecutor", FakeExecutor)
+
+    def job(method, seed):
+        config = RunConfig(model="tiny-sentence", dataset="toy-text", method=method, seed=seed)
+        return pool_module.Job(config, same_work=_same_work(config))
+
+    assert job("zeroshot", 1).same_work == job("zeroshot", 2).same_work and job("ft", 1).same_work is None
+    with pool_module.RunPool(2, cache_dir=tmp_path) as pool:
+        handles = pool.submit([job("zeroshot", 1), job("zeroshot", 2), job("ft", 1), job("ft", 2)])
+        # zero-shot seed 2 would evaluate what seed 1 is evaluating: ft takes the second worker
+        assert [(seed, method) for seed, method, _ in started] == [(1, "zeroshot"), (1, "ft")]
+        started[0][2].set_result("zeroshot 1")
+        assert [(seed, method) for seed, method, _ in started][2:] == [(2, "zeroshot")]
+        started[1][2].set_result("ft 1")
+        started[2][2].set_result("zeroshot 2")
+        assert [(seed, method) for seed, method, _ in started][3:] == [(2, "ft")]
+        assert [h.result() for h in handles[:3]] == ["zeroshot 1", "zeroshot 2", "ft 1"]
+
+
 def test_a_damaged_shared_training_file_is_a_miss_not_an_error(tmp_path, caplog):
     from saftune.train.shared import SharedTraining, TrainedState
 

@@ -45,6 +45,7 @@ from saftune.record import RunRecord
 from saftune.pool import Job, RunPool
 from saftune.run import RunConfig
 from saftune.selection import Trial, best_trial, candidates, edges, extension, searched_values, within
+from saftune.train.checkpoint import config_fingerprint
 from saftune.train.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -240,6 +241,14 @@ def _run_config(grid: GridConfig, variant: Variant, seed: int, options: dict, tr
     return RunConfig(model=grid.model, model_options=grid.model_options, dataset=grid.dataset,
                      dataset_options=grid.dataset_options, method=variant.method, method_options=options,
                      train=train or grid.train, seed=seed, eval_batch_size=grid.eval_batch_size, save_result=save)
+
+
+def _same_work(config: RunConfig) -> str | None:
+    """The runs of a method the seed does not change (zero-shot) do the same work (`Job.same_work`)."""
+    if not method_class(config.method).seed_free:
+        return None
+    return config_fingerprint({**config.identity(), "seed": None, "method": config.method,
+                               "method_options": config.method_options, "eval_batch_size": config.eval_batch_size})
 
 
 def selection_seeds(grid: GridConfig) -> list[int]:
@@ -472,7 +481,8 @@ def run_grid(grid: GridConfig, results_path: str | Path, out_dir: str | Path, *,
                 if sparsity is not None:
                     run_options["sparsity"] = sparsity
                 config = _run_config(grid.for_dataset(dataset, options), variant, seed, run_options, save=grid.save_results)
-                jobs.append(Job(config, run_dir(out_dir, run_id(variant.name, seed, sparsity, dataset if many else None))))
+                jobs.append(Job(config, run_dir(out_dir, run_id(variant.name, seed, sparsity, dataset if many else None)),
+                                same_work=_same_work(config)))
             submitted = pool.submit(jobs, urgent=urgent)
             _count_when_done(submitted, tracker)
             handles.update(zip(indices, submitted))

@@ -40,11 +40,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Job:
-    """One `run_experiment` call: its configuration, run directory and which splits it evaluates."""
+    """One `run_experiment` call: its configuration, run directory and which splits it evaluates.
+
+    `same_work`: jobs with equal keys do the same work (an untrained method's seeds evaluate the same
+    weights on the same sets): a pool never runs two of them at once, so the later finds the first's
+    evaluations in the shared cache instead of repeating them beside it; another job takes the free worker.
+    """
 
     config: RunConfig
     out_dir: Path | None = None
     evaluate_splits: str = "all"
+    same_work: str | None = None
 
 
 class RunPool:
@@ -69,6 +75,7 @@ class RunPool:
         self._urgent: deque = deque()  # (job, handle) waiting for a worker, before those of `_queued`
         self._queued: deque = deque()
         self._running = 0
+        self._busy: set[str] = set()  # `Job.same_work` keys of the running jobs
 
     def __enter__(self) -> RunPool:
         return self
@@ -105,8 +112,11 @@ class RunPool:
     def _dispatch(self) -> None:
         """Hand queued jobs to free workers (called holding the lock)."""
         # The executor gets no more jobs than it has workers, so that a later urgent job goes next.
-        while self._running < self.workers and (self._urgent or self._queued):
-            job, handle = (self._urgent or self._queued).popleft()
+        while self._running < self.workers:
+            picked = self._next_job()
+            if picked is None:
+                return  # nothing queued, or only work a running job is doing
+            job, handle = picked
             if not handle.set_running_or_notify_cancel():
                 continue  # cancelled while it waited
             if self._executor is None:
@@ -115,11 +125,23 @@ class RunPool:
                     self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                     initargs=(self.threads, str(self.cache_dir), logging.getLogger("saftune").getEffectiveLevel()))
             self._running += 1
-            self._executor.submit(_run_job, job).add_done_callback(partial(self._finished, handle))
+            if job.same_work is not None:
+                self._busy.add(job.same_work)
+            self._executor.submit(_run_job, job).add_done_callback(partial(self._finished, handle, job.same_work))
 
-    def _finished(self, handle: Future, done: Future) -> None:
+    def _next_job(self):
+        """The first waiting (job, handle), urgent ones first, that no running job duplicates; removed."""
+        for queue in (self._urgent, self._queued):
+            for i, (job, handle) in enumerate(queue):
+                if job.same_work is None or job.same_work not in self._busy:
+                    del queue[i]
+                    return job, handle
+        return None
+
+    def _finished(self, handle: Future, same_work: str | None, done: Future) -> None:
         with self._lock:
             self._running -= 1
+            self._busy.discard(same_work)
             error = done.exception()
             if error is None:
                 handle.set_result(done.result())

@@ -78,6 +78,9 @@ class Method:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     help: ClassVar[str] = ""
     trains: ClassVar[bool] = True  # False: nothing for the trainer's loop (zero-shot, linear probe)
+    # True: the run seed changes nothing (zero-shot): a grid runs its seeds one after another, the later
+    # ones finding the first one's evaluations cached (`saftune.pool.Job.same_work`).
+    seed_free: ClassVar[bool] = False
     # False: mixing the trained tensors linearly does not mix the models (LoRA's A and B); WiSE-FT refuses it.
     interpolates_linearly: ClassVar[bool] = True
     # True: the loss couples the examples of a batch (a contrastive loss: each example's negatives are the

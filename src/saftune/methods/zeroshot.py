@@ -20,6 +20,7 @@ class ZeroShot(Method):
     config_class = ZeroShotConfig
     help = "no training: the zero-shot prompt head"
     trains = False
+    seed_free = True
     result_kind = "none"  # only the config: nothing trained
     result_files = ()
 
