@@ -32,6 +32,7 @@ from saftune.eval.evaluate import evaluate, evaluate_validation
 from saftune.methods.base import create_method
 from saftune.models.registry import check_model, create
 from saftune.record import RunRecord
+from saftune.model_card import write_model_card
 from saftune.train.shared import SharedTraining
 from saftune.train.trainer import LOG_FILE, TrainConfig, fit, read_log_line
 
@@ -212,6 +213,9 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
                     "model_options": config.model_options, "dataset": config.dataset,
                     "dataset_options": config.dataset_options, "seed": config.seed}
             method.save_result(model, out_dir / "result", info)
+            write_model_card(out_dir / "result", base_model=config.model, method=config.method, dataset=config.dataset,
+                             sparsity=method.config.to_dict().get("sparsity"), trained_values=record.trainable,
+                             total_values=total_params, seed=config.seed, metrics=metrics)
         write_json(out_dir / "metrics.json", record.to_dict())
     logger.info("%s on %s (seed %d): %s", config.method, config.dataset, config.seed,
                 {k: round(v, 4) for k, v in metrics.items()})
