@@ -219,6 +219,11 @@ def cmd_eval(args) -> int:
     from saftune.eval import evaluate
     from saftune.results import load_result
 
+    if args.harness == "lm-eval":
+        return _eval_with_lm_eval(args)
+    if args.tasks or args.include_path or args.limit is not None or args.num_fewshot is not None:
+        raise ValueError("--tasks, --include-path, --limit and --num-fewshot choose lm-evaluation-harness tasks; "
+                         "add --harness lm-eval")
     if args.result:
         config, saved, result_dir = _result_run_config(args)
         model, bench = _model_and_benchmark(config)
@@ -240,6 +245,52 @@ def cmd_eval(args) -> int:
         write_json(args.out, {"metrics": metrics, "benchmark": bench.name,
                               "sizes": bench.eval_sizes()})
     return 0
+
+
+def _eval_with_lm_eval(args) -> int:
+    """`saftune eval --harness lm-eval`: a result's (or a pretrained) causal LM on lm-evaluation-harness tasks."""
+    from saftune.integrations.lm_eval import evaluate_with_lm_eval
+    from saftune.models import create
+    from saftune.results import load_result
+
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--harness lm-eval needs --tasks NAME[,NAME...]: lm-eval task names, task YAML files, "
+                         "or tasks of your own in --include-path FOLDER")
+    if args.result:
+        config, saved, result_dir = _result_run_config(args)
+        what = f"result {args.result} ({saved.get('method')})"
+    elif args.model:
+        config, what = _run_config(args), f"pretrained {args.model}"
+    else:
+        raise ValueError("give --result DIR (a trained result) or --model SPEC (a pretrained or merged causal LM)")
+    # Only the model is built: the harness brings its own data, so the result's benchmark is not needed.
+    model = create(config.model, **({"seed": config.seed} | config.model_options))
+    if model.modality != "causal-lm":
+        raise ValueError(f"--harness lm-eval evaluates causal language models; {config.model!r} is a {model.modality} "
+                         "model. Evaluate it with --harness saftune (the default)")
+    if args.result:
+        load_result(result_dir, model)
+    started = time.perf_counter()
+    out = evaluate_with_lm_eval(model, tasks, batch_size=args.batch_size, limit=args.limit,
+                                include_path=args.include_path, num_fewshot=args.num_fewshot)
+    print(f"{what} on lm-eval tasks {', '.join(tasks)}: ({time.perf_counter() - started:.1f}s)")
+    for task, metrics in out["metrics"].items():
+        n = out["n_samples"].get(task, {}).get("effective")
+        print(f"  {task}" + (f" ({n} items)" if n is not None else ""))
+        for name, value in metrics.items():
+            print(f"    {name:<24} {value:.4f}")
+    if args.out:
+        from saftune._io import write_json
+
+        write_json(args.out, {"harness": "lm-eval", "tasks": tasks, "limit": args.limit, **out})
+    return 0
+
+
+def _limit(text: str) -> int | float:
+    """--limit: a number of items (an integer) or a fraction of each task (below 1)."""
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
 
 
 def cmd_interpolate(args) -> int:
@@ -268,6 +319,22 @@ def cmd_merge(args) -> int:
     model, _ = _model_and_benchmark(config)
     merged = merge_result(result_dir, model, args.out, base_model=config.model)
     print(f"merged {merged['method']} result {result_dir} into {config.model}; wrote {args.out} ({merged['layout']})")
+    return 0
+
+
+def cmd_export_peft(args) -> int:
+    from saftune.integrations.peft_export import export_peft_adapter
+    from saftune.models import create
+    from saftune.results import read_result_config
+
+    config, saved, result_dir = _result_run_config(args)
+    if saved.get("method") not in ("saft", "bitfit"):
+        raise ValueError(f"{str(result_dir)!r} is a {saved.get('method')!r} result; only a sparse delta (saft) exports "
+                         "to a PEFT adapter (a LoRA result is one already: its directory loads with PeftModel)")
+    model = create(config.model, **({"seed": config.seed} | config.model_options))
+    out = export_peft_adapter(result_dir, model, args.out, exact=not args.nearest)
+    print(f"exported {read_result_config(result_dir)['method']} result {result_dir} as a PEFT (SHiRA) adapter of "
+          f"{config.model}: {out}")
     return 0
 
 
@@ -436,12 +503,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="delete the checkpoint in --out and start afresh")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="ID + OOD accuracy of a result or of a pretrained model")
+    p = sub.add_parser("eval", help="ID + OOD accuracy of a result or of a pretrained model, or lm-evaluation-harness "
+                                    "tasks on a causal LM (--harness lm-eval)")
     _add_run_options(p, with_method=False)
     p.add_argument("--result", help="a result (or run) directory written by saftune train")
     p.add_argument("--base", help="base model spec, when the result does not record one")
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--out", help="write the metrics to this JSON file")
+    p.add_argument("--harness", choices=("saftune", "lm-eval"), default="saftune",
+                   help="saftune: the result's own benchmark (default); lm-eval: lm-evaluation-harness tasks on a causal "
+                        "LM (pip install 'saftune[lm-eval]'); a merged result is --model causal-lm:DIR")
+    p.add_argument("--tasks", help="with --harness lm-eval: comma-separated lm-eval task names or task YAML files")
+    p.add_argument("--include-path", help="with --harness lm-eval: a folder of your own task YAML files")
+    p.add_argument("--limit", type=_limit, help="with --harness lm-eval: only the first N items of each task "
+                                               "(a number below 1: that fraction); for smoke runs")
+    p.add_argument("--num-fewshot", type=int, help="with --harness lm-eval: examples in front of each item "
+                                                   "(default: each task's own)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("interpolate", help="WiSE-FT curve: evaluate (1-a)*base + a*result for several a")
@@ -460,6 +537,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--base", help="base model spec (default: the one the result records)")
         p.add_argument("--out", required=True, help="output directory (HF layout when the base is a HF model)")
         p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export-peft", help="a sparse delta as a PEFT adapter directory (SHiRA) that "
+                       "PeftModel.from_pretrained loads and merges to the same weights")
+    p.add_argument("--result", required=True, help="a saft result (or run) directory")
+    p.add_argument("--base", help="base model spec (default: the one the result records)")
+    p.add_argument("--out", required=True, help="the adapter directory to write")
+    p.add_argument("--nearest", action="store_true", help="fp32 models: export entries no float32 addition can "
+                   "reach exactly as the nearest reachable value (default: refuse, naming them)")
+    p.set_defaults(func=cmd_export_peft)
 
     p = sub.add_parser("grid", aliases=["bench"],
                        help="run a grid (methods x seeds x sparsity levels); finished runs are skipped")
