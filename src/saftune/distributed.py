@@ -63,19 +63,47 @@ def is_main() -> bool:
     return rank() == 0
 
 
+# `accelerate launch --cpu` starts several processes only through MPI (`--mpirun_hostfile`), which names them in its
+# own variables (Open MPI, MPICH / Intel MPI, MVAPICH2), not torchrun's; accelerate reads those, and so does saftune.
+_MPI_VARIABLES = {
+    "WORLD_SIZE": ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"),
+    "RANK": ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK"),
+    "LOCAL_RANK": ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK"),
+}
+
+
+def _launcher_env() -> dict[str, str]:
+    """WORLD_SIZE, RANK and LOCAL_RANK as torchrun sets them, or read from MPI's variables when only those are set."""
+    if "WORLD_SIZE" in os.environ:
+        return {key: os.environ[key] for key in _MPI_VARIABLES if key in os.environ}
+    found = {key: next((os.environ[n] for n in names if n in os.environ), None) for key, names in _MPI_VARIABLES.items()}
+    return {key: value for key, value in found.items() if value is not None}
+
+
 def launched() -> bool:
-    """True when torchrun (or a compatible launcher) started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True when torchrun, accelerate launch (or MPI) started this process as one of several."""
+    return int(_launcher_env().get("WORLD_SIZE", "1")) > 1
 
 
 def init_from_env(device: str = "auto", timeout_minutes: int = 120) -> torch.device | None:
     """Join the process group torchrun describes in the environment; return this process's device.
 
-    Returns None (and does nothing) outside torchrun. NCCL on CUDA, gloo on CPU. The generous timeout
+    `accelerate launch` sets the same variables (through torchrun, or MPI's with `--cpu --mpirun_hostfile`).
+    Returns None (and does nothing) outside such a launch. NCCL on CUDA, gloo on CPU. The generous timeout
     covers the slowest collective wait: a process waiting while the others finish an evaluation.
     """
     if not launched():
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_PORT" in os.environ:
+            logger.warning("accelerate launch --cpu started one process, which trains alone: accelerate starts several CPU "
+                           "processes only through MPI (--mpirun_hostfile). For N CPU processes use `accelerate launch "
+                           "--multi_gpu --num_processes N` (torchrun; gloo on CPU) or `torchrun --nproc-per-node N`.")
         return None
+    if "WORLD_SIZE" not in os.environ:  # started by MPI: init_process_group reads torchrun's variables
+        missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
+        if missing:
+            raise RuntimeError(f"started by MPI without {' and '.join(missing)}: set them to rank 0's address and a free "
+                               "port (accelerate launch sets them), or launch with torchrun")
+        os.environ.update(_launcher_env())
     use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
