@@ -315,6 +315,8 @@ class SparseModel:
 
 def _gather_grad(slot: _Slot, param: torch.Tensor) -> None:
     """Post-accumulate-grad hook: keep the selected entries of the dense gradient, free the rest."""
+    if param.grad is None:  # autograd calls the hook without a gradient when a kernel already gave it
+        return
     grad = param.grad.reshape(-1).index_select(0, slot.indices).to(slot.values.dtype)
     param.grad = None
     if slot.values.grad is None:
