@@ -257,3 +257,35 @@ def test_a_sparsity_sweep_scores_once_per_seed_and_selects_what_scoring_again_se
     _run("saft", {"lr": 3e-3, "sparsity": 0.01}, cache, tmp_path / "d", seed=2)  # another seed scores again
     _run("saft", {"lr": 3e-3, "sparsity": 0.01, "score": "random"}, cache, tmp_path / "e")  # no data: not kept
     assert cache.scores.hits == 1 and len(cache.scores) == 2
+
+
+def test_a_finished_run_directory_is_not_run_again_but_a_trial_is_evaluated_fully(tmp_path, monkeypatch):
+    from saftune import run as run_module
+
+    first = _run("ft", {"lr": 1e-3}, out=tmp_path / "r")
+    calls = []
+    monkeypatch.setattr(run_module, "fit", lambda *a, **k: calls.append(1))
+    again = _run("ft", {"lr": 1e-3}, out=tmp_path / "r")  # a grid stopped before writing its results line
+    assert not calls and again.metrics == first.metrics and again.train_seconds == first.train_seconds
+    monkeypatch.undo()
+    other = _run("ft", {"lr": 3e-3}, out=tmp_path / "r")  # other settings in the same directory: run afresh
+    assert other.metrics != first.metrics
+    # A trial evaluated on validation only is not a finished grid run of the same settings.
+    config = RunConfig(model="tiny-sentence", dataset="toy-text", method="ft", method_options={"lr": 1e-3},
+                       train=TRAIN.replace(checkpoint_every=10**9), seed=1)
+    trial = run_experiment(config, tmp_path / "t", evaluate_splits="val")
+    assert set(trial.metrics) == {"val"}
+    full = run_experiment(config, tmp_path / "t")
+    assert "id" in full.metrics and full.metrics["val"] == trial.metrics["val"]
+
+
+def test_the_selection_is_kept_when_a_fixed_row_changes(tmp_path):
+    from saftune.grid import _selection_key
+
+    grid = {"name": "t", "model": "tiny-sentence", "dataset": "toy-text", "seeds": [1],
+            "methods": ["ft", {"name": "l1", "method": "l1", "options": {"lr": 1e-3}}],
+            "selection": {"seed": 1, "grid": {"ft": {"lr": [1e-4, 1e-3]}}}}
+    changed = {**grid, "methods": ["ft", {"name": "l1", "method": "l1", "options": {"lr": 3e-3}}]}
+    assert _selection_key(GridConfig.from_dict(grid)) == _selection_key(GridConfig.from_dict(changed))
+    reselected = {**grid, "selection": {"seed": 1, "grid": {"ft": {"lr": [1e-4, 3e-3]}}}}
+    assert _selection_key(GridConfig.from_dict(grid)) != _selection_key(GridConfig.from_dict(reselected))

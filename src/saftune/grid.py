@@ -389,6 +389,10 @@ def _selection_key(grid: GridConfig) -> dict:
     """The settings a cached selection must share to be reused (the seeds only as far as selection uses them)."""
     key = {k: v for k, v in grid.to_dict().items() if k not in ("seeds", "description", "name", "workers")}
     key["selection_seeds"] = selection_seeds(grid)
+    # Only the rows that are selected: changing a fixed row (its learning rate) keeps the trials of the others.
+    gridded = set(grid.selection.grid) if grid.selection else set()
+    key["methods"] = [m for m in key.get("methods", [])
+                      if (m if isinstance(m, str) else m.get("name", m.get("method"))) in gridded]
     return key
 
 

@@ -144,6 +144,28 @@ def _pretrained(config: RunConfig, cache: dict | None):
     return copy.deepcopy(cache[key])
 
 
+def finished_record(out_dir: Path, config: RunConfig, evaluate_splits: str = "all") -> RunRecord | None:
+    """The record of a run that already finished in `out_dir` with the same configuration, else None.
+
+    `metrics.json` is written last, so its presence means the run finished; a grid stopped before it
+    wrote the run's line to its results file finds the run here instead of doing it again. A run
+    evaluated on validation only (a hyperparameter trial) is not finished for `evaluate_splits="all"`.
+    """
+    path = out_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a damaged file: the run is redone (from its checkpoint when there is one)
+    if not isinstance(data, dict) or data.get("config") != config.to_dict():
+        return None
+    if evaluate_splits == "all" and not set(data.get("metrics") or {}) - {"val"}:
+        return None
+    logger.info("%s: finished before (metrics.json); not run again", out_dir)
+    return RunRecord.from_dict(data)
+
+
 def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resume: bool = True,
                    evaluate_splits: str = "all", cache: RunCache | None = None) -> RunRecord:
     """Run one experiment and return its record (metrics, parameter counts, timings, configuration).
@@ -164,6 +186,10 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, *, resu
     check_model(config.model, config.model_options)
     check_dataset(config.dataset, config.dataset_options)
     out_dir = Path(out_dir) if out_dir is not None else None
+    if resume and out_dir is not None:
+        finished = finished_record(out_dir, config, evaluate_splits)
+        if finished is not None:
+            return finished
     writes = out_dir is not None and distributed.is_main()  # under torchrun, rank 0 writes the files
     if writes:
         out_dir.mkdir(parents=True, exist_ok=True)
