@@ -148,12 +148,13 @@ def finished_record(out_dir: Path, config: RunConfig, evaluate_splits: str = "al
     """The record of a run that already finished in `out_dir` with the same configuration, else None.
 
     `metrics.json` is written last, so its presence means the run finished; a grid stopped before it
-    wrote the run's line to its results file finds the run here instead of doing it again. A run
+    wrote the run's line to its results file finds the run here instead of training it again from
+    scratch. A run that kept its checkpoint resumes from it instead (cheap: evaluation only), and a run
     evaluated on validation only (a hyperparameter trial) is not finished for `evaluate_splits="all"`.
     """
     path = out_dir / "metrics.json"
-    if not path.is_file():
-        return None
+    if not path.is_file() or (out_dir / "checkpoint").exists():
+        return None  # a run that kept its checkpoint resumes from it as before (its files checked again)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
