@@ -325,7 +325,6 @@ def cmd_merge(args) -> int:
 def cmd_export_peft(args) -> int:
     from saftune.integrations.peft_export import export_peft_adapter
     from saftune.models import create
-    from saftune.results import read_result_config
 
     config, saved, result_dir = _result_run_config(args)
     if saved.get("method") not in ("saft", "bitfit"):
@@ -333,7 +332,7 @@ def cmd_export_peft(args) -> int:
                          "to a PEFT adapter (a LoRA result is one already: its directory loads with PeftModel)")
     model = create(config.model, **({"seed": config.seed} | config.model_options))
     out = export_peft_adapter(result_dir, model, args.out, exact=not args.nearest)
-    print(f"exported {read_result_config(result_dir)['method']} result {result_dir} as a PEFT (SHiRA) adapter of "
+    print(f"exported {saved['method']} result {result_dir} as a PEFT (SHiRA) adapter of "
           f"{config.model}: {out}")
     return 0
 

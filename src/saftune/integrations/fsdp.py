@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from saftune.sparse.engine import SparseModel, _linear_forward, _Slot
+from saftune.sparse.engine import SparseModel, _linear_forward, _owners, _Slot
 from saftune.sparse.kernels import LinearRoute
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def shard_frozen_base(sparse_model: SparseModel, *, units: list[str] | None = No
     # A parameter that trains through a dense gradient (the engine's hook path) stays whole: FSDP would
     # reduce-scatter that dense gradient, and the engine's hook gathers its selected entries itself.
     ignored = {p for p in model.parameters() if p.requires_grad}
-    places = _places(model)  # parameter id -> every (module, attribute) holding it: where to find its sharded form
+    places = _owners(model)  # parameter id -> every (module, attribute) holding it: where to find its sharded form
     routes = _routes(sparse_model)
     total = sum(p.numel() for p in model.parameters())
 
@@ -191,15 +191,6 @@ def shard_frozen_base(sparse_model: SparseModel, *, units: list[str] | None = No
     logger.info("FSDP2: %d units and the root over %d processes; this process holds %d of %d frozen entries (%.0f%%), "
                 "%d tensors replicated", len(unit_names), mesh_size, local, total, 100 * local / max(total, 1), len(ignored))
     return shards
-
-
-def _places(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    places: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for attr, p in module._parameters.items():
-            if p is not None:
-                places.setdefault(id(p), []).append((module, attr))
-    return places
 
 
 def _slots(sparse_model: SparseModel) -> list[_Slot]:
