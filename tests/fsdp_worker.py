@@ -7,7 +7,8 @@ layer, torch's multi-head attention, plain linears, LayerNorms trained through g
 tiny-llama (tied embeddings, RMSNorm, its decoder layers as FSDP units). Each trains a few AdamW steps on
 a random mask, once replicated and once after `shard_frozen_base`, in the same processes and on the same
 global batches. `fit`: SAFT (phase 1 included) on tiny-sentence with saftune's own trainer, once as is
-and once with `method.prepare` followed by `shard_frozen_base`.
+and once with `method.prepare` followed by `shard_frozen_base`. `select`: phase 1 on tiny-llama, by
+`select_mask` and by `select_mask_sharded`.
 
 Every rank r writes OUT/<MODE>.rank<r>.safetensors: per run (`plain/`, `fsdp/`) the step losses, the
 trained values, how far they moved, the logits after training; for the sharded run also the frozen
@@ -152,6 +153,39 @@ def train_fit(shard: bool) -> dict[str, torch.Tensor]:
     return result
 
 
+def select(shard: bool) -> dict[str, torch.Tensor]:
+    """SAFT's phase 1 on tiny-llama over 7 batches (4 and 3 per rank: the second rank pads one): the
+    unsharded distributed `select_mask`, or `select_mask_sharded`, which must leave the model as it was."""
+    from saftune.integrations.fsdp import select_mask_sharded, sharded_grad_scores
+    from saftune.models import create
+    from saftune.sparse import select_mask
+
+    lm = create("tiny-llama", seed=0).lm
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    vocab = lm.config.vocab_size
+    data = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, vocab, (3, 9), generator=data) for _ in range(7)]
+
+    def loss_fn(model, ids):
+        logits = model(input_ids=ids[:, :-1]).logits
+        per_token = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        return per_token.mean(1)
+
+    result: dict[str, torch.Tensor] = {}
+    if shard:
+        mask = select_mask_sharded(lm, loss_fn, batches, sparsity=0.01)
+        scores = sharded_grad_scores(lm, [n for n, _ in lm.named_parameters()], loss_fn, batches)
+        result["score_local"] = torch.tensor([scores.local_numel])
+        result["score_total"] = torch.tensor([sum(p.numel() for p in lm.parameters())])
+        result["examples"] = torch.tensor([scores.examples])
+    else:
+        mask = select_mask(lm, loss_fn, batches, sparsity=0.01, progress=False)
+    result["untouched"] = torch.tensor([all(type(p) is nn.Parameter and torch.equal(p, before[n])
+                                            for n, p in lm.named_parameters())])
+    result.update({f"mask/{n}": idx for n, idx in mask.indices.items()})
+    return result
+
+
 def main(out: Path, mode: str) -> None:
     from safetensors.torch import save_file
 
@@ -159,10 +193,11 @@ def main(out: Path, mode: str) -> None:
 
     torch.set_num_threads(1)
     distributed.init_from_env("cpu")
-    train = {"toy": partial(train_engine, toy), "llama": partial(train_engine, llama), "fit": train_fit}[mode]
+    train = {"toy": partial(train_engine, toy), "llama": partial(train_engine, llama), "fit": train_fit, "select": select}[mode]
     state = {}
     for name, shard in (("plain", False), ("fsdp", True)):
-        state.update({f"{name}/{k}": v.detach().float().contiguous() for k, v in train(shard).items()})
+        state.update({f"{name}/{k}": v.detach().contiguous() if k.startswith("mask/") else v.detach().float().contiguous()
+                      for k, v in train(shard).items()})
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / f"{mode}.rank{distributed.rank()}.safetensors"))
     distributed.shutdown()

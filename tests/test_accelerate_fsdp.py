@@ -12,6 +12,7 @@ must agree, and each process must hold about half the frozen entries.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -176,6 +177,63 @@ def test_fsdp_with_saftune_trainer_trains_like_replicated(tmp_path):
     _assert_holds_about_half(ranks)
     assert ranks[0]["fsdp/units"].item() == 3
     torch.testing.assert_close(ranks[0]["fsdp/grad_norm"], ranks[0]["plain/grad_norm"], rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_phase_1_selects_the_same_mask_holding_half_the_scores(tmp_path):
+    ranks = _fsdp_run(tmp_path, "select")
+    for got in ranks:
+        names = [k[len("plain/mask/"):] for k in got if k.startswith("plain/mask/")]
+        assert sum(got[f"plain/mask/{n}"].numel() for n in names) == 268  # 1% of tiny-llama's 26,880 entries
+        for n in names:
+            assert torch.equal(got[f"fsdp/mask/{n}"], got[f"plain/mask/{n}"]), n
+        assert got["plain/untouched"].item() == 1 and got["fsdp/untouched"].item() == 1
+        assert got["fsdp/examples"].item() == 21  # 7 batches of 3, the padded one not counted
+    local = [r["fsdp/score_local"].item() for r in ranks]
+    total = ranks[0]["fsdp/score_total"].item()
+    assert sum(local) == total and all(0.45 * total < n < 0.55 * total for n in local), (local, total)
+
+
+def _cli_train(out: Path, *extra: str) -> dict:
+    """`saftune train` of SAFT on tiny-sentence under torchrun (2 processes), as a user launches it."""
+    # 16 training examples in batches of 3: the last global batch has one example, so rank 1's share is
+    # empty; 7 test sentences in evaluation batches of 3: rank 0 runs two forwards, rank 1 one.
+    _run([*TORCHRUN, "-m", "saftune.cli", "train", "--model", "tiny-sentence", "--dataset", "toy-text",
+          "--dataset-option", "test_size=7", "--method", "saft", "--method-option", "kernels=on",
+          "--method-option", "lr=1e-2", "--method-option", "sparsity=0.05", "--set", "train.epochs=2",
+          "--set", "train.batch_size=3", "--set", "eval_batch_size=3", "--out", str(out), *extra])
+    return {"metrics": json.loads((out / "metrics.json").read_text())["metrics"],
+            "log": [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()],
+            "delta": load_file(str(out / "result" / "delta.safetensors"))}
+
+
+def test_cli_train_fsdp_with_empty_shares_trains_and_evaluates_like_replicated(tmp_path):
+    """`saftune train --fsdp`: a process with an empty share of a micro-batch, or fewer evaluation batches,
+    still joins every forward's all-gather (without that, the other process waits forever)."""
+    plain, sharded = _cli_train(tmp_path / "plain"), _cli_train(tmp_path / "fsdp", "--fsdp")
+    assert [r["loss"] for r in sharded["log"]] == pytest.approx([r["loss"] for r in plain["log"]], rel=1e-5)
+    assert len(plain["log"]) == 12  # 6 batches per epoch, the last of one example
+    assert sharded["metrics"] == pytest.approx(plain["metrics"], abs=1e-6)
+    assert sharded["delta"].keys() == plain["delta"].keys()
+    for key in plain["delta"]:
+        torch.testing.assert_close(sharded["delta"][key], plain["delta"][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_fsdp_is_refused_before_phase_1_for_a_dense_method_or_in_one_process():
+    from saftune.data import load_dataset
+    from saftune.methods import create_method
+    from saftune.models import create
+    from saftune.train import TrainConfig, fit
+
+    bench = load_dataset("toy-text", shots=2, test_size=2)
+    model = create("tiny-sentence", seed=0)
+    model.set_classes(bench.classnames, bench.templates)
+    config = TrainConfig(max_steps=1, fsdp=True, device="cpu")
+    with pytest.raises(ValueError, match="method 'ft' trains dense tensors.*drop fsdp"):
+        fit(model, create_method("ft"), bench.train, config)
+    saft = create_method("saft")
+    with pytest.raises(ValueError, match="this is one process: launch with torchrun --nproc-per-node"):
+        fit(model, saft, bench.train, config)
+    assert not hasattr(saft, "mask")  # refused before phase 1
 
 
 def test_plan_units_takes_the_blocks_a_hf_model_names():

@@ -369,3 +369,13 @@ def test_a_checkpoint_of_a_run_with_other_settings_is_refused_before_phase_1(fin
     with pytest.raises(CheckpointError, match=r"checkpoint '.*checkpoint' was written by a run with a different "
                                               r"configuration; resume with the same settings, or choose a new output"):
         run_experiment(CHECKPOINTED.replace(**change), out)
+
+
+def test_on_and_off_from_the_command_line_are_the_option_strings_not_booleans():
+    """YAML reads `kernels=on` as True: an option whose values are strings takes it as "on"."""
+    from saftune.methods import create_method
+
+    assert create_method("saft", {"kernels": True}).config.kernels == "on"
+    assert create_method("saft", {"kernels": False}).config.kernels == "off"
+    with pytest.raises(ValueError, match="score"):
+        create_method("saft", {"score": True})  # "on" is no score: refused, naming the option

@@ -110,6 +110,8 @@ def _coerce(value, annotation, name: str, owner: str):
     if annotation is str:
         if isinstance(value, os.PathLike):  # folders and files given as pathlib.Path
             return os.fspath(value)
+        if isinstance(value, bool):  # YAML reads `on` / `off` (kernels=on on the command line) as booleans
+            return "on" if value else "off"
         if not isinstance(value, str):
             raise ValueError(f"{owner}.{name} must be a string, got {value!r}")
         return value

@@ -231,6 +231,18 @@ def any_process(flag: bool) -> bool:
     return any(gather_objects(bool(flag)))
 
 
+def forwards_are_collective(model: torch.nn.Module) -> bool:
+    """True when a forward of `model` is a collective (FSDP-sharded units all-gather their weights first):
+    every process must then run as many forwards as the others, or they wait for it forever."""
+    if not is_distributed():
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # no FSDP2 in this torch: nothing can be sharded with it
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

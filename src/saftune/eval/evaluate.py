@@ -72,12 +72,18 @@ def predict(model: Classifier, split: Split, *, batch_size: int = 64, progress: 
     if prepared.lengths is not None:
         order.sort(key=prepared.lengths.__getitem__)  # stable: equal lengths keep input order
     order = list(distributed.shard(order))
+    starts = list(range(0, len(order), batch_size))
+    # A sharded base all-gathers in every forward: a process with fewer batches than another runs
+    # forwards on one example until they match, and drops their logits.
+    padding = max(distributed.gather_objects(len(starts))) - len(starts) if distributed.forwards_are_collective(model) else 0
     chunks = []
     with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc=f"eval {split.name}", disable=not progress, leave=False):
+        for start in tqdm(starts, desc=f"eval {split.name}", disable=not progress, leave=False):
             batch = prepared.batch(order[start : start + batch_size])
             batch = {k: v.to(device) for k, v in batch.items()}
             chunks.append(project_logits(model(batch).float(), split.class_subset).cpu())
+        for _ in range(padding):
+            model({k: v.to(device) for k, v in prepared.batch(order[:1] or [0]).items()})
     parts = distributed.gather_objects((order, torch.cat(chunks) if chunks else None))
     filled = [(o, c) for o, c in parts if c is not None]
     logits = torch.empty(len(split), filled[0][1].shape[1])

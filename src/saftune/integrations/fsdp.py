@@ -18,8 +18,14 @@ passes. Nothing else changes:
   dense gradient. These are the small tensors.
 
 Every forward of a sharded unit is a collective: every process must run the same number of forward
-passes (see `shard_frozen_base`). The base is loaded and the mask selected unsharded (phase 1 needs
-dense gradients); the sharding saves memory from `sparsify` on.
+passes (see `shard_frozen_base`).
+
+Phase 1 sharded too: `select_mask_sharded` scores on an FSDP2-sharded view of the model (sharing the
+whole weights' storage, which stay where they were loaded, e.g. in host memory): each process holds
+1/W of the weights on the device, gets 1/W of each summed gradient (FSDP reduce-scatters it), keeps
+1/W of the score accumulator, and the global top-k is found across the processes without gathering
+the scores. With saftune's own trainer both phases shard:
+`torchrun --nproc-per-node N -m saftune.cli train --fsdp ...` (or `train.fsdp: true`).
 
 Example (in each of 2 processes under torchrun; a single process has nothing to shard):
     >>> sm = sparsify(model, mask)                                     # doctest: +SKIP
@@ -30,8 +36,10 @@ Example (in each of 2 processes under torchrun; a single process has nothing to 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -41,6 +49,9 @@ from torch import nn
 
 from saftune.sparse.engine import SparseModel, _linear_forward, _owners, _Slot
 from saftune.sparse.kernels import LinearRoute
+from saftune.sparse.mask import SparseMask
+from saftune.sparse.scores import per_example_losses
+from saftune.sparse.select import _float_to_key, _key_to_float, candidate_parameters, selected_count
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +119,30 @@ def plan_units(model: nn.Module) -> list[str]:
     return units
 
 
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError as e:  # FSDP2 is public from torch 2.6
+        raise ImportError(f"saftune's FSDP support needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6): {e}") from e
+    return FSDPModule, fully_shard
+
+
+def _check_processes(what: str) -> None:
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        raise RuntimeError(f"{what} needs several processes: launch with torchrun (or accelerate launch) and "
+                           "call saftune.distributed.init_from_env() first")
+
+
+def _default_mesh(model: nn.Module, mesh):
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    if mesh.ndim != 1:
+        raise ValueError(f"saftune shards over a 1-D mesh (data parallel); got {mesh.ndim} dimensions")
+    return mesh
+
+
 def shard_frozen_base(sparse_model: SparseModel, *, units: list[str] | None = None, mesh=None,
                       reshard_after_forward: bool = True) -> FrozenShards:
     """Shard the frozen weights of a sparsified model with FSDP2; the selected values stay replicated.
@@ -117,9 +152,10 @@ def shard_frozen_base(sparse_model: SparseModel, *, units: list[str] | None = No
     `distributed.all_reduce_gradients` on them before each step (saftune's trainer does both).
 
     Every process must run the same number of forward passes, in training and in evaluation: a forward
-    all-gathers, and a process that skips one leaves the others waiting. saftune's trainer gives a
-    process with an empty share of a micro-batch no forward, so use a global batch size of at least
-    the number of processes (and a last batch that every process gets part of).
+    all-gathers, and a process that skips one leaves the others waiting. saftune's trainer (`fsdp`
+    on: `saftune train --fsdp`, which calls this after phase 1) gives a process with an empty share of a
+    micro-batch a forward on one example weighted 0, and `saftune.eval.predict` pads a process's
+    batches to the others' count; a loop of your own must do the same.
 
     Args:
         sparse_model: what `sparsify` returned (SAFT's `method.sparse`).
@@ -132,24 +168,14 @@ def shard_frozen_base(sparse_model: SparseModel, *, units: list[str] | None = No
     Returns:
         A `FrozenShards` with what this process holds.
     """
-    try:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-    except ImportError as e:  # FSDP2 is public from torch 2.6
-        raise ImportError(f"shard_frozen_base needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6): {e}") from e
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        raise RuntimeError("shard_frozen_base needs several processes: launch with torchrun (or accelerate launch) and "
-                           "call saftune.distributed.init_from_env() first")
+    FSDPModule, fully_shard = _fully_shard()
+    _check_processes("shard_frozen_base")
     if not isinstance(sparse_model, SparseModel):
         raise TypeError(f"shard_frozen_base takes the SparseModel that sparsify returned, not {type(sparse_model).__name__}")
     model = sparse_model.model
     if isinstance(model, FSDPModule):
         raise RuntimeError("this model is sharded already (shard_frozen_base was called on it before)")
-    if mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
-    if mesh.ndim != 1:
-        raise ValueError(f"shard_frozen_base shards over a 1-D mesh (data parallel); got {mesh.ndim} dimensions")
+    mesh = _default_mesh(model, mesh)
 
     names = {id(p): n for n, p in model.named_parameters()}
     # A parameter that trains through a dense gradient (the engine's hook path) stays whole: FSDP would
@@ -267,3 +293,204 @@ def _sync_shards(writes: list, fsdp_modules: list) -> None:
         elif positions.numel():
             shard = slot.param.to_local()
             shard.view(-1).index_copy_(0, local, slot.values.detach()[positions].to(shard.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- phase 1, sharded
+
+
+@dataclass
+class ShardedScores:
+    """Phase-1 scores as the processes hold them: each its own rows of every candidate tensor.
+
+    Attributes:
+        local: parameter name -> this process's rows of its score (flattened; empty when it holds none).
+        offsets: parameter name -> the flat index in the whole tensor of `local[name]`'s first entry.
+        shapes: parameter name -> the whole tensor's shape.
+        examples: the number of training examples scored (all processes together).
+    """
+
+    local: dict[str, torch.Tensor]
+    offsets: dict[str, int]
+    shapes: dict[str, tuple[int, ...]]
+    examples: int
+
+    @property
+    def local_numel(self) -> int:
+        return sum(t.numel() for t in self.local.values())
+
+
+def _shadow(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters share the originals' storage (no second copy of the weights):
+    FSDP may shard it, replacing its parameters, while the model itself stays whole and untouched."""
+    memo = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)  # a tied parameter is one id: it stays tied in the copy
+
+
+def sharded_grad_scores(model: nn.Module, names: Iterable[str], loss_fn, data: Iterable, *, mesh=None,
+                        progress: bool = False) -> ShardedScores:
+    """|mean gradient| of the named parameters over `data`, scored with the weights sharded by FSDP2.
+
+    Call it in every process, with the same `data` in each (every process iterates all batches and
+    scores its W-th share, as `saftune.distributed.shard` splits them). The model is left as it was.
+
+    Why FSDP and not an all-reduce: a dense gradient all-reduced is the whole model's size in every
+    process; reduce-scattered by FSDP, each process receives and accumulates only its 1/W of it, and
+    between its forward and backward a unit's whole weights exist only while it runs.
+    """
+    from saftune.sparse.scores import scoring_mode
+
+    FSDPModule, fully_shard = _fully_shard()
+    _check_processes("sharded phase 1")
+    names = list(names)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in set(names)}
+    batches = list(data)  # every process must run the same number of forward passes: count them first
+    if not batches:
+        raise ValueError("select_mask_sharded got an empty dataset: `data` yielded no batches")
+    mesh = _default_mesh(model, mesh)
+    rank, size = mesh.get_local_rank(), mesh.size()
+    shadow = _shadow(model)
+    params = dict(shadow.named_parameters())
+    with scoring_mode(shadow, [params[n] for n in names]):
+        scalars = {p for p in shadow.parameters() if p.dim() == 0}  # nothing to split: kept whole
+        modules = dict(shadow.named_modules())
+        for unit in plan_units(shadow):
+            fully_shard(modules[unit], mesh=mesh, ignored_params=scalars)
+        fully_shard(shadow, mesh=mesh, ignored_params=scalars)
+        for module in shadow.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)  # sums, as the unsharded phase 1 sums
+                module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+        params = dict(shadow.named_parameters())  # the sharded ones
+        sums = {n: torch.zeros_like(_local(params[n]), dtype=torch.float32) for n in names}
+        mine = batches[rank::size]
+        examples = 0
+        for i in range(math.ceil(len(batches) / size)):
+            # A process out of batches still joins the collectives: a forward and backward weighted 0.
+            batch, weight = (mine[i], 1.0) if i < len(mine) else (batches[0], 0.0)
+            losses = per_example_losses(loss_fn, shadow, batch).float()
+            (losses.sum() * weight).backward()
+            examples += losses.numel() if weight else 0
+            for n in names:
+                if params[n].grad is not None:
+                    sums[n].add_(_local(params[n].grad).float())
+                    params[n].grad = None
+            if progress and rank == 0:
+                logger.info("phase 1 (sharded): batch %d of %d", min((i + 1) * size, len(batches)), len(batches))
+    count = torch.tensor([examples], dtype=torch.int64)
+    dist.all_reduce(count)
+    offsets = {}
+    for n in names:
+        if hasattr(params[n], "to_local"):
+            rows = shapes[n][0]
+            per_rank = -(-rows // size)
+            offsets[n] = min(rank * per_rank, rows) * math.prod(shapes[n][1:])
+        else:  # kept whole (a scalar): each process summed its own batches; the main one holds the total
+            dist.all_reduce(sums[n])
+            offsets[n] = 0
+            if rank != 0:
+                sums[n] = sums[n].reshape(-1)[:0]
+    del shadow, params
+    scores = {n: s.reshape(-1).div_(int(count)).abs_() for n, s in sums.items()}
+    for n, s in scores.items():
+        if not bool(torch.isfinite(s).all()):
+            raise FloatingPointError(f"the 'grad' score of parameter {n!r} has NaN or Inf entries; check the loss "
+                                     "(e.g. run in fp32)")
+    return ShardedScores(scores, offsets, shapes, int(count))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def top_k_across_processes(local: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """The exact global top-k of float32 scores split across the processes, as local flat indices.
+
+    The same selection as `saftune.sparse.select.top_k` over the whole tensors, with ties broken by
+    (tensor order, flat index) where each process holds consecutive rows, in rank order. The scores are
+    never gathered: a bisection over the float order counts the entries above a threshold in each
+    process and sums the counts (one all-reduce of one number per step, about 32 steps).
+
+    Example (in each of 2 processes; the scores are [3, 1] in process 0 and [2, 5] in process 1):
+        >>> top_k_across_processes([scores], 2)                        # doctest: +SKIP
+        [tensor([0])]   # process 0; process 1: [tensor([1])]
+    """
+    flats = [s.reshape(-1) for s in local]
+
+    def total(value: int | float, op=dist.ReduceOp.SUM, dtype=torch.int64):
+        t = torch.tensor([value], dtype=dtype)
+        dist.all_reduce(t, op=op)
+        return t.item()
+
+    def at_least(threshold: float) -> int:
+        return total(sum(int(torch.count_nonzero(f >= threshold)) for f in flats))
+
+    size = total(sum(f.numel() for f in flats))
+    if not 0 <= k <= size:
+        raise ValueError(f"top_k: k={k} is outside [0, {size}]")
+    if k == 0:
+        return [torch.empty(0, dtype=torch.int64) for _ in flats]
+    smallest = min((float(f.min()) for f in flats if f.numel()), default=math.inf)
+    largest = max((float(f.max()) for f in flats if f.numel()), default=-math.inf)
+    lo = _float_to_key(total(smallest, dist.ReduceOp.MIN, torch.float64))
+    hi = _float_to_key(total(largest, dist.ReduceOp.MAX, torch.float64)) + 1
+    while hi - lo > 1:  # invariant: at least k entries >= key lo, fewer than k >= key hi
+        mid = (lo + hi) // 2
+        if at_least(_key_to_float(mid)) >= k:
+            lo = mid
+        else:
+            hi = mid
+    threshold = _key_to_float(lo)
+    above = [torch.nonzero(f > threshold).squeeze(1) for f in flats]
+    ties = [torch.nonzero(f == threshold).squeeze(1) for f in flats]
+    ties_left = k - total(sum(a.numel() for a in above))
+    table = [None] * dist.get_world_size()
+    dist.all_gather_object(table, [t.numel() for t in ties])  # ties per (process, tensor)
+    rank = dist.get_rank()
+    taken = []
+    for t in range(len(flats)):  # tensor order first, then the processes' rows in rank order
+        mine = 0
+        for r, counts in enumerate(table):
+            take = min(ties_left, counts[t])
+            ties_left -= take
+            if r == rank:
+                mine = take
+        taken.append(mine)
+    return [torch.sort(torch.cat([a, t[:n]])).values for a, t, n in zip(above, ties, taken)]
+
+
+def select_mask_sharded(model: nn.Module, loss_fn, data: Iterable, *, sparsity: float,
+                        include: list[str] | None = None, exclude: list[str] | None = None, seed: int = 0,
+                        progress: bool = False, max_batches: int | None = None, mesh=None) -> SparseMask:
+    """SAFT's phase 1 (score 'grad', global budget) with the weights and the scores sharded by FSDP2.
+
+    The same mask as `saftune.sparse.select_mask` (up to float rounding of the summed gradients, which
+    may swap entries whose scores agree to about 1e-7), in every process. Each process holds about 1/W
+    of the weights on the device and of the score accumulator (`sharded_grad_scores`).
+
+    Example (in every process of a torchrun job):
+        >>> mask = select_mask_sharded(model, loss_fn, batches, sparsity=1e-3)   # doctest: +SKIP
+        >>> mask.num_selected == select_mask(model, loss_fn, batches, sparsity=1e-3).num_selected  # doctest: +SKIP
+        True
+    """
+    import itertools
+
+    params = candidate_parameters(model, include, exclude)
+    num_candidates = sum(p.numel() for p in params.values())
+    d = selected_count(sparsity, num_candidates)
+    if max_batches is not None:
+        data = itertools.islice(data, max_batches)
+    scores = sharded_grad_scores(model, params, loss_fn, data, mesh=mesh, progress=progress)
+    names = list(params)
+    chosen = top_k_across_processes([scores.local[n] for n in names], d)
+    local = {n: idx + scores.offsets[n] for n, idx in zip(names, chosen)}
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)  # d indices: the mask is small
+    indices = {n: torch.sort(torch.cat([p[n] for p in parts])).values for n in names}
+    meta = {"score": "grad", "sparsity": sparsity, "budget": "global", "seed": seed,
+            "include": list(include) if include else None, "exclude": list(exclude) if exclude else None,
+            "num_selected": d, "num_candidates": num_candidates}
+    if max_batches is not None:
+        meta["max_batches"] = max_batches
+    logger.info("selected %d of %d entries (grad, global budget; phase 1 sharded over %d processes, this one held %d "
+                "score entries)", d, num_candidates, len(parts), scores.local_numel)
+    return SparseMask(indices, scores.shapes, meta)

@@ -60,6 +60,8 @@ class PrepareContext:
         reuse_scores: `reuse_scores(settings, compute)` returns phase-1 scores an identical run of this
             grid computed with the same `settings` (same model, data, seed and batches), else
             `compute()`'s, kept for the next run; None: always compute.
+        fsdp: the processes of a torchrun job shard the model (`TrainConfig.fsdp`): phase 1 scores on
+            FSDP2 shards (`saftune.integrations.fsdp.select_mask_sharded`).
     """
 
     batches: Callable[[], Iterator[dict]]
@@ -69,6 +71,7 @@ class PrepareContext:
     resuming: bool = False
     progress: bool = False
     reuse_scores: Callable[[dict, Callable[[], dict]], dict] | None = None
+    fsdp: bool = False
 
 
 class Method:
@@ -91,6 +94,8 @@ class Method:
     # and, for what every example shares (a logit scale), in the main process only. The trainer weights it
     # 1, logs it once, and skips the backward where it has no gradient path.
     couples_batch: ClassVar[bool] = False
+    # True: `shard_frozen_base` can shard what the method leaves frozen with FSDP2 (`TrainConfig.fsdp`).
+    shards_frozen_base: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config or self.config_class()
@@ -108,6 +113,10 @@ class Method:
     def parameter_groups(self, model: Classifier) -> list[dict]:
         """Optimizer parameter groups (one group with the config's weight decay by default)."""
         return [{"params": self.trainable_parameters(model), "weight_decay": self.config.weight_decay}]
+
+    def shard_frozen_base(self, model: Classifier) -> None:
+        """After `prepare`, in every process of a torchrun job: shard the frozen weights with FSDP2."""
+        raise NotImplementedError(f"method {self.name!r} has no frozen base to shard (`shards_frozen_base` is False)")
 
     # -- training ---------------------------------------------------------------------------------------
     def training_step(self, model: Classifier, batch: dict | None) -> dict[str, torch.Tensor]:

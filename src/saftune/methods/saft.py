@@ -45,12 +45,26 @@ class SAFT(SparseMethod):
     help = "sparse fine-tuning of the entries with the largest mean gradient (the paper's method)"
 
     def select(self, model, context) -> SparseMask:
+        if context.fsdp and SCORES[self.config.score].needs_data:  # random, magnitude: no gradients to shard
+            return self._select_sharded(model, context)
         return select_mask(
             model, classification_loss, context.batches(), sparsity=self.config.sparsity, score=self.config.score,
             include=model.scope_patterns(self.config.scope), budget=self.config.budget, seed=context.seed,
             progress=context.progress, max_batches=self.config.max_batches, score_options=self.score_options(),
             reuse_scores=context.reuse_scores,
         )
+
+    def _select_sharded(self, model, context) -> SparseMask:
+        """Phase 1 on FSDP2 shards (`train.fsdp`): the paper's score and budget."""
+        from saftune.integrations.fsdp import select_mask_sharded
+
+        if (self.config.score, self.config.budget) != ("grad", "global"):
+            raise ValueError(f"fsdp scores phase 1 on sharded weights with score 'grad' (or random, magnitude) and budget "
+                             f"'global' only, not score {self.config.score!r} with budget {self.config.budget!r}: use "
+                             "those, or drop fsdp")
+        return select_mask_sharded(model, classification_loss, context.batches(), sparsity=self.config.sparsity,
+                                   include=model.scope_patterns(self.config.scope), seed=context.seed,
+                                   progress=context.progress, max_batches=self.config.max_batches)
 
     def score_options(self) -> dict | None:
         """The chosen score's own options (only lt-sft has any)."""

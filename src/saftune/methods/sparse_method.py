@@ -20,6 +20,7 @@ class SparseMethod(Method):
 
     result_kind = "sparse_delta"
     result_files = ()  # a sparse delta checks its own files (`SparseDelta.from_pretrained`)
+    shards_frozen_base = True
 
     def select(self, model, context) -> SparseMask:
         raise NotImplementedError
@@ -61,6 +62,11 @@ class SparseMethod(Method):
             raise MaskFileError(f"cannot resume the checkpoint: mask file {str(path)!r} was selected by a run with "
                                 f"other settings ({selected_by}), not the one the checkpoint was trained with: {afresh}")
         return mask
+
+    def shard_frozen_base(self, model):
+        from saftune.integrations.fsdp import shard_frozen_base
+
+        shard_frozen_base(self.sparse)
 
     def trainable_parameters(self, model):
         return self.sparse.trainable_parameters()

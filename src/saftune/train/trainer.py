@@ -76,9 +76,13 @@ class TrainConfig(Config):
     device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     progress: bool | None = option(None, "progress bar (default: when stderr is a terminal)")
     tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)")
+    fsdp: bool = option(False, "under torchrun / accelerate launch: shard the frozen base with FSDP2 after phase 1 "
+                        "(sparse methods; the selected values stay replicated)")
 
-    # Settings that do not change the trained weights: a checkpoint may be resumed with other values.
-    NON_SEMANTIC = ("eval_every", "checkpoint_every", "log_every", "final_moments", "progress", "tensorboard", "device")
+    # Settings that do not change the trained weights: a checkpoint may be resumed with other values
+    # (sharding the frozen base trains the same values: tests/test_accelerate_fsdp.py).
+    NON_SEMANTIC = ("eval_every", "checkpoint_every", "log_every", "final_moments", "progress", "tensorboard", "device",
+                    "fsdp")
 
     def semantic(self) -> dict:
         return {k: v for k, v in self.to_dict().items() if k not in self.NON_SEMANTIC}
@@ -158,6 +162,9 @@ class _Batches:
         self.model, self.split, self.config, self.device = model, split, config, device
         self.per_epoch = math.ceil(len(split) / config.batch_size)
         self._epoch, self._order = -1, None
+        # Every forward is a collective (an FSDP-sharded base): a process with an empty share of a
+        # micro-batch still runs one, on an example of the batch weighted 0.
+        self.lockstep = False
 
     def __call__(self, micro: int) -> tuple[dict | None, int, int]:
         """Micro-batch `micro`: (this process's share or None when it has none, its size, the global size)."""
@@ -168,13 +175,16 @@ class _Batches:
         bs = self.config.batch_size
         everyone = self._order[position * bs : (position + 1) * bs].tolist()
         indices = list(distributed.shard(everyone))  # all of them in a single process
+        share = len(indices)
+        if not indices and self.lockstep:
+            indices = everyone[:1]
         if not indices:
             return None, 0, len(everyone)
         augment = self.config.augment and hasattr(self.model, "train_transform")
         if augment and hasattr(self.model.train_transform, "reseed"):
             self.model.train_transform.reseed(self.config.seed * 1_000_003 + micro)
         batch = self.model.collate([self.split.inputs[i] for i in indices], self.split.labels[indices], train=augment)
-        return _to(batch, self.device), len(indices), len(everyone)
+        return _to(batch, self.device), share, len(everyone)
 
     def fixed(self, batch_size: int | None = None):
         """The training set in stored order, without augmentation (phase-1 scores, probe features)."""
@@ -270,6 +280,8 @@ def fit(
     torch.manual_seed(config.seed)
     model.to(device)
     model.check_training_split(train)  # bad data fails before phase 1 or a checkpoint read
+    if config.fsdp:
+        _check_fsdp(method)
     batches = _Batches(model, train, config, device)
     fingerprint = config_fingerprint({"train": config.semantic(), "method": method.name,
                                       "method_config": method.config.to_dict(), **(identity or {})})
@@ -280,10 +292,14 @@ def fit(
     checkpoint, state = _checkpoint_to_resume(run_dir, resume, fingerprint)
     method.prepare(model, PrepareContext(batches=batches.fixed, seed=config.seed, device=device, out_dir=run_dir,
                                          resuming=checkpoint is not None, progress=progress,
-                                         reuse_scores=_score_reuser(shared_scores, config, identity)))
+                                         reuse_scores=_score_reuser(shared_scores, config, identity),
+                                         fsdp=config.fsdp))
     if not method.trains:
         method.finalize(model)
         return TrainResult(steps=0, seconds=0.0)
+    if config.fsdp:
+        method.shard_frozen_base(model)
+        batches.lockstep = True
 
     total_steps = config.max_steps or math.ceil(config.epochs * batches.per_epoch / config.grad_accum)
     params, optimizer, scheduler = _optimizer(model, method, config, total_steps)
@@ -348,6 +364,16 @@ def fit(
         shared.put(shared_key, TrainedState(method.state_dict(model), total_steps, seconds, log.history))
     method.finalize(model)
     return TrainResult(steps=total_steps, seconds=seconds, history=log.history, resumed_from=start)
+
+
+def _check_fsdp(method: Method) -> None:
+    """Refuse `fsdp` before phase 1 where it cannot apply."""
+    if not method.shards_frozen_base:
+        raise ValueError(f"method {method.name!r} trains dense tensors: fsdp shards the frozen base of a sparse method "
+                         "(saft, bitfit); drop fsdp, or fine-tune with SAFT")
+    if not distributed.is_distributed():
+        raise ValueError("fsdp shards the frozen base across processes, and this is one process: launch with "
+                         "torchrun --nproc-per-node N (or accelerate launch), or drop fsdp")
 
 
 def _checkpoint_to_resume(run_dir: Path | None, resume: bool, fingerprint: str) -> tuple[Path | None, dict | None]:
