@@ -502,9 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--out", required=True, help="run directory (an existing run there is resumed)")
     p.add_argument("--no-resume", action="store_true", help="delete the checkpoint in --out and start afresh")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun / accelerate launch: shard the frozen base with "
-                                                       "FSDP2 after phase 1, the selected values replicated (saft, "
-                                                       "bitfit; train.fsdp)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun / accelerate launch: shard the weights with FSDP2 "
+                                                       "in phase 1 and the frozen base after it, the selected values "
+                                                       "replicated (saft, bitfit; train.fsdp)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="ID + OOD accuracy of a result or of a pretrained model, or lm-evaluation-harness "

@@ -51,7 +51,7 @@ from saftune.sparse.engine import SparseModel, _linear_forward, _owners, _Slot
 from saftune.sparse.kernels import LinearRoute
 from saftune.sparse.mask import SparseMask
 from saftune.sparse.scores import per_example_losses
-from saftune.sparse.select import _float_to_key, _key_to_float, candidate_parameters, selected_count
+from saftune.sparse.select import _float_to_key, _key_to_float, candidate_parameters, mask_meta, selected_count
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,8 @@ def sharded_grad_scores(model: nn.Module, names: Iterable[str], loss_fn, data: I
     FSDPModule, fully_shard = _fully_shard()
     _check_processes("sharded phase 1")
     names = list(names)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in set(names)}
+    wanted = set(names)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in wanted}
     batches = list(data)  # every process must run the same number of forward passes: count them first
     if not batches:
         raise ValueError("select_mask_sharded got an empty dataset: `data` yielded no batches")
@@ -486,11 +487,8 @@ def select_mask_sharded(model: nn.Module, loss_fn, data: Iterable, *, sparsity: 
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, local)  # d indices: the mask is small
     indices = {n: torch.sort(torch.cat([p[n] for p in parts])).values for n in names}
-    meta = {"score": "grad", "sparsity": sparsity, "budget": "global", "seed": seed,
-            "include": list(include) if include else None, "exclude": list(exclude) if exclude else None,
-            "num_selected": d, "num_candidates": num_candidates}
-    if max_batches is not None:
-        meta["max_batches"] = max_batches
+    meta = mask_meta(score="grad", sparsity=sparsity, budget="global", seed=seed, include=include, exclude=exclude,
+                     num_selected=d, num_candidates=num_candidates, max_batches=max_batches)
     logger.info("selected %d of %d entries (grad, global budget; phase 1 sharded over %d processes, this one held %d "
                 "score entries)", d, num_candidates, len(parts), scores.local_numel)
     return SparseMask(indices, scores.shapes, meta)

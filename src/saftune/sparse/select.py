@@ -275,6 +275,19 @@ def selected_count(sparsity: float, num_candidates: int) -> int:
     return d
 
 
+def mask_meta(*, score: str, sparsity: float, budget: str, seed: int, include, exclude, num_selected: int,
+              num_candidates: int, max_batches: int | None) -> dict:
+    """What a selection records in its mask: the settings it was made with and its size."""
+    meta = {
+        "score": score, "sparsity": sparsity, "budget": budget, "seed": seed,
+        "include": list(include) if include else None, "exclude": list(exclude) if exclude else None,
+        "num_selected": num_selected, "num_candidates": num_candidates,
+    }
+    if max_batches is not None:
+        meta["max_batches"] = max_batches
+    return meta
+
+
 def select_mask(
     model: nn.Module,
     loss_fn: LossFn | None = None,
@@ -338,13 +351,8 @@ def select_mask(
     d = selected_count(sparsity, num_candidates)
     if spec.needs_data and d < num_candidates and loss_fn is None:
         raise ValueError(f"score {score!r} needs `loss_fn` and `data`; only 'random' and 'magnitude' work without them")
-    meta = {
-        "score": score, "sparsity": sparsity, "budget": budget, "seed": seed,
-        "include": list(include) if include else None, "exclude": list(exclude) if exclude else None,
-        "num_selected": d, "num_candidates": num_candidates,
-    }
-    if max_batches is not None:
-        meta["max_batches"] = max_batches
+    meta = mask_meta(score=score, sparsity=sparsity, budget=budget, seed=seed, include=include, exclude=exclude,
+                     num_selected=d, num_candidates=num_candidates, max_batches=max_batches)
     if score_options:
         meta["score_options"] = score_options
     if progress is None:

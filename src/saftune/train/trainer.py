@@ -76,8 +76,8 @@ class TrainConfig(Config):
     device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     progress: bool | None = option(None, "progress bar (default: when stderr is a terminal)")
     tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)")
-    fsdp: bool = option(False, "under torchrun / accelerate launch: shard the frozen base with FSDP2 after phase 1 "
-                        "(sparse methods; the selected values stay replicated)")
+    fsdp: bool = option(False, "under torchrun / accelerate launch: shard the weights with FSDP2 in phase 1 and the "
+                        "frozen base after it (sparse methods; the selected values stay replicated)")
 
     # Settings that do not change the trained weights: a checkpoint may be resumed with other values
     # (sharding the frozen base trains the same values: tests/test_accelerate_fsdp.py).
