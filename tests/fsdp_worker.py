@@ -8,7 +8,8 @@ tiny-llama (tied embeddings, RMSNorm, its decoder layers as FSDP units). Each tr
 a random mask, once replicated and once after `shard_frozen_base`, in the same processes and on the same
 global batches. `fit`: SAFT (phase 1 included) on tiny-sentence with saftune's own trainer, once as is
 and once with `method.prepare` followed by `shard_frozen_base`. `select`: phase 1 on tiny-llama, by
-`select_mask` and by `select_mask_sharded`.
+`select_mask` and by `select_mask_sharded`. `host`: saftune's trainer with `fsdp` off and on, counting
+whole-model moves to the device.
 
 Every rank r writes OUT/<MODE>.rank<r>.safetensors: per run (`plain/`, `fsdp/`) the step losses, the
 trained values, how far they moved, the logits after training; for the sharded run also the frozen
@@ -153,6 +154,35 @@ def train_fit(shard: bool) -> dict[str, torch.Tensor]:
     return result
 
 
+def train_from_host(shard: bool) -> dict[str, torch.Tensor]:
+    """saftune's trainer with `fsdp` off or on, watching what moves to the device: with fsdp the whole model
+    must never be moved (one bigger than a device stays in host memory; FSDP2 moves each rank's shards, and
+    the engine its O(d) tensors, to the mesh's device). On CPU the moves are no-ops: the calls are counted."""
+    from saftune.data import load_dataset
+    from saftune.methods import create_method
+    from saftune.models import create
+    from saftune.sparse.engine import SparseModel
+    from saftune.train import TrainConfig, fit
+
+    bench = load_dataset("toy-text", shots=5, test_size=7)
+    model = create("tiny-sentence", seed=0)
+    model.set_classes(bench.classnames, bench.templates)
+    whole, engine = [], []
+    model_to, engine_to = model.to, SparseModel.to
+    model.to = lambda *args, **kwargs: whole.append(args) or model_to(*args, **kwargs)
+    SparseModel.to = lambda self, device: engine.append(str(device)) or engine_to(self, device)
+    try:
+        method = create_method("saft", {"lr": 1e-2, "sparsity": 0.05, "kernels": "on"})
+        config = TrainConfig(max_steps=4, batch_size=4, grad_accum=2, seed=3, device="cpu", augment=False, fsdp=shard)
+        history = [h for h in fit(model, method, bench.train, config).history if "loss" in h]
+    finally:
+        del model.to
+        SparseModel.to = engine_to
+    return {"loss": torch.tensor([h["loss"] for h in history], dtype=torch.float64),
+            "whole_moves": torch.tensor([len(whole)]), "engine_moves": torch.tensor([engine.count("cpu")]),
+            **{f"values/{k}": v for k, v in method.state_dict(model).items()}}
+
+
 def select(shard: bool) -> dict[str, torch.Tensor]:
     """SAFT's phase 1 on tiny-llama over 7 batches (4 and 3 per rank: the second rank pads one): the
     unsharded distributed `select_mask`, or `select_mask_sharded`, which must leave the model as it was."""
@@ -193,7 +223,8 @@ def main(out: Path, mode: str) -> None:
 
     torch.set_num_threads(1)
     distributed.init_from_env("cpu")
-    train = {"toy": partial(train_engine, toy), "llama": partial(train_engine, llama), "fit": train_fit, "select": select}[mode]
+    train = {"toy": partial(train_engine, toy), "llama": partial(train_engine, llama), "fit": train_fit, "host": train_from_host,
+             "select": select}[mode]
     state = {}
     for name, shard in (("plain", False), ("fsdp", True)):
         state.update({f"{name}/{k}": v.detach().contiguous() if k.startswith("mask/") else v.detach().float().contiguous()

@@ -179,6 +179,18 @@ def test_fsdp_with_saftune_trainer_trains_like_replicated(tmp_path):
     torch.testing.assert_close(ranks[0]["fsdp/grad_norm"], ranks[0]["plain/grad_norm"], rtol=1e-5, atol=1e-6)
 
 
+def test_fsdp_training_never_moves_the_whole_model_to_the_device(tmp_path):
+    """A model bigger than one device stays in host memory: with `train.fsdp` only shards (FSDP2) and the
+    engine's O(d) tensors move; without it the trainer moves the model whole, as before."""
+    for got in _fsdp_run(tmp_path, "host"):
+        assert got["plain/whole_moves"].item() >= 1  # the watch sees the trainer's move
+        assert got["fsdp/whole_moves"].item() == 0
+        assert got["fsdp/engine_moves"].item() == 1  # shard_frozen_base moved the engine to the mesh's device
+        torch.testing.assert_close(got["fsdp/loss"], got["plain/loss"], rtol=1e-5, atol=1e-6)
+        for key in [k for k in got if k.startswith("plain/values/")]:
+            torch.testing.assert_close(got["fsdp/" + key[6:]], got[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_sharded_phase_1_selects_the_same_mask_holding_half_the_scores(tmp_path):
     ranks = _fsdp_run(tmp_path, "select")
     for got in ranks:

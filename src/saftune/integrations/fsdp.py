@@ -133,17 +133,27 @@ def _check_processes(what: str) -> None:
                            "call saftune.distributed.init_from_env() first")
 
 
-def _default_mesh(model: nn.Module, mesh):
+def _default_mesh(model: nn.Module, mesh, device: torch.device | str | None = None):
+    """`mesh`, or one over every process on `device`'s type (default: where the model's weights are)."""
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+        device_type = torch.device(device).type if device is not None else next(model.parameters()).device.type
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     if mesh.ndim != 1:
         raise ValueError(f"saftune shards over a 1-D mesh (data parallel); got {mesh.ndim} dimensions")
     return mesh
 
 
-def shard_frozen_base(sparse_model: SparseModel, *, units: list[str] | None = None, mesh=None,
+def _mesh_device(mesh) -> torch.device:
+    """This process's device on `mesh` (an accelerator's current index, as FSDP2 places the shards)."""
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    module = getattr(torch, mesh.device_type)
+    return torch.device(mesh.device_type, module.current_device())
+
+
+def shard_frozen_base(sparse_model: SparseModel, *, units: list[str] | None = None, mesh=None, device=None,
                       reshard_after_forward: bool = True) -> FrozenShards:
     """Shard the frozen weights of a sparsified model with FSDP2; the selected values stay replicated.
 
@@ -161,7 +171,10 @@ def shard_frozen_base(sparse_model: SparseModel, *, units: list[str] | None = No
         sparse_model: what `sparsify` returned (SAFT's `method.sparse`).
         units: names of submodules to shard as FSDP units of their own (all-gathered one at a time);
             default `plan_units(model)`. Each must hold every module that shares its parameters.
-        mesh: a 1-D `DeviceMesh` over the processes; default all of them, on the weights' device type.
+        mesh: a 1-D `DeviceMesh` over the processes; default all of them, on `device`'s type.
+        device: where the shards and the engine's tensors go when `mesh` is not given (default: where the
+            weights are). A model too big for one device stays in host memory until this call moves
+            each process's shards (and the engine's O(d) tensors) to it.
         reshard_after_forward: free each unit's gathered weights after its forward (gather them again
             for the backward): the least memory. False keeps them until the backward.
 
@@ -175,14 +188,13 @@ def shard_frozen_base(sparse_model: SparseModel, *, units: list[str] | None = No
     model = sparse_model.model
     if isinstance(model, FSDPModule):
         raise RuntimeError("this model is sharded already (shard_frozen_base was called on it before)")
-    mesh = _default_mesh(model, mesh)
+    mesh = _default_mesh(model, mesh, device)
 
     names = {id(p): n for n, p in model.named_parameters()}
     # A parameter that trains through a dense gradient (the engine's hook path) stays whole: FSDP would
     # reduce-scatter that dense gradient, and the engine's hook gathers its selected entries itself.
     ignored = {p for p in model.parameters() if p.requires_grad}
     places = _owners(model)  # parameter id -> every (module, attribute) holding it: where to find its sharded form
-    routes = _routes(sparse_model)
     total = sum(p.numel() for p in model.parameters())
 
     unit_names = plan_units(model) if units is None else list(units)
@@ -194,15 +206,19 @@ def shard_frozen_base(sparse_model: SparseModel, *, units: list[str] | None = No
         fully_shard(modules[name], mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
 
-    # The engine still holds the unsharded parameters (its slots, kernel routes, requires_grad record):
-    # point them at the sharded ones, so the whole weights are freed.
+    # The engine still holds the unsharded parameters (its slots, requires_grad record): point them at the
+    # sharded ones, so the whole weights are freed.
     replaced = {pid: getattr(*places[pid][0]) for pid in places}
-    for slot in _slots(sparse_model):
+    for slot in sparse_model._slots:
         slot.param = replaced[id(slot.param)]
-    for route, module, _owner, _attr in routes:
-        _point(route, module, replaced[id(route.weight)])
     sparse_model._requires_grad = {replaced[id(p)]: flag for p, flag in sparse_model._requires_grad.items()}
-    for route, module, owner, attr in routes:  # the kernels must get the weight FSDP gathered for this forward
+    # FSDP2 moved each process's shards to the mesh's device, but not what it ignores. A model loaded in
+    # host memory (bigger than one device) reaches the device here, shard by shard, never whole.
+    device = _mesh_device(mesh)
+    for p in ignored:
+        p.data = p.data.to(device)
+    sparse_model.to(device)  # also installs the kernels again, on the sharded parameters
+    for route, module, owner, attr in _routes(sparse_model):  # the kernels must get the weight FSDP gathered for this forward
         module.register_forward_pre_hook(partial(_refresh_route, route, owner, attr))
 
     mesh_rank, mesh_size = mesh.get_local_rank(), mesh.size()
@@ -217,15 +233,6 @@ def shard_frozen_base(sparse_model: SparseModel, *, units: list[str] | None = No
     logger.info("FSDP2: %d units and the root over %d processes; this process holds %d of %d frozen entries (%.0f%%), "
                 "%d tensors replicated", len(unit_names), mesh_size, local, total, 100 * local / max(total, 1), len(ignored))
     return shards
-
-
-def _slots(sparse_model: SparseModel) -> list[_Slot]:
-    """Every slot object that holds a parameter: the model's, and the copies a tied weight's two kernels keep."""
-    slots = {id(s): s for s in sparse_model._slots}
-    for module in sparse_model._forwards:
-        forward = module.__dict__.get("forward")
-        slots.update({id(a): a for a in getattr(forward, "args", ()) if isinstance(a, _Slot)})
-    return list(slots.values())
 
 
 def _routes(sparse_model: SparseModel) -> list[tuple[LinearRoute, nn.Module, nn.Module, str]]:
@@ -326,12 +333,14 @@ def _shadow(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)  # a tied parameter is one id: it stays tied in the copy
 
 
-def sharded_grad_scores(model: nn.Module, names: Iterable[str], loss_fn, data: Iterable, *, mesh=None,
+def sharded_grad_scores(model: nn.Module, names: Iterable[str], loss_fn, data: Iterable, *, mesh=None, device=None,
                         progress: bool = False) -> ShardedScores:
     """|mean gradient| of the named parameters over `data`, scored with the weights sharded by FSDP2.
 
     Call it in every process, with the same `data` in each (every process iterates all batches and
-    scores its W-th share, as `saftune.distributed.shard` splits them). The model is left as it was.
+    scores its W-th share, as `saftune.distributed.shard` splits them). The model is left as it was,
+    e.g. in host memory: the sharded view moves each process's shards to `device` (or `mesh`'s), where
+    `data`'s batches must be.
 
     Why FSDP and not an all-reduce: a dense gradient all-reduced is the whole model's size in every
     process; reduce-scattered by FSDP, each process receives and accumulates only its 1/W of it, and
@@ -347,12 +356,14 @@ def sharded_grad_scores(model: nn.Module, names: Iterable[str], loss_fn, data: I
     batches = list(data)  # every process must run the same number of forward passes: count them first
     if not batches:
         raise ValueError("select_mask_sharded got an empty dataset: `data` yielded no batches")
-    mesh = _default_mesh(model, mesh)
+    mesh = _default_mesh(model, mesh, device)
     rank, size = mesh.get_local_rank(), mesh.size()
     shadow = _shadow(model)
     params = dict(shadow.named_parameters())
     with scoring_mode(shadow, [params[n] for n in names]):
         scalars = {p for p in shadow.parameters() if p.dim() == 0}  # nothing to split: kept whole
+        for p in scalars:  # FSDP moves the rest to the mesh's device, not what it ignores
+            p.data = p.data.to(_mesh_device(mesh))
         modules = dict(shadow.named_modules())
         for unit in plan_units(shadow):
             fully_shard(modules[unit], mesh=mesh, ignored_params=scalars)
@@ -461,7 +472,7 @@ def top_k_across_processes(local: list[torch.Tensor], k: int) -> list[torch.Tens
 
 def select_mask_sharded(model: nn.Module, loss_fn, data: Iterable, *, sparsity: float,
                         include: list[str] | None = None, exclude: list[str] | None = None, seed: int = 0,
-                        progress: bool = False, max_batches: int | None = None, mesh=None) -> SparseMask:
+                        progress: bool = False, max_batches: int | None = None, mesh=None, device=None) -> SparseMask:
     """SAFT's phase 1 (score 'grad', global budget) with the weights and the scores sharded by FSDP2.
 
     The same mask as `saftune.sparse.select_mask` (up to float rounding of the summed gradients, which
@@ -480,7 +491,7 @@ def select_mask_sharded(model: nn.Module, loss_fn, data: Iterable, *, sparsity: 
     d = selected_count(sparsity, num_candidates)
     if max_batches is not None:
         data = itertools.islice(data, max_batches)
-    scores = sharded_grad_scores(model, params, loss_fn, data, mesh=mesh, progress=progress)
+    scores = sharded_grad_scores(model, params, loss_fn, data, mesh=mesh, device=device, progress=progress)
     names = list(params)
     chosen = top_k_across_processes([scores.local[n] for n in names], d)
     local = {n: idx + scores.offsets[n] for n, idx in zip(names, chosen)}

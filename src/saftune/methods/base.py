@@ -114,8 +114,9 @@ class Method:
         """Optimizer parameter groups (one group with the config's weight decay by default)."""
         return [{"params": self.trainable_parameters(model), "weight_decay": self.config.weight_decay}]
 
-    def shard_frozen_base(self, model: Classifier) -> None:
-        """After `prepare`, in every process of a torchrun job: shard the frozen weights with FSDP2."""
+    def shard_frozen_base(self, model: Classifier, device: torch.device) -> None:
+        """After `prepare`, in every process of a torchrun job: shard the frozen weights with FSDP2 onto `device`
+        (the model may still be in host memory: each process's shards move, never the whole model)."""
         raise NotImplementedError(f"method {self.name!r} has no frozen base to shard (`shards_frozen_base` is False)")
 
     # -- training ---------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class SAFT(SparseMethod):
                              "those, or drop fsdp")
         return select_mask_sharded(model, classification_loss, context.batches(), sparsity=self.config.sparsity,
                                    include=model.scope_patterns(self.config.scope), seed=context.seed,
-                                   progress=context.progress, max_batches=self.config.max_batches)
+                                   progress=context.progress, max_batches=self.config.max_batches, device=context.device)
 
     def score_options(self) -> dict | None:
         """The chosen score's own options (only lt-sft has any)."""

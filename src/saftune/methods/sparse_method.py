@@ -63,10 +63,10 @@ class SparseMethod(Method):
                                 f"other settings ({selected_by}), not the one the checkpoint was trained with: {afresh}")
         return mask
 
-    def shard_frozen_base(self, model):
+    def shard_frozen_base(self, model, device):
         from saftune.integrations.fsdp import shard_frozen_base
 
-        shard_frozen_base(self.sparse)
+        shard_frozen_base(self.sparse, device=device)
 
     def trainable_parameters(self, model):
         return self.sparse.trainable_parameters()

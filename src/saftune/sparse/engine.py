@@ -177,6 +177,9 @@ class SparseModel:
         owners = _owners(model)
         attention_of = _attention_projections(model)
         self._attention_routes: dict[nn.MultiheadAttention, dict[int, LinearRoute]] = {}
+        # (slot position, path, module) per kernel or hook to install: kept, so that `to` can install them again
+        # (a module's type may have changed by then, e.g. FSDP2 swaps its class, so the paths are not chosen again).
+        self._targets: list[tuple[int, str, nn.Module]] = []
         # Slots follow the model's parameter order, so optimizer state lines up whatever the mask's dict order.
         for name in [n for n in params if n in mask.indices]:
             idx, param = mask.indices[name], params[name]
@@ -185,17 +188,14 @@ class SparseModel:
             dtype = torch.promote_types(param.dtype, master_dtype)
             values = nn.Parameter(pretrained.to(dtype).clone())
             path = _choose_path(param, owners.get(id(param), []), idx.numel() / param.numel(), kernels, id(param) in attention_of)
-            slot = _Slot(name, param, idx, values, pretrained, path)
+            position = len(self._slots)
             if path == "tied":
                 embedding, linear = _tied_pair(owners[id(param)])
-                self._install(replace(slot, path="embedding"), embedding)
-                self._install(replace(slot, path="linear"), linear)
+                self._targets += [(position, "embedding", embedding), (position, "linear", linear)]
             else:
-                self._install(slot, attention_of[id(param)] if path == "attention" else owners[id(param)][0][0])
-            self._slots.append(slot)
-        for module, routes in self._attention_routes.items():  # one forward per attention module, for all its routes
-            module.forward = partial(attention_forward, module, routes)
-            self._forwards.append(module)
+                self._targets.append((position, path, attention_of[id(param)] if path == "attention" else owners[id(param)][0][0]))
+            self._slots.append(_Slot(name, param, idx, values, pretrained, path))
+        self._install_all()
         self._value_ids = {id(s.values) for s in self._slots}
         _LIVE.add(self)
         global _HOOK_HANDLE
@@ -208,6 +208,43 @@ class SparseModel:
             self.num_trainable, len(self._slots), paths.count("linear"), paths.count("attention"), paths.count("embedding"),
             paths.count("tied"), paths.count("hook"),
         )
+
+    def _install_all(self) -> None:
+        for position, path, module in self._targets:
+            slot = self._slots[position]
+            self._install(slot if slot.path == path else replace(slot, path=path), module)
+        for module, routes in self._attention_routes.items():  # one forward per attention module, for all its routes
+            module.forward = partial(attention_forward, module, routes)
+            self._forwards.append(module)
+
+    def _uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for module in self._forwards:
+            del module.forward
+        self._handles, self._forwards, self._attention_routes = [], [], {}
+
+    @torch.no_grad()
+    def to(self, device: torch.device | str) -> SparseModel:
+        """Move the engine's own tensors (value vectors, indices, pretrained values, kernel routes) to `device`.
+
+        The model's weights are the caller's to move (`model.to(device)`, or FSDP2 moving each process's
+        shards): `sparsify` on a model in host memory, then move both, trains as `sparsify` on the device.
+        The value vectors stay the same `nn.Parameter` objects; build the optimizer after moving.
+
+        Example:
+            >>> net = nn.Linear(4, 3)
+            >>> sm = sparsify(net, SparseMask({"weight": torch.tensor([0, 5])}, {"weight": (3, 4)}))
+            >>> sm.to("cpu").trainable_parameters()[0].device
+            device(type='cpu')
+        """
+        device = torch.device(device)
+        self._uninstall()  # the kernels' routes and hooks hold the old tensors: they are installed again below
+        for slot in self._slots:
+            slot.indices, slot.pretrained = slot.indices.to(device), slot.pretrained.to(device)
+            slot.values.data = slot.values.data.to(device)
+        self._install_all()
+        return self
 
     def _install(self, slot: _Slot, module: nn.Module) -> None:
         """Route the gradient of the slot's selected entries into `slot.values.grad`."""
@@ -294,13 +331,9 @@ class SparseModel:
     def unsparsify(self) -> nn.Module:
         """Remove hooks and forward overrides, restore `requires_grad`; the weights keep the trained values."""
         self.sync()
-        for h in self._handles:
-            h.remove()
-        for module in self._forwards:
-            del module.forward
+        self._uninstall()
         for p, flag in self._requires_grad.items():
             p.requires_grad_(flag)
-        self._handles, self._forwards, self._attention_routes = [], [], {}
         _LIVE.discard(self)
         return self.model
 
@@ -328,7 +361,8 @@ def _gather_grad(slot: _Slot, param: torch.Tensor) -> None:
 def sparsify(model: nn.Module, mask: SparseMask, *, kernels: str = "auto", master_dtype=torch.float32) -> SparseModel:
     """Prepare `model` (in place) so that training changes exactly the entries of `mask`.
 
-    Call it after moving the model to its device. Give `sm.trainable_parameters()` to any torch
+    Call it after moving the model to its device (or move both afterwards: the model, then
+    `SparseModel.to`, before building the optimizer). Give `sm.trainable_parameters()` to any torch
     optimizer; after each `optimizer.step()` the model's own weights hold the new values.
 
     Args:

@@ -278,10 +278,13 @@ def fit(
     run_dir = Path(run_dir) if run_dir is not None else None
     progress = config.progress if config.progress is not None else sys.stderr.isatty()
     torch.manual_seed(config.seed)
-    model.to(device)
-    model.check_training_split(train)  # bad data fails before phase 1 or a checkpoint read
     if config.fsdp:
         _check_fsdp(method)
+    else:
+        # Under fsdp the model may be bigger than one device: it stays where it was loaded (host memory), phase 1
+        # moves each process's shards of a sharded view, and `Method.shard_frozen_base` its shards for training.
+        model.to(device)
+    model.check_training_split(train)  # bad data fails before phase 1 or a checkpoint read
     batches = _Batches(model, train, config, device)
     fingerprint = config_fingerprint({"train": config.semantic(), "method": method.name,
                                       "method_config": method.config.to_dict(), **(identity or {})})
@@ -298,7 +301,7 @@ def fit(
         method.finalize(model)
         return TrainResult(steps=0, seconds=0.0)
     if config.fsdp:
-        method.shard_frozen_base(model)
+        method.shard_frozen_base(model, device)
         batches.lockstep = True
 
     total_steps = config.max_steps or math.ceil(config.epochs * batches.per_epoch / config.grad_accum)
