@@ -362,8 +362,9 @@ def sharded_grad_scores(model: nn.Module, names: Iterable[str], loss_fn, data: I
     params = dict(shadow.named_parameters())
     with scoring_mode(shadow, [params[n] for n in names]):
         scalars = {p for p in shadow.parameters() if p.dim() == 0}  # nothing to split: kept whole
+        device = _mesh_device(mesh)
         for p in scalars:  # FSDP moves the rest to the mesh's device, not what it ignores
-            p.data = p.data.to(_mesh_device(mesh))
+            p.data = p.data.to(device)
         modules = dict(shadow.named_modules())
         for unit in plan_units(shadow):
             fully_shard(modules[unit], mesh=mesh, ignored_params=scalars)
