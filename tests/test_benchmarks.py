@@ -83,3 +83,29 @@ def test_scale_ratios_compare_each_dtype_with_itself(scale):
     assert r["saft_time_vs_lora"] == 0.5 and r["limit_time_vs_lora"] == 0.25 and r["saft_memory_vs_lora"] == 0.5
     assert r["saft_bf16_time_vs_lora_bf16"] == 0.8 and r["limit_bf16_time_vs_lora_bf16"] == 0.4
     assert r["saft_bf16_time_vs_limit_bf16"] == 2.0 and "saft_time_vs_ft" not in r
+
+
+def test_llm_engine_worker_measures_every_method_and_both_phase_1s(capsys):
+    spec = importlib.util.spec_from_file_location("saftune_bench_llm", SCALE.parent / "llm_engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.llama_config(576, 30)  # SmolLM2-135M's shapes
+    assert (config.intermediate_size, config.num_attention_heads, config.num_key_value_heads) == (1536, 9, 3)
+    threads = torch.get_num_threads()
+    rows = {}
+    try:
+        for method in ("limit", "lora", "saft", "phase1-lean", "phase1-onepass", "ft-epoch"):
+            module.main(["--worker", "--model", "llama:64x2", "--method", method, "--seq", "16", "--steps", "1",
+                         "--warmup", "1", "--batches", "2", "--threads", "1", "--sparsity", "0.01"])
+            rows[method] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    finally:
+        torch.set_num_threads(threads)
+    params = rows["saft"]["params"]
+    assert rows["saft"]["trainable"] == math.floor(0.01 * params) and rows["limit"]["trainable"] == 0
+    assert 0 < rows["lora"]["trainable"] < params
+    for kind in ("phase1-lean", "phase1-onepass"):  # the chosen mask, then phase 2 with it
+        assert rows[kind]["phase1"]["selected"] == rows[kind]["trainable"] == math.floor(0.01 * params)
+        assert rows[kind]["phase1"]["seconds"] > 0 and rows[kind]["step_seconds"] > 0
+    assert rows["ft-epoch"]["epoch_seconds"] > 0
+    ratios = module.phase1_ratios(rows)
+    assert set(ratios) >= {"lean_phase1_over_phase2_memory", "onepass_phase1_over_ft_epoch_time"}

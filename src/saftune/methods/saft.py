@@ -36,6 +36,11 @@ class SAFTConfig(MethodConfig):
     lt_sft_steps: int = option(100, "score lt-sft: AdamW steps of the short full fine-tuning (cycling the batches)", low=1)
     lt_sft_lr: float = option(1e-4, "score lt-sft: learning rate of the short full fine-tuning", low=0.0, low_open=True)
     kernels: str = option("auto", "sparse gradient kernels: auto, on, off", choices=("auto", "on", "off"))
+    lean_selection: bool = option(False, "phase 1 one block at a time: the same mask with one block's fp32 sums instead "
+                                  "of every parameter's, for one more forward pass (score grad or bias; budget global "
+                                  "or per_tensor)")
+    lean_chunk_batches: int | None = option(None, "lean_selection: hold the block boundaries of at most N batches at "
+                                            "once, the sums waiting on disk between chunks (default: all)", low=1)
 
 
 @register_method
@@ -51,13 +56,17 @@ class SAFT(SparseMethod):
             model, classification_loss, context.batches(), sparsity=self.config.sparsity, score=self.config.score,
             include=model.scope_patterns(self.config.scope), budget=self.config.budget, seed=context.seed,
             progress=context.progress, max_batches=self.config.max_batches, score_options=self.score_options(),
-            reuse_scores=context.reuse_scores,
+            reuse_scores=None if self.config.lean_selection else context.reuse_scores,
+            lean=self.config.lean_selection, chunk_batches=self.config.lean_chunk_batches,
         )
 
     def _select_sharded(self, model, context) -> SparseMask:
         """Phase 1 on FSDP2 shards (`train.fsdp`): the paper's score and budget."""
         from saftune.integrations.fsdp import select_mask_sharded
 
+        if self.config.lean_selection:
+            raise ValueError("fsdp scores phase 1 on sharded weights, which already keeps only each process's share of "
+                             "the sums: set lean_selection false, or drop fsdp")
         if (self.config.score, self.config.budget) != ("grad", "global"):
             raise ValueError(f"fsdp scores phase 1 on sharded weights with score 'grad' (or random, magnitude) and budget "
                              f"'global' only, not score {self.config.score!r} with budget {self.config.budget!r}: use "

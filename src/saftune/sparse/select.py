@@ -303,6 +303,9 @@ def select_mask(
     max_batches: int | None = None,
     score_options: dict | None = None,
     reuse_scores: Callable[[dict, Callable[[], dict]], dict] | None = None,
+    lean: bool = False,
+    blocks: str | None = None,
+    chunk_batches: int | None = None,
 ) -> SparseMask:
     """Phase 1 of SAFT: pick the d = floor(sparsity * D) most important entries.
 
@@ -326,6 +329,11 @@ def select_mask(
         reuse_scores: `reuse_scores(settings, compute)` -> scores, a cache for scores that need data
             (`PrepareContext.reuse_scores`): the settings name the score, its options, the candidate
             tensors and max_batches; the caller's key adds the model, data and seed.
+        lean: score one block of the model at a time (`saftune.sparse.blockwise`): the same mask with one
+            block's fp32 sums instead of every parameter's, for one more forward pass. Scores "grad" and
+            "bias", budgets "global" and "per_tensor"; `reuse_scores` is not used.
+        blocks: with `lean`, the name of the model's nn.ModuleList of blocks (default: found).
+        chunk_batches: with `lean`, the number of batches whose block boundaries are held at once.
 
     Returns:
         A `SparseMask` with exactly d entries.
@@ -337,6 +345,14 @@ def select_mask(
         >>> select_mask(net, loss, data, sparsity=0.2).num_selected
         2
     """
+    if lean:
+        from saftune.sparse.blockwise import select_mask_by_block
+
+        return select_mask_by_block(model, loss_fn, data, sparsity=sparsity, score=score, include=include,
+                                    exclude=exclude, budget=budget, seed=seed, progress=progress,
+                                    max_batches=max_batches, blocks=blocks, chunk_batches=chunk_batches)
+    if blocks is not None or chunk_batches is not None:
+        raise ValueError("blocks and chunk_batches are options of the lean phase 1: pass lean=True with them")
     spec = get_score(score)
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(map(repr, BUDGETS))}; got {budget!r}")

@@ -1,0 +1,352 @@
+"""The sparse engine on causal LMs: step time and memory, and phase 1 one pass vs block by block.
+
+Models: SmolLM2-135M-Instruct (the real model of the LLM track, `--models smollm2`) and synthetic
+Llama-shaped models `llama:HxL` (random weights; hidden H, L layers, SwiGLU MLP of width 8H/3 rounded
+to 64, H/64 query heads and a third as many key/value heads (grouped-query attention, as SmolLM2),
+RMSNorm, rotary positions, SmolLM2's 49152-token vocabulary with tied input and output embeddings).
+Batches of `--batch` sequences of `--seq` random tokens (default 1 x 512); the loss is next-token cross
+entropy over every position. Every measurement runs in a fresh process, which resets its peak RSS
+after the model and the batches are loaded; memory = peak RSS growth over the loaded model.
+
+Parts (--parts):
+    step    per model, dtype (fp32, bf16) and gradient checkpointing (off, on): step time (median of
+            --steps after --warmup) and memory of
+              ft     full fine-tuning, AdamW (with bf16 weights: bf16 weights and optimizer state);
+              lora   PEFT LoRA r=8 on every linear projection (q, k, v, o, gate, up, down; fp32 adapters);
+              saft   the engine at sparsity 1e-3 with a random mask of exactly d entries spread over the
+                     tensors in proportion to their sizes (the kernels' worst case), fp32 master values;
+              limit  forward and backward to the activations, nothing trained: the floor of any method.
+    phase1  per model and dtype, in one process each: phase 1 (`select_mask`, grad score) over --batches
+            batches, then --steps SAFT steps with the mask it chose; peak memory of each phase apart
+            (the peak is reset between them), for the one-pass phase 1 and the lean one
+            (`lean=True`). A third process times one full fine-tuning epoch over the same batches,
+            the reference for phase 1's time.
+
+Usage:
+    python benchmarks/llm_engine.py --quick                                  # smoke run, ~1 min
+    python benchmarks/llm_engine.py --models smollm2 llama:768x12 --parts step phase1
+Results: benchmarks/results/llm_engine.json (merged into an existing file with --update) and .png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine import _reset_peak, _rss_kib  # noqa: E402
+from scale import random_mask  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+VOCAB = 49152
+STEP_METHODS = ["limit", "lora", "saft", "ft"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------------------------------------- models
+def llama_config(hidden: int, layers: int, vocab: int = VOCAB):
+    from transformers import LlamaConfig
+
+    heads = max(1, hidden // 64)
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64 * round(8 * hidden / 3 / 64),
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 3),
+                       head_dim=hidden // heads, max_position_embeddings=2048, tie_word_embeddings=True,
+                       rms_norm_eps=1e-5)
+
+
+def build(model: str, dtype):
+    """The causal LM `model` ("smollm2" or "llama:HxL") with `dtype` weights; a synthetic one is built in `dtype`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if model == "smollm2":
+        from saftune.models.causal_lm import load_causal_lm, smollm2_gguf
+
+        return load_causal_lm(smollm2_gguf(), dtype="bfloat16" if dtype == torch.bfloat16 else "float32").lm
+    if not model.startswith("llama:"):
+        raise SystemExit(f"unknown model {model!r}: smollm2 or llama:HxL")
+    hidden, layers = (int(v) for v in model.removeprefix("llama:").split("x"))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return LlamaForCausalLM(llama_config(hidden, layers))
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def batches(vocab: int, batch: int, seq: int, count: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(count)]
+
+
+def loss_fn(model, ids):
+    """Next-token cross entropy per sequence: [B]."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+
+# ---------------------------------------------------------------------------------------------- worker
+class Memory:
+    """Resident memory on the CPU (RSS, MiB), or allocated CUDA memory on a GPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def now(self) -> float:
+        import torch
+
+        return torch.cuda.memory_allocated() / 2**20 if self.cuda else _rss_kib() / 1024
+
+    def reset_peak(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak()
+
+    def peak(self) -> float:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        return _rss_kib("VmHWM") / 1024
+
+
+def prepare(method: str, model):
+    import torch
+
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    if method == "limit":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_())
+    if method == "ft":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    assert isinstance(model, torch.nn.Module)
+    return model
+
+
+def trainer(method: str, model, mask=None):
+    """train_step(batch) and the trainable tensors; AdamW (lr 1e-5, no weight decay)."""
+    import torch
+
+    import saftune
+
+    if method == "saft":
+        params = saftune.sparsify(model, mask).trainable_parameters()
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0) if params else None
+
+    def step(batch):
+        if optimizer:
+            optimizer.zero_grad(set_to_none=True)
+        loss_fn(model, batch).float().mean().backward()
+        if optimizer:
+            optimizer.step()
+
+    return step, params
+
+
+def _timed_steps(step, data, warmup: int, steps: int) -> list[float]:
+    import torch
+
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        step(data[i % len(data)])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def worker(args) -> dict:
+    import torch
+
+    import saftune
+
+    torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    memory = Memory(args.device)
+    start = time.perf_counter()
+    model = build(args.model, dtype).to(args.device)
+    data = [b.to(args.device) for b in batches(model.config.vocab_size, args.batch, args.seq,
+                                                 max(args.batches, args.warmup + args.steps))]
+    result = {"model": args.model, "method": args.method, "dtype": args.dtype, "checkpointing": args.checkpointing,
+              "params": sum(p.numel() for p in model.parameters()), "build_seconds": time.perf_counter() - start,
+              "tokens_per_step": args.batch * args.seq, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "threads": args.threads, "device": args.device,
+              "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # no dropout in these models; train mode turns checkpointing on
+    base = memory.now()
+    result["model_mib"] = base
+
+    if args.method in ("phase1-onepass", "phase1-lean"):
+        memory.reset_peak()
+        start = time.perf_counter()
+        mask = saftune.select_mask(model, loss_fn, data[: args.batches], sparsity=args.sparsity,
+                                   lean=args.method == "phase1-lean", progress=False)
+        phase1 = {"seconds": time.perf_counter() - start, "memory_mib": memory.peak() - base,
+                  "batches": args.batches, "selected": mask.num_selected}
+        import gc
+
+        gc.collect()
+        memory.reset_peak()
+        step, params = trainer("saft", model, mask)
+        times = _timed_steps(step, data, args.warmup, args.steps)
+        result.update(phase1=phase1, step_seconds=statistics.median(times), step_seconds_each=times,
+                      memory_mib=memory.peak() - base, peak_mib=memory.peak(),
+                      trainable=sum(p.numel() for p in params))
+        return result
+    if args.method == "ft-epoch":  # the reference for phase 1's time: one fine-tuning epoch over the same batches
+        model = prepare("ft", model)
+        step, params = trainer("ft", model)
+        step(data[0])  # AdamW's state exists from here on, as within any epoch
+        start = time.perf_counter()
+        for batch in data[: args.batches]:
+            step(batch)
+        result.update(epoch_seconds=time.perf_counter() - start, batches=args.batches)
+        return result
+
+    mask = random_mask(model, args.sparsity) if args.method == "saft" else None
+    model = prepare(args.method, model)
+    base = memory.now()
+    memory.reset_peak()
+    step, params = trainer(args.method, model, mask)
+    times = _timed_steps(step, data, args.warmup, args.steps)
+    result.update(step_seconds=statistics.median(times), step_seconds_each=times,
+                  memory_mib=memory.peak() - base, peak_mib=memory.peak(),
+                  trainable=sum(p.numel() for p in params))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def run(args, **settings) -> dict:
+    """One measurement in a fresh process (its JSON line), or the reason it failed."""
+    options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads", "batches", "device")}
+    options.update(settings)
+    cmd = [sys.executable, __file__, "--worker"]
+    for key, value in options.items():
+        if isinstance(value, bool):
+            cmd += [f"--{key}"] if value else []
+        else:
+            cmd += [f"--{key}", str(value)]
+    started = time.perf_counter()
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if out.returncode != 0:
+        return {**settings, "failed": f"exit {out.returncode}: {out.stderr[-1500:]}"}
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = time.perf_counter() - started
+    print(json.dumps({k: v for k, v in result.items() if k != "step_seconds_each"}), flush=True)
+    return result
+
+
+def step_ratios(rows: list[dict]) -> dict:
+    by = {r["method"]: r for r in rows if "step_seconds" in r}
+    out = {}
+    if "saft" in by and "limit" in by:
+        out["saft_over_limit_time"] = by["saft"]["step_seconds"] / by["limit"]["step_seconds"]
+    if "saft" in by and "lora" in by:
+        out["saft_over_lora_time"] = by["saft"]["step_seconds"] / by["lora"]["step_seconds"]
+        out["saft_over_lora_memory"] = by["saft"]["memory_mib"] / by["lora"]["memory_mib"]
+    if "saft" in by and "ft" in by:
+        out["saft_over_ft_time"] = by["saft"]["step_seconds"] / by["ft"]["step_seconds"]
+        out["saft_over_ft_memory"] = by["saft"]["memory_mib"] / by["ft"]["memory_mib"]
+    return out
+
+
+def phase1_ratios(rows: dict) -> dict:
+    out = {}
+    for kind in ("onepass", "lean"):
+        r = rows.get(f"phase1-{kind}")
+        if r and "phase1" in r:
+            out[f"{kind}_phase1_over_phase2_memory"] = r["phase1"]["memory_mib"] / r["memory_mib"]
+            out[f"{kind}_phase1_over_phase2_peak"] = (r["model_mib"] + r["phase1"]["memory_mib"]) / (r["model_mib"] + r["memory_mib"])
+            if rows.get("ft-epoch", {}).get("epoch_seconds"):
+                out[f"{kind}_phase1_over_ft_epoch_time"] = r["phase1"]["seconds"] / rows["ft-epoch"]["epoch_seconds"]
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="llama:256x4", help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="saft", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", default=["smollm2", "llama:768x12"])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--parts", nargs="+", default=["step", "phase1"], choices=["step", "phase1"])
+    parser.add_argument("--checkpointing-modes", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batches", type=int, default=4, help="batches phase 1 scores (and the reference epoch trains on)")
+    parser.add_argument("--sparsity", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (memory is then CUDA's allocated memory)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: a tiny model, short sequences")
+    parser.add_argument("--update", action="store_true", help="merge into the existing JSON instead of replacing it")
+    parser.add_argument("--out", type=Path, default=RESULTS / "llm_engine.json")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    if args.quick:
+        args.models, args.seq, args.steps, args.warmup, args.batches = ["llama:128x4"], 64, 2, 1, 2
+    import torch
+
+    report = json.loads(args.out.read_text()) if args.update and args.out.exists() else {}
+    report.setdefault("runs", {})
+    report["machine"] = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+                         "threads": args.threads, "platform": platform.platform(), "torch": torch.__version__,
+                         "device": args.device}
+    report["settings"] = {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup", "batches", "sparsity")}
+    started = time.perf_counter()
+    for model in args.models:
+        for dtype in args.dtypes:
+            if "step" in args.parts:
+                for mode in args.checkpointing_modes:
+                    key = f"step/{model}/{dtype}/checkpointing-{mode}"
+                    rows = [run(args, model=model, method=m, dtype=dtype, checkpointing=mode == "on") for m in STEP_METHODS]
+                    report["runs"][key] = {"rows": rows, "ratios": step_ratios(rows)}
+                    print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
+            if "phase1" in args.parts:
+                key = f"phase1/{model}/{dtype}"
+                rows = {m: run(args, model=model, method=m, dtype=dtype)
+                        for m in ("phase1-onepass", "phase1-lean", "ft-epoch")}
+                report["runs"][key] = {"rows": rows, "ratios": phase1_ratios(rows)}
+                print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+    report["seconds"] = time.perf_counter() - started
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out} in {report['seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
