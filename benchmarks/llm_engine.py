@@ -16,11 +16,12 @@ Parts (--parts):
               saft   the engine at sparsity 1e-3 with a random mask of exactly d entries spread over the
                      tensors in proportion to their sizes (the kernels' worst case), fp32 master values;
               limit  forward and backward to the activations, nothing trained: the floor of any method.
-    phase1  per model and dtype, in one process each: phase 1 (`select_mask`, grad score) over --batches
-            batches, then --steps SAFT steps with the mask it chose; peak memory of each phase apart
-            (the peak is reset between them), for the one-pass phase 1 and the lean one
-            (`lean=True`). A third process times one full fine-tuning epoch over the same batches,
-            the reference for phase 1's time.
+    phase1  per model, dtype and checkpointing, in one process each: phase 1 (`select_mask`, grad score)
+            over --batches batches, then --steps SAFT steps with the mask it chose; peak memory of each
+            phase apart (the peak is reset between them), for the one-pass phase 1 and the lean one
+            (`lean=True`). Phase 1 runs in eval mode, where transformers does not checkpoint: the
+            setting applies to phase 2. Another process times one full fine-tuning epoch over the same
+            batches (without checkpointing, the faster), the reference for phase 1's time.
 
 Usage:
     python benchmarks/llm_engine.py --quick                                  # smoke run, ~1 min
@@ -336,11 +337,14 @@ def main(argv=None) -> None:
                     report["runs"][key] = {"rows": rows, "ratios": step_ratios(rows)}
                     print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
             if "phase1" in args.parts:
-                key = f"phase1/{model}/{dtype}"
-                rows = {m: run(args, model=model, method=m, dtype=dtype)
-                        for m in ("phase1-onepass", "phase1-lean", "ft-epoch")}
-                report["runs"][key] = {"rows": rows, "ratios": phase1_ratios(rows)}
-                print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
+                epoch = run(args, model=model, method="ft-epoch", dtype=dtype)  # without checkpointing: the faster epoch
+                for mode in args.checkpointing_modes:  # phase 1 runs in eval mode: checkpointing applies to phase 2
+                    key = f"phase1/{model}/{dtype}/checkpointing-{mode}"
+                    rows = {m: run(args, model=model, method=m, dtype=dtype, checkpointing=mode == "on")
+                            for m in ("phase1-onepass", "phase1-lean")}
+                    rows["ft-epoch"] = epoch
+                    report["runs"][key] = {"rows": rows, "ratios": phase1_ratios(rows)}
+                    print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=1) + "\n")
     report["seconds"] = time.perf_counter() - started

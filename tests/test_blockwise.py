@@ -141,3 +141,27 @@ def test_a_model_that_runs_its_blocks_twice_per_batch_is_refused():
         saftune.select_mask(lm, twice, batches, sparsity=0.01, lean=True)
     with pytest.raises(ValueError, match="pass lean=True"):
         saftune.select_mask(lm, loss_fn, batches, sparsity=0.01, chunk_batches=2)
+
+
+def test_two_processes_select_block_by_block_what_they_select_in_one_pass(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    worker = Path(__file__).with_name("lean_phase1_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    masks = load_file(str(tmp_path / "masks.safetensors"))
+    onepass = {k.split("/", 1)[1]: v for k, v in masks.items() if k.startswith("onepass/")}
+    assert sum(v.numel() for v in onepass.values()) > 0
+    for kind in ("lean", "lean-chunked"):
+        lean = {k.split("/", 1)[1]: v for k, v in masks.items() if k.startswith(f"{kind}/")}
+        assert lean.keys() == onepass.keys()
+        for name in onepass:
+            assert torch.equal(lean[name], onepass[name]), (kind, name)

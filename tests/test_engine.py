@@ -475,3 +475,57 @@ def test_to_installs_every_route_again_and_trains_the_same(name):
     for (n, a), b in zip(case.model.named_parameters(), twin.model.parameters()):
         assert torch.equal(a, b), n
     assert plain.num_trainable == moved.num_trainable
+
+
+def _llama_case(dtype):
+    """A tiny tied Llama (grouped-query attention: 4 query heads, 2 key/value heads) with gradient checkpointing."""
+    import torch.nn.functional as F
+
+    from saftune.models.tiny_lm import tiny_causal_lm
+
+    lm = tiny_causal_lm("llama", layers=2, seed=5)
+    lm.lm.to(dtype)
+    lm.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.train()
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 256, (2, 12), generator=generator) for _ in range(3)]
+
+    def loss_fn(model, ids):
+        logits = model.lm(input_ids=ids, use_cache=False).logits.float()
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+    return tiny.Case(lm, loss_fn, batches)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_checkpointed_llama_trains_through_the_kernels_and_forms_no_dense_gradient(dtype):
+    """q/k/v/o (narrow GQA k/v included) and gate/up/down take the Linear kernel, the tied embedding both
+    kernels, RMSNorm the hook path; with checkpointing and (bf16) weights the gradients equal the hook path's."""
+    grads = {}
+    for kernels in ("auto", "off"):
+        case = _llama_case(dtype)
+        mask = _select(case, sparsity=0.03, score="random")  # entries in every tensor, k_proj's included
+        sm = saftune.sparsify(case.model, mask, kernels=kernels)
+        case.loss_fn(case.model, case.batches[0]).mean().backward()
+        grads[kernels] = {n: v.grad.clone() for n, v in sm.named_trainable_parameters()}
+        paths = {s.name: s.path for s in sm._slots}
+        if kernels == "auto":
+            assert all(p.grad is None for p in case.model.parameters())  # no dense weight gradient, none kept
+            assert {paths[n] for n in paths if n.endswith("_proj.weight")} == {"linear"}
+            assert any(n.endswith("k_proj.weight") for n in paths)  # the narrow GQA projection is among them
+            assert paths["lm.model.embed_tokens.weight"] == "tied"
+            assert {paths[n] for n in paths if "norm" in n} == {"hook"}
+    tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-2)
+    for n in grads["off"]:
+        torch.testing.assert_close(grads["auto"][n], grads["off"][n], msg=n, **tolerance)
+    # and training keeps every unselected entry bit-identical, the weights in their own dtype
+    case = _llama_case(dtype)
+    mask = _select(case, sparsity=0.02)
+    pretrained = {n: p.detach().clone() for n, p in case.model.named_parameters()}
+    _train_sparse(case, mask, steps=6, lr=1e-2)
+    changed = 0
+    for n, p in case.model.named_parameters():
+        assert p.dtype == dtype
+        assert torch.equal(p.detach()[~mask.boolean(n)], pretrained[n][~mask.boolean(n)]), n
+        changed += int((p.detach() != pretrained[n]).sum())
+    assert changed > 0.5 * mask.num_selected

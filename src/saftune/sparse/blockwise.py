@@ -139,7 +139,6 @@ class _Recording:
 
     batches: list = field(default_factory=list)
     calls: list = field(default_factory=list)
-    examples: int = 0
 
 
 class _SpilledSums:
@@ -156,6 +155,9 @@ class _SpilledSums:
         tensor.detach().cpu().numpy().tofile(path)
         self._files[name] = (path, tensor.shape, tensor.device)
 
+    def names(self) -> list[str]:
+        return list(self._files)
+
     def take(self, name: str) -> torch.Tensor | None:
         if name not in self._files:
             return None
@@ -169,21 +171,39 @@ class _SpilledSums:
 
 
 class _RunningTopK:
-    """The exact top-k of every score seen so far, ties broken by (candidate order, flat index) as `top_k`."""
+    """The exact top-k of every score seen so far, ties broken by (candidate order, flat index) as `top_k` does.
+
+    The candidates live in three flat tensors kept sorted by (tensor order, flat index), so that one `top_k`
+    call over them breaks ties as the one-pass selection does, whatever order tensors arrive in.
+    """
 
     def __init__(self, k: int, order: dict[str, int]):
         self.k, self.order = k, order
-        self.pool: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (flat indices, scores)
+        self.tensor = torch.empty(0, dtype=torch.int64)  # candidate order of each entry's tensor
+        self.flat = torch.empty(0, dtype=torch.int64)
+        self.score = torch.empty(0, dtype=torch.float32)
 
     def add(self, name: str, score: torch.Tensor) -> None:
         flat = score.reshape(-1)
-        # The tensor's own top-k holds every entry of it that the global top-k can take (same tie rule).
-        idx = top_k([flat], min(self.k, flat.numel()))[0]
-        self.pool[name] = (idx, flat[idx].clone())
-        names = sorted(self.pool, key=self.order.__getitem__)
-        if sum(self.pool[n][0].numel() for n in names) > self.k:
-            keep = top_k([self.pool[n][1] for n in names], self.k)
-            self.pool = {n: (self.pool[n][0][kept], self.pool[n][1][kept]) for n, kept in zip(names, keep)}
+        if self.score.device != flat.device:  # the candidates live where the scores are computed
+            self.tensor, self.flat, self.score = (t.to(flat.device) for t in (self.tensor, self.flat, self.score))
+        if self.score.numel() >= self.k:  # full: only entries at least as high as the k-th best can enter
+            idx = torch.nonzero(flat >= self.score.min()).squeeze(1)
+            if idx.numel() > self.k:
+                idx = idx[top_k([flat[idx]], self.k)[0]]
+        else:  # the tensor's own top-k holds every entry of it the global top-k can take (same tie rule)
+            idx = top_k([flat], min(self.k, flat.numel()))[0]
+        at = int(torch.searchsorted(self.tensor, self.order[name]))
+        self.tensor = torch.cat([self.tensor[:at], torch.full_like(idx, self.order[name]), self.tensor[at:]])
+        self.flat = torch.cat([self.flat[:at], idx, self.flat[at:]])
+        self.score = torch.cat([self.score[:at], flat[idx], self.score[at:]])
+        if self.score.numel() > self.k:
+            keep = top_k([self.score], self.k)[0]
+            self.tensor, self.flat, self.score = self.tensor[keep], self.flat[keep], self.score[keep]
+
+    def chosen(self) -> dict[str, torch.Tensor]:
+        """Sorted flat indices per candidate name."""
+        return {name: self.flat[self.tensor == i] for name, i in self.order.items()}
 
 
 def _stage_order(num_blocks: int) -> list:
@@ -271,12 +291,18 @@ class _BlockScorer:
         self.quota = dict(zip(names, per_tensor_budget([params[n].numel() for n in names], d)))
         self.chosen: dict[str, torch.Tensor] = {}
         self.block_of = self._block_of_parameters()
-        self.stages_of: dict[str, set] = {}  # parameter -> stages that may give it gradient (after recording)
+        # parameter -> the stages that may give it gradient: its blocks, and head / stem as recorded
+        self.stages_of: dict[str, set] = {n: set(b) for n, b in self.block_of.items()}
         self.accumulator = _GradientAccumulator(params, square=False)
+        self.phase, self.ran = STEM, {}  # id(module outside the blocks) -> phases it ran in
+        self._outside_hooks = self._watch_outside()
+        self.examples = 0  # counted in the head stage, where the loss is computed
         self.finished: set[str] = set()
         self.spilled = _SpilledSums()
 
     def close(self) -> None:
+        for h in self._outside_hooks:
+            h.remove()
         self.accumulator.close()
         self.spilled.close()
 
@@ -292,15 +318,13 @@ class _BlockScorer:
 
     # ---- recording: one forward pass without a graph -------------------------------------------------
     def _record(self, batches: list) -> _Recording:
+        """Run the stem and the blocks on every batch without a graph, keeping each block's call; stop there."""
         recording = _Recording(batches=batches, calls=[[] for _ in self.stack])
-        where = {"phase": STEM}
-        outside_ran: dict[int, set[str]] = {}
-        handles = []
         last = len(self.stack) - 1
 
         def before_block(i):
             def hook(module, args, kwargs):
-                where["phase"] = "blocks"
+                self.phase = "blocks"
                 if i > 0 and _hidden_of(args, kwargs) is not _first(recording.calls[i - 1][-1].output):
                     raise ValueError(
                         f"the lean phase 1 needs the blocks to run one after another (block {i}'s input is block "
@@ -312,107 +336,130 @@ class _BlockScorer:
         def after_block(i):
             def hook(module, args, kwargs, output):
                 recording.calls[i][-1].output = output
-                if i == last:
-                    where["phase"] = HEAD
+                if i == last:  # the head runs in its own stage, with a graph
+                    raise _Stop
 
             return hook
 
-        def outside(module):
-            def hook(mod, args):
-                outside_ran.setdefault(id(module), set()).add(where["phase"])
-
-            return hook
-
+        handles = []
         for i, block in enumerate(self.stack):
             handles.append(block.register_forward_pre_hook(before_block(i), with_kwargs=True))
             handles.append(block.register_forward_hook(after_block(i), with_kwargs=True))
-        in_blocks = {id(m) for block in self.stack for m in block.modules()}
-        for module in self.model.modules():
-            if id(module) not in in_blocks and any(p is not None for p in module._parameters.values()):
-                handles.append(module.register_forward_pre_hook(outside(module)))
         try:
             with torch.no_grad():
                 for batch in batches:
-                    where["phase"] = STEM
-                    recording.examples += per_example_losses(self.loss_fn, self.model, batch).numel()
+                    self.phase = STEM
+                    try:
+                        per_example_losses(self.loss_fn, self.model, batch)
+                    except _Stop:
+                        pass
         finally:
             for h in handles:
                 h.remove()
         if any(len(c) != len(batches) for c in recording.calls):
             raise ValueError("the lean phase 1 needs every block to run exactly once per batch; use the one-pass phase 1")
-        self._note_outside_stages(outside_ran)
+        self._note_outside_stages()
         return recording
 
-    def _note_outside_stages(self, outside_ran: dict[int, set[str]]) -> None:
+    def _watch_outside(self) -> list:
+        """Forward pre-hooks noting in which phase (stem, head) each module outside the blocks runs."""
+        in_blocks = {id(m) for block in self.stack for m in block.modules()}
+
+        def outside(module):
+            def hook(mod, args):
+                self.ran.setdefault(id(module), set()).add(self.phase)
+
+            return hook
+
+        return [m.register_forward_pre_hook(outside(m)) for m in self.model.modules()
+                if id(m) not in in_blocks and any(p is not None for p in m._parameters.values())]
+
+    def _note_outside_stages(self) -> None:
         """Which stages may give each parameter gradient: its blocks, and head / stem for modules outside them."""
         in_blocks = {id(m) for block in self.stack for m in block.modules()}
         ids = {id(p): n for n, p in self.params.items()}
-        stages = {n: set(b) for n, b in self.block_of.items()}
         for module in self.model.modules():
             if id(module) in in_blocks:
                 continue
             for p in module._parameters.values():
-                if p is not None and id(p) in ids:
-                    ran = outside_ran.get(id(module), set())
-                    # A module that ran between blocks would break the stage order; _record refused that.
-                    stages[ids[id(p)]] |= {HEAD} if ran == {HEAD} else ({STEM} if ran == {STEM} else {HEAD, STEM})
-        for name, s in stages.items():
-            self.stages_of[name] = self.stages_of.get(name, set()) | s
+                ran = self.ran.get(id(module), set()) & {HEAD, STEM}
+                if p is not None and id(p) in ids and ran:
+                    self.stages_of[ids[id(p)]] |= ran
+
+    def _stages_everywhere(self) -> None:
+        """Under torchrun: the union over processes, so that all score (and all-reduce) the same tensors in order."""
+        merged: dict[str, set] = {}
+        for stages in distributed.gather_objects(self.stages_of):
+            for name, s in stages.items():
+                merged[name] = merged.get(name, set()) | s
+        self.stages_of = merged
 
     # ---- the stages ----------------------------------------------------------------------------------
     def run(self, data: Iterable, chunk_batches: int | None) -> dict[str, torch.Tensor]:
         """Score every candidate over `data`; returns the chosen flat indices per parameter."""
         source = iter(data)
         chunk = list(itertools.islice(source, chunk_batches)) if chunk_batches else list(source)
-        examples = 0
         while True:
-            # Read one batch ahead: the last chunk is the one scores are taken in.
+            # Read one chunk ahead: the last chunk is the one scores are taken in.
             following = list(itertools.islice(source, chunk_batches)) if chunk_batches else []
-            recording = self._record(chunk)
-            examples += recording.examples
             last_chunk = not distributed.any_process(bool(following))
-            if last_chunk and distributed.is_distributed():
-                count = torch.tensor([float(examples)], device=next(iter(self.params.values())).device)
-                distributed.all_reduce_([count])
-                examples = int(count.item())
-            if last_chunk and examples == 0:
-                raise ValueError("select_mask got an empty dataset: `data` yielded no examples")
-            self._backward_stages(recording, last_chunk, examples)
+            self._backward_stages(self._record(chunk), last_chunk)
             if last_chunk:
-                return {n: self.running.pool[n][0] if n in self.running.pool else torch.empty(0, dtype=torch.int64)
-                        for n in self.params} if self.running is not None else self.chosen
+                return self.running.chosen() if self.running is not None else self.chosen
             chunk = following
 
-    def _backward_stages(self, recording: _Recording, last_chunk: bool, examples: int) -> None:
+    def _total_examples(self) -> int:
+        """N over every chunk (and process); under torchrun the stage map is made the same everywhere too."""
+        examples = self.examples
+        if distributed.is_distributed():
+            self._stages_everywhere()
+            count = torch.tensor([float(examples)], device=next(iter(self.params.values())).device)
+            distributed.all_reduce_([count])
+            examples = int(count.item())
+        if examples == 0:
+            raise ValueError("select_mask got an empty dataset: `data` yielded no examples")
+        return examples
+
+    def _backward_stages(self, recording: _Recording, last_chunk: bool) -> None:
         grads: list[torch.Tensor | None] = [None] * len(recording.batches)
         order = _stage_order(len(self.stack))
         bar = tqdm(total=len(order) * len(recording.batches), desc="phase 1: scoring by block", unit="batch",
                    disable=not self.progress)
         try:
             for position, stage in enumerate(order):
-                names = [n for n, s in self.stages_of.items() if stage in s]
-                for name in names:  # sums carried over from the previous chunk continue here
-                    carried = self.spilled.take(name)
-                    if carried is not None:
-                        self.accumulator.sums[name] = carried
+                self._take_carried(stage)
                 for b in range(len(recording.batches)):
                     grads[b] = self._stage_batch(stage, recording, b, grads[b])
                     bar.update()
-                if stage not in (HEAD, STEM):
-                    recording.calls[stage] = []  # this block's boundaries are no longer needed
+                if stage == HEAD:
+                    self._note_outside_stages()
+                    if last_chunk:
+                        self.total_examples = self._total_examples()
+                else:
+                    if stage != STEM:
+                        recording.calls[stage] = []  # this block's boundaries are no longer needed
                 late = self.finished & set(self.accumulator.sums)
                 if late:  # a safety net: a parameter was scored before all of its gradient had arrived
                     raise RuntimeError(f"parameter {sorted(late)[0]!r} got gradient in stage {stage!r} after it was "
                                        "scored; use the one-pass phase 1 for this model")
                 later = set(order[position + 1:])
-                for name in names:
-                    if self.stages_of[name] & later:
-                        continue
-                    self._finish(name, last_chunk, examples)
+                for name, stages in self.stages_of.items():
+                    # A parameter outside the blocks that never ran scores zero, at the end (as in one pass).
+                    if (stage in stages or (stage == STEM and not stages)) and not stages & later:
+                        self._finish(name, last_chunk)
         finally:
             bar.close()
 
-    def _finish(self, name: str, last_chunk: bool, examples: int) -> None:
+    def _take_carried(self, stage) -> None:
+        """Sums carried over from the previous chunk continue in the first stage that adds to them."""
+        for name in self.spilled.names():
+            stages = self.stages_of[name]
+            if stage in stages or (stage == HEAD and not stages):
+                if name in self.accumulator.sums:  # a safety net: gradient arrived before its stage
+                    raise RuntimeError(f"parameter {name!r} got gradient before stage {stage!r}; use the one-pass phase 1")
+                self.accumulator.sums[name] = self.spilled.take(name)
+
+    def _finish(self, name: str, last_chunk: bool) -> None:
         """A parameter's last stage in this chunk is done: keep its sums for the next chunk, or score it."""
         sums = self.accumulator.sums.pop(name, None)
         if sums is None:  # the loss never reached it: score zero, as in the one-pass phase 1
@@ -423,7 +470,7 @@ class _BlockScorer:
         if distributed.is_distributed():
             distributed.all_reduce_([sums])
         self.finished.add(name)
-        score = sums.div_(examples).abs_()
+        score = sums.div_(self.total_examples).abs_()
         if not bool(torch.isfinite(score).all()):
             raise FloatingPointError(
                 f"the gradient score of parameter {name!r} has NaN or Inf entries; check the loss "
@@ -445,17 +492,28 @@ class _BlockScorer:
         last = len(self.stack) - 1
         top = _first(recording.calls[last][b].output).detach().requires_grad_(True)
 
+        calls = [0] * len(self.stack)
+
         def stub(i):
             def forward(*args, **kwargs):
+                calls[i] += 1
+                if calls[i] > 1:
+                    raise ValueError("the lean phase 1 needs every block to run exactly once per batch (this loss runs "
+                                     "them more often, e.g. an encoder applied to two inputs); use the one-pass phase 1")
                 # Blocks below the last return their recorded output; the last returns the boundary leaf.
                 output = recording.calls[i][b].output
-                return _replace_first(output, top) if i == last else output
+                if i == last:
+                    self.phase = HEAD
+                    return _replace_first(output, top)
+                return output
 
             return forward
 
+        self.phase = STEM
         with self._stubs(stub):
             losses = per_example_losses(self.loss_fn, self.model, recording.batches[b]).float()
             losses.sum().backward()
+        self.examples += losses.numel()
         return top.grad
 
     def _block(self, i: int, recording: _Recording, b: int, grad: torch.Tensor) -> torch.Tensor:
@@ -468,6 +526,7 @@ class _BlockScorer:
 
     def _stem(self, recording: _Recording, b: int, grad: torch.Tensor) -> None:
         captured = {}
+        self.phase = STEM
 
         def stub(i):
             def forward(*args, **kwargs):
