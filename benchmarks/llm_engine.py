@@ -2,20 +2,24 @@
 
 Models: SmolLM2-135M-Instruct (the real model of the LLM track, `--models smollm2`) and synthetic
 Llama-shaped models `llama:HxL` (random weights; hidden H, L layers, SwiGLU MLP of width 8H/3 rounded
-to 64, H/64 query heads and a third as many key/value heads (grouped-query attention, as SmolLM2),
+to 64, H/64 query heads and about a third as many key/value heads (grouped-query attention: the largest
+divisor of the head count up to a third, 3 of 9 as in SmolLM2),
 RMSNorm, rotary positions, SmolLM2's 49152-token vocabulary with tied input and output embeddings).
 Batches of `--batch` sequences of `--seq` random tokens (default 1 x 512); the loss is next-token cross
 entropy over every position. Every measurement runs in a fresh process, which resets its peak RSS
 after the model and the batches are loaded; memory = peak RSS growth over the loaded model.
 
 Parts (--parts):
-    step    per model, dtype (fp32, bf16) and gradient checkpointing (off, on): step time (median of
-            --steps after --warmup) and memory of
+    step    per model, dtype (fp32, bf16) and gradient checkpointing (off, on): memory (a fresh process
+            per method, two steps) and step time (one process holding a copy of the model per method,
+            their steps taken in turn, --warmup rounds then the median of --steps rounds) of
               ft     full fine-tuning, AdamW (with bf16 weights: bf16 weights and optimizer state);
               lora   PEFT LoRA r=8 on every linear projection (q, k, v, o, gate, up, down; fp32 adapters);
               saft   the engine at sparsity 1e-3 with a random mask of exactly d entries spread over the
                      tensors in proportion to their sizes (the kernels' worst case), fp32 master values;
               limit  forward and backward to the activations, nothing trained: the floor of any method.
+    capacity  SAFT end to end (lean phase 1 on one batch, then one step) on --capacity-model with bf16
+            weights at --capacity-seq tokens: the absolute peak of each phase, what must fit the machine.
     phase1  per model, dtype and checkpointing, in one process each: phase 1 (`select_mask`, grad score)
             over --batches batches, then --steps SAFT steps with the mask it chose; peak memory of each
             phase apart (the peak is reset between them), for the one-pass phase 1 and the lean one
@@ -26,7 +30,7 @@ Parts (--parts):
 Usage:
     python benchmarks/llm_engine.py --quick                                  # smoke run, ~1 min
     python benchmarks/llm_engine.py --models smollm2 llama:768x12 --parts step phase1
-Results: benchmarks/results/llm_engine.json (merged into an existing file with --update) and .png
+Results: --out (default benchmarks/results/llm_engine.json; --update merges into it) and the same name .png
 """
 
 from __future__ import annotations
@@ -56,8 +60,9 @@ def llama_config(hidden: int, layers: int, vocab: int = VOCAB):
     from transformers import LlamaConfig
 
     heads = max(1, hidden // 64)
+    kv_heads = max(k for k in range(1, max(1, heads // 3) + 1) if heads % k == 0)  # about a third, dividing heads
     return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64 * round(8 * hidden / 3 / 64),
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 3),
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        head_dim=hidden // heads, max_position_embeddings=2048, tie_word_embeddings=True,
                        rms_norm_eps=1e-5)
 
@@ -182,6 +187,29 @@ def _timed_steps(step, data, warmup: int, steps: int) -> list[float]:
     return times
 
 
+def interleaved(model, data, args) -> dict:
+    """Step times of every method side by side: one copy of the model each, their steps taken in turn.
+
+    The machine's speed drifts (up to 3x from hour to hour here); taking the methods' steps round by round
+    in one process exposes them to the same drift, so their ratios hold even where the times do not.
+    """
+    import copy
+
+    steppers = {}
+    for method in STEP_METHODS:
+        copy_ = copy.deepcopy(model)
+        mask = random_mask(copy_, args.sparsity) if method == "saft" else None
+        steppers[method] = trainer(method, prepare(method, copy_), mask)[0]
+    times: dict[str, list[float]] = {m: [] for m in STEP_METHODS}
+    for i in range(args.warmup + args.steps):
+        for method, step in steppers.items():
+            start = time.perf_counter()
+            step(data[i % len(data)])
+            if i >= args.warmup:
+                times[method].append(time.perf_counter() - start)
+    return {"step_seconds": {m: statistics.median(t) for m, t in times.items()}, "step_seconds_each": times}
+
+
 def worker(args) -> dict:
     import torch
 
@@ -232,6 +260,9 @@ def worker(args) -> dict:
         result.update(epoch_seconds=time.perf_counter() - start, batches=args.batches)
         return result
 
+    if args.method == "interleaved":
+        result.update(interleaved(model, data, args))
+        return result
     mask = random_mask(model, args.sparsity) if args.method == "saft" else None
     model = prepare(args.method, model)
     base = memory.now()
@@ -291,6 +322,46 @@ def phase1_ratios(rows: dict) -> dict:
     return out
 
 
+def plot(report: dict, path: Path) -> None:
+    """Left: training memory per method and setting; right: phase 1's memory, one pass and lean, against phase 2's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = {k.removeprefix("step/"): v for k, v in report["runs"].items() if k.startswith("step/")}
+    phase1 = {k.removeprefix("phase1/"): v for k, v in report["runs"].items() if k.startswith("phase1/")}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / len(STEP_METHODS)
+    for j, method in enumerate(STEP_METHODS):
+        values = [next((r["memory_mib"] / 1024 for r in v["rows"] if r.get("method") == method and "memory_mib" in r), 0)
+                  for v in steps.values()]
+        left.bar([i + j * width for i in range(len(steps))], values, width, label=method)
+    left.set_xticks([i + 0.4 - width / 2 for i in range(len(steps))],
+                    [k.replace("/checkpointing-", "\nckpt ").replace("/", " ") for k in steps], fontsize=7)
+    left.set_ylabel("training memory over the loaded model (GiB)")
+    left.set_title("one step (batch x seq tokens)")
+    left.legend()
+    kinds = [("phase1-onepass", "phase 1, one pass"), ("phase1-lean", "phase 1, lean"), ("phase2", "phase 2 (SAFT)")]
+    for j, (kind, label) in enumerate(kinds):
+        values = []
+        for v in phase1.values():
+            row = v["rows"].get("phase1-lean" if kind == "phase2" else kind, {})
+            values.append((row.get("memory_mib", 0) if kind == "phase2" else row.get("phase1", {}).get("memory_mib", 0)) / 1024)
+        right.bar([i + j * 0.27 for i in range(len(phase1))], values, 0.27, label=label)
+    right.set_xticks([i + 0.27 for i in range(len(phase1))],
+                     [k.replace("/checkpointing-", "\nphase 2 ckpt ").replace("/", " ") for k in phase1], fontsize=7)
+    right.set_ylabel("memory over the loaded model (GiB)")
+    right.set_title("phase 1 against phase 2, same model")
+    right.legend()
+    machine = report.get("machine", {})
+    fig.suptitle(f"saftune engine on causal LMs ({machine.get('device', 'cpu')}, {machine.get('cpu_capability', '')}, "
+                 f"{machine.get('threads', '')} threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -300,7 +371,9 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", default=["smollm2", "llama:768x12"])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--parts", nargs="+", default=["step", "phase1"], choices=["step", "phase1"])
+    parser.add_argument("--parts", nargs="+", default=["step", "phase1"], choices=["step", "phase1", "capacity"])
+    parser.add_argument("--capacity-model", default="llama:4096x36", help="capacity: the model SAFT trains end to end")
+    parser.add_argument("--capacity-seq", type=int, default=512, help="capacity: tokens per sequence")
     parser.add_argument("--checkpointing-modes", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512)
@@ -313,9 +386,13 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny model, short sequences")
     parser.add_argument("--update", action="store_true", help="merge into the existing JSON instead of replacing it")
     parser.add_argument("--out", type=Path, default=RESULTS / "llm_engine.json")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --out")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
     if args.quick:
         args.models, args.seq, args.steps, args.warmup, args.batches = ["llama:128x4"], 64, 2, 1, 2
@@ -328,13 +405,21 @@ def main(argv=None) -> None:
                          "device": args.device}
     report["settings"] = {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup", "batches", "sparsity")}
     started = time.perf_counter()
-    for model in args.models:
+    for model in args.models if {"step", "phase1"} & set(args.parts) else []:
         for dtype in args.dtypes:
             if "step" in args.parts:
                 for mode in args.checkpointing_modes:
                     key = f"step/{model}/{dtype}/checkpointing-{mode}"
-                    rows = [run(args, model=model, method=m, dtype=dtype, checkpointing=mode == "on") for m in STEP_METHODS]
-                    report["runs"][key] = {"rows": rows, "ratios": step_ratios(rows)}
+                    # memory: a fresh process per method (two steps: AdamW's state exists after the first)
+                    rows = [run(args, model=model, method=m, dtype=dtype, checkpointing=mode == "on", steps=1, warmup=1)
+                            for m in STEP_METHODS]
+                    # time: all methods in one process, step by step in turn
+                    timing = run(args, model=model, method="interleaved", dtype=dtype, checkpointing=mode == "on")
+                    for r in rows:
+                        if "step_seconds" in r and "step_seconds" in timing:
+                            r["step_seconds_alone"] = r["step_seconds"]
+                            r["step_seconds"] = timing["step_seconds"][r["method"]]
+                    report["runs"][key] = {"rows": rows, "interleaved": timing, "ratios": step_ratios(rows)}
                     print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
             if "phase1" in args.parts:
                 epoch = run(args, model=model, method="ft-epoch", dtype=dtype)  # without checkpointing: the faster epoch
@@ -347,8 +432,18 @@ def main(argv=None) -> None:
                     print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=1) + "\n")
-    report["seconds"] = time.perf_counter() - started
+    if "capacity" in args.parts:  # lean phase 1 on one batch, then one SAFT step, bf16 weights: the absolute peaks
+        key = f"capacity/{args.capacity_model}/bf16/seq-{args.capacity_seq}"
+        row = run(args, model=args.capacity_model, method="phase1-lean", dtype="bf16", seq=args.capacity_seq,
+                  batches=1, steps=1, warmup=0)
+        if "phase1" in row:
+            row["phase1_peak_gib"] = (row["model_mib"] + row["phase1"]["memory_mib"]) / 1024
+            row["phase2_peak_gib"] = row["peak_mib"] / 1024
+        report["runs"][key] = {"rows": {"phase1-lean": row}}
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    report["seconds"] = time.perf_counter() - started + (report.get("seconds", 0) if args.update else 0)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out} in {report['seconds'] / 60:.1f} min")
 
 

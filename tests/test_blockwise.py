@@ -165,3 +165,19 @@ def test_two_processes_select_block_by_block_what_they_select_in_one_pass(tmp_pa
         assert lean.keys() == onepass.keys()
         for name in onepass:
             assert torch.equal(lean[name], onepass[name]), (kind, name)
+
+
+def test_the_trainer_integration_selects_block_by_block_with_the_models_own_loss():
+    from transformers import AutoModelForCausalLM
+
+    from saftune.integrations.hf_trainer import sparsify_for_trainer
+    from saftune.models.tiny_lm import tiny_lm_config
+
+    generator = torch.Generator().manual_seed(1)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 256, (6, 9), generator=generator).tolist()]
+    masks = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_lm_config("llama", layers=3))  # use_cache on, as loaded
+        masks.append(sparsify_for_trainer(model, data, sparsity=0.02, batch_size=2, lean=lean).mask)
+    assert masks[0] == masks[1]

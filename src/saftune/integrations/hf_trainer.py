@@ -318,6 +318,8 @@ def sparsify_for_trainer(
     progress: bool | None = None,
     kernels: str = "auto",
     delta_config: Mapping | None = None,
+    lean: bool = False,
+    chunk_batches: int | None = None,
 ) -> TrainerSparseModel:
     """Phase 1 and phase 2 for `transformers.Trainer` / `trl.SFTTrainer`: select the mask, then prepare the model.
 
@@ -337,6 +339,8 @@ def sparsify_for_trainer(
         score, include, exclude, budget, max_batches, seed, progress: as in `saftune.select_mask`.
         kernels: the engine's kernel choice (see `saftune.sparsify`).
         delta_config: extra settings recorded in every saved delta.
+        lean, chunk_batches: phase 1 one block at a time (the same mask, one block's fp32 sums instead of
+            every parameter's: for models near the memory limit); see `saftune.select_mask`.
 
     Example:
         >>> from transformers import AutoModelForCausalLM
@@ -352,6 +356,6 @@ def sparsify_for_trainer(
     mask = select_mask(
         model, loss_fn or model_loss, trainer_batches(train_dataset, data_collator, batch_size, device),
         sparsity=sparsity, score=score, include=include, exclude=exclude, budget=budget, max_batches=max_batches,
-        seed=seed, progress=progress,
+        seed=seed, progress=progress, lean=lean, chunk_batches=chunk_batches,
     )
     return prepare_for_trainer(model, mask, kernels=kernels, delta_config=delta_config)

@@ -4,8 +4,9 @@ The one-pass phase 1 (`scores.grad_scores`) keeps an fp32 sum for every candidat
 whole pass over the data: 4 bytes per parameter, twice the size of a bf16 model, and so the memory peak
 of SAFT. Here the two loops are swapped:
 
-1. One forward pass over the data without a graph keeps, for every batch, the hidden state entering
-   each block and leaving the last one (the block boundaries), and what else each block was called with.
+1. One forward pass over the data without a graph runs the stem and the blocks and keeps, for every
+   batch, the hidden state entering each block and leaving the last one (the block boundaries), and
+   what else each block was called with.
 2. The backward runs by stage, from the top down, each stage over all batches: the head (whatever runs
    after the last block: final norm, output projection, loss), then block L-1, ..., block 0, each
    recomputed from its stored input and given the stored gradient of its output, then the stem
@@ -15,8 +16,9 @@ of SAFT. Here the two loops are swapped:
 
 Each batch's gradient is the same sum of the same products as in the one-pass backward and is added
 into the fp32 sum in the same batch order, so the scores, and the mask, are the one-pass ones; the
-tests check equality on tiny Llama and GPT-2 models in fp32 and bf16. The cost is one more forward
-pass, like gradient checkpointing. The memory is the boundaries (tokens x hidden x (blocks + 1) in the
+tests check equality on tiny Llama and GPT-2 models in fp32 and bf16 (a tied bf16 embedding is the
+exception: one pass adds its two gradients in bf16, this module in fp32). The cost is one more forward
+pass through the blocks, like gradient checkpointing. The memory is the boundaries (tokens x hidden x (blocks + 1) in the
 model's dtype), one block's fp32 sums, the sums of tensors used both below and above the blocks (a tied
 embedding), and one block's activations for one batch.
 
