@@ -315,7 +315,8 @@ def phase1_ratios(rows: dict) -> dict:
     for kind in ("onepass", "lean"):
         r = rows.get(f"phase1-{kind}")
         if r and "phase1" in r:
-            out[f"{kind}_phase1_over_phase2_memory"] = r["phase1"]["memory_mib"] / r["memory_mib"]
+            if r["memory_mib"] > 0:  # in a warm process a tiny model's step may not grow the RSS at all
+                out[f"{kind}_phase1_over_phase2_memory"] = r["phase1"]["memory_mib"] / r["memory_mib"]
             out[f"{kind}_phase1_over_phase2_peak"] = (r["model_mib"] + r["phase1"]["memory_mib"]) / (r["model_mib"] + r["memory_mib"])
             if rows.get("ft-epoch", {}).get("epoch_seconds"):
                 out[f"{kind}_phase1_over_ft_epoch_time"] = r["phase1"]["seconds"] / rows["ft-epoch"]["epoch_seconds"]

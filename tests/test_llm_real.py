@@ -47,3 +47,19 @@ def test_smollm2_scores_multiple_choice_items(smollm2):
         logp = smollm2({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).double().log_softmax(-1)[0]
     hand = sum(float(logp[t - 1, ids[0, t]]) for t in range(len(context_ids), ids.shape[1]))
     assert result.loglikelihoods[0][0] == pytest.approx(hand, abs=1e-3)
+
+
+def test_smollm2_lean_phase_1_selects_the_one_pass_mask(smollm2):
+    import torch.nn.functional as F
+
+    import saftune
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 49152, (1, 256), generator=generator) for _ in range(2)]
+
+    def loss_fn(model, ids):
+        logits = model.lm(input_ids=ids, use_cache=False).logits.float()
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+    one_pass = saftune.select_mask(smollm2, loss_fn, batches, sparsity=1e-3)
+    assert saftune.select_mask(smollm2, loss_fn, batches, sparsity=1e-3, lean=True) == one_pass
