@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SAFTUNE := $(VENV)/bin/saftune
 
-.PHONY: setup assets test test-all demo bench-engine bench-selection bench-scale bench-attention bench-distributed lint clean
+.PHONY: setup assets test test-all demo bench-engine bench-selection bench-scale bench-attention bench-distributed bench-llm lint clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,9 @@ bench-attention: setup  # nn.MultiheadAttention transformer: attention kernel vs
 
 bench-distributed: assets  # bytes all-reduced per step with 2 processes
 	$(PY) benchmarks/distributed.py
+
+bench-llm: assets  # causal LMs: step time and memory, phase 1 one pass vs lean (fp32: about 20 min; bf16 is slow on AVX2)
+	$(PY) benchmarks/llm_engine.py --dtypes fp32 --steps 6 --warmup 1
 
 lint: setup
 	$(PY) -m pip install --quiet ruff
