@@ -134,8 +134,6 @@ class Memory:
 
 
 def prepare(method: str, model):
-    import torch
-
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -147,7 +145,6 @@ def prepare(method: str, model):
     if method == "ft":
         for p in model.parameters():
             p.requires_grad_(True)
-    assert isinstance(model, torch.nn.Module)
     return model
 
 

@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import tempfile
@@ -55,6 +56,7 @@ from saftune.sparse.mask import SparseMask
 from saftune.sparse.scores import LossFn, _GradientAccumulator, get_score, per_example_losses, scoring_mode
 from saftune.sparse.select import (
     candidate_parameters,
+    check_batch_count,
     mask_meta,
     per_tensor_budget,
     selected_count,
@@ -247,10 +249,8 @@ def select_mask_by_block(
     if budget not in LEAN_BUDGETS:
         raise ValueError(f"the lean phase 1 supports budget {' or '.join(LEAN_BUDGETS)}; got {budget!r} "
                          "(per_row needs every score at once: use the one-pass phase 1)")
-    if chunk_batches is not None and (isinstance(chunk_batches, bool) or not isinstance(chunk_batches, int) or chunk_batches < 1):
-        raise ValueError(f"chunk_batches must be a positive number of batches (or None for all); got {chunk_batches!r}")
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches must be a positive number of batches (or None for all); got {max_batches!r}")
+    check_batch_count("chunk_batches", chunk_batches)
+    check_batch_count("max_batches", max_batches)
     if loss_fn is None or data is None:
         raise ValueError(f"score {score!r} needs `loss_fn` and `data`")
     spec = get_score(score)
@@ -296,6 +296,7 @@ class _BlockScorer:
         # parameter -> the stages that may give it gradient: its blocks, and head / stem as recorded
         self.stages_of: dict[str, set] = {n: set(b) for n, b in self.block_of.items()}
         self.accumulator = _GradientAccumulator(params, square=False)
+        self.in_blocks = {id(m) for block in stack for m in block.modules()}
         self.phase, self.ran = STEM, {}  # id(module outside the blocks) -> phases it ran in
         self._outside_hooks = self._watch_outside()
         self.examples = 0  # counted in the head stage, where the loss is computed
@@ -365,8 +366,6 @@ class _BlockScorer:
 
     def _watch_outside(self) -> list:
         """Forward pre-hooks noting in which phase (stem, head) each module outside the blocks runs."""
-        in_blocks = {id(m) for block in self.stack for m in block.modules()}
-
         def outside(module):
             def hook(mod, args):
                 self.ran.setdefault(id(module), set()).add(self.phase)
@@ -374,14 +373,13 @@ class _BlockScorer:
             return hook
 
         return [m.register_forward_pre_hook(outside(m)) for m in self.model.modules()
-                if id(m) not in in_blocks and any(p is not None for p in m._parameters.values())]
+                if id(m) not in self.in_blocks and any(p is not None for p in m._parameters.values())]
 
     def _note_outside_stages(self) -> None:
         """Which stages may give each parameter gradient: its blocks, and head / stem for modules outside them."""
-        in_blocks = {id(m) for block in self.stack for m in block.modules()}
         ids = {id(p): n for n, p in self.params.items()}
         for module in self.model.modules():
-            if id(module) in in_blocks:
+            if id(module) in self.in_blocks:
                 continue
             for p in module._parameters.values():
                 ran = self.ran.get(id(module), set()) & {HEAD, STEM}
@@ -546,18 +544,14 @@ class _BlockScorer:
         if hidden is not None and hidden.requires_grad:
             torch.autograd.backward(hidden, grad)
 
+    @contextlib.contextmanager
     def _stubs(self, make, only_first: bool = False):
-        import contextlib
-
-        @contextlib.contextmanager
-        def patched():
-            chosen = list(self.stack)[:1] if only_first else list(self.stack)
-            try:
-                for i, block in enumerate(chosen):
-                    block.forward = make(i)
-                yield
-            finally:
-                for block in chosen:
-                    block.__dict__.pop("forward", None)
-
-        return patched()
+        """Blocks answer with `make(i)` instead of their forward (the first block only, with `only_first`)."""
+        chosen = list(self.stack)[:1] if only_first else list(self.stack)
+        try:
+            for i, block in enumerate(chosen):
+                block.forward = make(i)
+            yield
+        finally:
+            for block in chosen:
+                block.__dict__.pop("forward", None)

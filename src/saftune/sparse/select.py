@@ -275,6 +275,12 @@ def selected_count(sparsity: float, num_candidates: int) -> int:
     return d
 
 
+def check_batch_count(name: str, value) -> None:
+    """A ValueError unless `value` is None or a positive int (a number of batches, e.g. max_batches)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive number of batches (or None for all); got {value!r}")
+
+
 def mask_meta(*, score: str, sparsity: float, budget: str, seed: int, include, exclude, num_selected: int,
               num_candidates: int, max_batches: int | None) -> dict:
     """What a selection records in its mask: the settings it was made with and its size."""
@@ -356,8 +362,7 @@ def select_mask(
     spec = get_score(score)
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(map(repr, BUDGETS))}; got {budget!r}")
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches must be a positive number of batches (or None for all); got {max_batches!r}")
+    check_batch_count("max_batches", max_batches)
     score_options = spec.check_options(score, score_options)
     params = candidate_parameters(model, include, exclude, spec.is_candidate)
     if spec.restrict is not None:
