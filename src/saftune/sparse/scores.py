@@ -169,7 +169,9 @@ def random_scores(model, params, loss_fn=None, data=None, *, seed=0, progress=Tr
 
 def magnitude_scores(model, params, loss_fn=None, data=None, *, seed=0, progress=True):
     """-|w|: the smallest-magnitude pretrained weights rank highest."""
-    return {name: p.detach().float().abs().neg_() for name, p in params.items()}
+    from saftune.sparse.quantized import dequantize
+
+    return {name: dequantize(p.detach()).float().abs().neg_() for name, p in params.items()}
 
 
 def owner_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
@@ -219,6 +221,8 @@ def fps_scores(model, params, loss_fn, data, *, seed=0, progress=True):
     is kept, so phase 1 costs forward passes and one vector per layer. A layer the data never reaches
     scores zero.
     """
+    from saftune.sparse.quantized import dequantize
+
     if data is None:
         raise ValueError("score 'fps' needs training data: pass `data` (an iterable of batches) to select_mask")
     owners = owner_modules(model, params)
@@ -259,7 +263,7 @@ def fps_scores(model, params, loss_fn, data, *, seed=0, progress=True):
     for name, p in params.items():
         mean_input = sums[name] / max(counts[name], 1)
         column = mean_input[None, :] if isinstance(owners[name], nn.Linear) else mean_input[:, None]
-        scores[name] = p.detach().float().abs() * column
+        scores[name] = dequantize(p.detach()).float().abs() * column
     return scores
 
 
@@ -279,6 +283,11 @@ def lt_sft_scores(model, params, loss_fn, data, *, seed=0, progress=True, steps=
         raise ValueError(f"lt-sft: steps must be a positive integer (AdamW steps of the short fine-tuning); got {steps!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lt-sft: lr must be a positive learning rate; got {lr!r}")
+    from saftune.sparse.quantized import QuantizationError, is_quantized
+
+    if any(is_quantized(p) for p in params.values()):
+        raise QuantizationError("score 'lt-sft' fine-tunes the candidate weights themselves, which quantized weights cannot "
+                                "take; use score 'grad' (SAFT), which scores them through their dequantized values")
     tuned = copy.deepcopy(model).float()
     tuned_params = dict(tuned.named_parameters())
     for p in tuned.parameters():
@@ -334,15 +343,22 @@ def get_score(name: str) -> Score:
 
 @contextlib.contextmanager
 def scoring_mode(model: nn.Module, params: Iterable[nn.Parameter]):
-    """Eval mode (deterministic: no dropout) and gradients only for `params`; restores both after."""
+    """Eval mode (deterministic: no dropout) and gradients only for `params`; restores both after.
+
+    Quantized weights among `params` are scored through their dequantized values (`quantized.scoring_routes`).
+    """
+    from saftune.sparse.quantized import scoring_routes
+
     was_training = model.training
     flags = {p: p.requires_grad for p in model.parameters()}
+    params = list(params)
     chosen = {id(p) for p in params}
     try:
         model.eval()
         for p in flags:
             p.requires_grad_(id(p) in chosen)
-        yield
+        with scoring_routes(model, params):
+            yield
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

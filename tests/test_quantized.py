@@ -1,0 +1,224 @@
+"""SAFT on an int8 base (`saftune.sparse.quantized`): scored and trained through the dequantized weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("torchao")
+
+import saftune  # noqa: E402
+from saftune.models import create  # noqa: E402
+from saftune.models.tiny_lm import tiny_causal_lm  # noqa: E402
+from saftune.sparse import SparseDelta, SparseMask, sparsify  # noqa: E402
+from saftune.sparse import quantized as q  # noqa: E402
+from saftune.sparse.delta import DeltaError  # noqa: E402
+
+
+def _case(tie: bool = True, seed: int = 0):
+    lm = tiny_causal_lm("llama", layers=2, tie=tie, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, 256, (3, 12), generator=generator) for _ in range(4)]
+
+    def loss_fn(model, ids):
+        logits = model.lm(input_ids=ids, use_cache=False).logits.float()
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+    return lm, loss_fn, batches
+
+
+def _dequantized_copy(model: nn.Module) -> nn.Module:
+    """A plain model whose Linear weights are exactly the int8 model's dequantized weights."""
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if type(module) is nn.Linear and q.is_quantized(module.weight):
+            module.weight = nn.Parameter(module.weight.dequantize().detach().clone(), requires_grad=False)
+    return plain
+
+
+def _train(model, mask, loss_fn, batches, steps=3, lr=1e-2):
+    sm = sparsify(model, mask)
+    optimizer = torch.optim.AdamW(sm.trainable_parameters(), lr=lr)
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss_fn(model, batches[step % len(batches)]).mean().backward()
+        optimizer.step()
+    return sm
+
+
+def test_quantize_freezes_every_unshared_linear_as_int8_and_keeps_a_tied_output_layer():
+    lm, _, _ = _case(tie=True)
+    q.quantize(lm, "int8")
+    quantized = set(q.quantized_parameter_names(lm))
+    linears = {f"{n}.weight" for n, m in lm.named_modules() if type(m) is nn.Linear}
+    assert "lm.lm_head.weight" not in dict(lm.named_parameters())  # tied: named once, as the embedding
+    assert quantized == linears - {"lm.lm_head.weight"} and len(quantized) == 14  # 2 blocks x 7 projections
+    assert not q.is_quantized(lm.lm.get_input_embeddings().weight)
+    with pytest.raises(q.QuantizationError, match="unknown quantization 'int4'"):
+        q.quantize(nn.Linear(4, 4), "int4")
+    with pytest.raises(q.QuantizationError, match="no unshared nn.Linear"):
+        q.quantize(nn.Sequential(nn.Embedding(4, 4)), "int8")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_engine_rebuilds_torchaos_dequantized_weight_bit_for_bit(dtype):
+    layer = nn.Linear(48, 20).to(dtype)
+    q.quantize(nn.Sequential(layer), "int8")
+    assert torch.equal(q.dense_weight(layer.weight, dtype), layer.weight.dequantize())
+
+
+def test_the_model_option_quantizes_and_a_bad_value_is_refused_before_loading():
+    lm = create("tiny-llama", quantize="int8")
+    assert len(q.quantized_parameter_names(lm)) == 14
+    with pytest.raises(ValueError, match="quantize"):
+        create("tiny-llama", quantize="nf4")
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_phase_1_scores_a_quantized_weight_by_the_gradient_of_its_dequantized_values(lean):
+    lm, loss_fn, batches = _case(tie=False)
+    q.quantize(lm, "int8")
+    plain = _dequantized_copy(lm)
+    mask = saftune.select_mask(lm, loss_fn, batches, sparsity=0.01, lean=lean)
+    reference = saftune.select_mask(plain, loss_fn, batches, sparsity=0.01)
+    assert mask == reference
+    assert any(q.is_quantized(dict(lm.named_parameters())[n]) for n in mask.indices)
+    assert all("forward" not in m.__dict__ for m in lm.modules())  # the scoring routes are gone
+
+
+def test_training_changes_only_the_side_term_and_follows_the_dequantized_model():
+    lm, loss_fn, batches = _case(tie=False)
+    q.quantize(lm, "int8")
+    plain = _dequantized_copy(lm)
+    mask = saftune.select_mask(lm, loss_fn, batches, sparsity=0.01)
+    int8_before = {n: (p.qdata.clone(), p.scale.clone()) for n, p in lm.named_parameters() if q.is_quantized(p)}
+    plain_before = {n: p.detach().clone() for n, p in lm.named_parameters() if not q.is_quantized(p)}
+    sm = _train(lm, mask, loss_fn, batches)
+    reference = _train(plain, mask, loss_fn, batches)
+    assert [s.path for s in sm._slots].count("quantized") > 0
+    # The int8 data and scales are untouched; full-precision tensors change only at their selected entries.
+    for n, p in lm.named_parameters():
+        if n in int8_before:
+            assert torch.equal(p.qdata, int8_before[n][0]) and torch.equal(p.scale, int8_before[n][1])
+        else:
+            changed = (p.detach() != plain_before[n]).reshape(-1).nonzero().reshape(-1)
+            assert set(changed.tolist()) <= set(mask.indices.get(n, torch.tensor([])).tolist())
+    # The same training on the dequantized weights: the side term is the same function and the same gradient.
+    for (name, values), (_, ref_values) in zip(sm.named_trainable_parameters(), reference.named_trainable_parameters()):
+        assert torch.allclose(values, ref_values, atol=1e-5, rtol=1e-4), name
+    ids = batches[0]
+    assert torch.allclose(lm.lm(input_ids=ids).logits, plain.lm(input_ids=ids).logits, atol=1e-4)
+
+
+def test_a_delta_from_an_int8_base_applies_as_a_side_term_there_and_rebases_onto_the_full_precision_base(tmp_path):
+    full, loss_fn, batches = _case(tie=True)
+    lm = q.quantize(copy.deepcopy(full), "int8")
+    mask = saftune.select_mask(lm, loss_fn, batches, sparsity=0.01)
+    sm = _train(lm, mask, loss_fn, batches)
+    ids = batches[1]
+    trained_logits = lm.lm(input_ids=ids).logits.detach()
+    delta = sm.delta(method="saft")
+    assert set(delta.quantized_tensors) and delta.quantized_tensors <= set(mask.indices)
+    delta = SparseDelta.from_pretrained(delta.save_pretrained(tmp_path / "delta"))
+    sm.unsparsify()  # the int8 model keeps its trained entries as a fixed side term
+    assert torch.allclose(lm.lm(input_ids=ids).logits, trained_logits, atol=1e-5)
+
+    # On a fresh int8 base: the side term, the trained model's function; applying twice changes nothing.
+    base = q.quantize(copy.deepcopy(full), "int8")
+    pretrained_logits = base.lm(input_ids=ids).logits.detach()
+    delta.apply_to(base).lm(input_ids=ids)
+    delta.apply_to(base)
+    assert torch.allclose(base.lm(input_ids=ids).logits, trained_logits, atol=1e-5)
+    delta.remove_from(base)
+    assert torch.equal(base.lm(input_ids=ids).logits, pretrained_logits)
+
+    # On the full-precision base: W + (trained - Q(W)), within the int8 rounding of what the int8 model computes,
+    # and close to SAFT trained on the full-precision base itself with the same mask.
+    merged = delta.apply_to(copy.deepcopy(full))
+    full_trained = copy.deepcopy(full)
+    reference = _train(full_trained, mask, loss_fn, batches)
+    for name, idx in delta.indices.items():
+        got = merged.get_parameter(name).detach().reshape(-1)[idx]
+        change = delta.values[name] - delta.pretrained[name].float()
+        if name in delta.quantized_tensors:
+            assert torch.equal(got, full.get_parameter(name).detach().reshape(-1)[idx] + change)
+        else:  # trained in full precision (the tied embedding, the norms): the trained values themselves
+            assert torch.equal(got, delta.values[name])
+        want = dict(reference.named_trainable_parameters())[name].detach()
+        before = full.get_parameter(name).detach().reshape(-1)[idx]
+        # The learned changes agree to 10% of their size: the gradients differ only by int8 rounding of the weights.
+        assert (change - (want - before)).norm() <= 0.1 * (want - before).norm(), name
+    with pytest.raises(DeltaError, match="not undone bit for bit"):
+        delta.remove_from(merged)
+    rebased = delta.rebased(copy.deepcopy(full))
+    unmerged = rebased.remove_from(rebased.apply_to(copy.deepcopy(full)))
+    assert all(torch.equal(a, b) for a, b in zip(unmerged.state_dict().values(), full.state_dict().values()))
+
+
+def test_a_full_precision_delta_applies_to_the_int8_base_as_a_side_term():
+    full, loss_fn, batches = _case(tie=False)
+    mask = saftune.select_mask(full, loss_fn, batches, sparsity=0.01)
+    trained = copy.deepcopy(full)
+    delta = _train(trained, mask, loss_fn, batches).delta()
+    base = q.quantize(copy.deepcopy(full), "int8")
+    delta.apply_to(base)
+    assert sum(q.attached(m) is not None for m in base.modules()) > 0
+    other = q.quantize(tiny_causal_lm("llama", layers=2, tie=False, seed=5), "int8")
+    with pytest.raises(DeltaError, match="not the base"):
+        delta.apply_to(other)
+
+
+def test_bad_quantized_inputs_are_refused_with_the_fix():
+    lm, loss_fn, batches = _case(tie=False)
+    q.quantize(lm, "int8")
+    name = "lm.model.layers.0.self_attn.q_proj.weight"
+    shape = tuple(lm.get_parameter(name).shape)
+    with pytest.raises(q.QuantizationError, match="int8 data or scales"):
+        sparsify(lm, SparseMask({f"{name}.scale": torch.tensor([0])}, {f"{name}.scale": (shape[0], 1)}))
+    with pytest.raises(q.QuantizationError, match="score 'grad'"):
+        saftune.select_mask(lm, loss_fn, batches, sparsity=0.01, score="lt-sft")
+
+    class Params4bit(torch.Tensor):  # stands for a bitsandbytes weight (packed 4-bit): not routable
+        pass
+
+    Params4bit.__module__ = "bitsandbytes.nn.modules"
+    layer = nn.Linear(4, 4)
+    layer.weight = nn.Parameter(layer.weight.detach().as_subclass(Params4bit), requires_grad=False)
+    with pytest.raises(q.QuantizationError, match="cannot route.*quantize='int8'"):
+        sparsify(layer, SparseMask({"weight": torch.tensor([1])}, {"weight": (4, 4)}))
+
+
+def test_a_saft_run_on_an_int8_base_evaluates_and_merges_on_both_bases(tmp_path, capsys):
+    from saftune.cli import main
+    from saftune.run import RunConfig, run_experiment
+    from saftune.train.trainer import TrainConfig
+
+    config = RunConfig(model="tiny-llama", model_options={"quantize": "int8"}, dataset="toy-lm", method="saft",
+                       method_options={"lr": 3e-3, "sparsity": 1e-2}, train=TrainConfig(epochs=2, batch_size=4),
+                       eval_batch_size=8, save_result=True)
+    record = run_experiment(config, tmp_path / "run")
+    delta = SparseDelta.from_pretrained(tmp_path / "run" / "result")
+    assert delta.quantized_tensors and delta.config["quantized_base"]["scheme"] == "int8"
+
+    def evaluated(*extra):
+        out = tmp_path / f"eval{len(extra)}.json"
+        assert main(["eval", "--result", str(tmp_path / "run"), "--batch-size", "8", "--out", str(out), *extra]) == 0
+        import json
+
+        return json.loads(out.read_text())["metrics"]
+
+    # On its own int8 base the result's side terms reproduce the run's metrics exactly; on the full-precision
+    # base (rebased delta) the metrics move by int8 rounding only.
+    assert evaluated() == pytest.approx(record.metrics, abs=1e-9)
+    full = evaluated("--quantize", "none")
+    assert set(full) == set(record.metrics)
+    for out, base in (("merged-int8", []), ("merged-full", ["--quantize", "none"])):
+        assert main(["merge", "--result", str(tmp_path / "run"), "--out", str(tmp_path / out), *base]) == 0
+    printed = capsys.readouterr().out
+    assert "its int8 weights dequantized" in printed
+    merged = create(f"causal-lm:{tmp_path / 'merged-int8'}")
+    assert not q.quantized_parameter_names(merged)
