@@ -74,6 +74,8 @@ class Variant(Config):
     name: str = option("", "row name in the report (default: the method name)")
     method: str = option("", "registered method name")
     options: dict = option(help="method options", default_factory=dict)
+    model_options: dict = option(help="model options of this row, over the grid's (e.g. {quantize: int8})",
+                                 default_factory=dict)
 
     def __post_init__(self):
         super().__post_init__()
@@ -238,7 +240,7 @@ def append_result(path: Path, record: dict) -> None:
 
 def _run_config(grid: GridConfig, variant: Variant, seed: int, options: dict, train: TrainConfig | None = None,
                 save: bool = True) -> RunConfig:
-    return RunConfig(model=grid.model, model_options=grid.model_options, dataset=grid.dataset,
+    return RunConfig(model=grid.model, model_options={**grid.model_options, **variant.model_options}, dataset=grid.dataset,
                      dataset_options=grid.dataset_options, method=variant.method, method_options=options,
                      train=train or grid.train, seed=seed, eval_batch_size=grid.eval_batch_size, save_result=save)
 

@@ -11,7 +11,7 @@ Example:
     >>> sorted(list_models())[:3]
     ['causal-lm:<path-or-id>', 'efficientnet-lite0', 'hf-classifier:<path>']
     >>> [row[0] for row in model_options_class("minilm").describe()]
-    ['seed', 'scale']
+    ['seed', 'quantize', 'scale']
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class ModelOptions(Config):
 
     seed: int = option(0, "seed of the model's random parts (training augmentation, tiny random weights); runs "
                        "pass their seed, models without random parts ignore it", low=0)
+    quantize: str | None = option(None, "freeze the nn.Linear weights as torchao weight-only int8 (needs saftune[quant]); "
+                                  "SAFT then trains its entries beside them", choices=(None, "int8"))
 
 
 @dataclass
@@ -166,7 +168,12 @@ def create(spec: str, **options) -> Classifier:
     config = model_config(spec, options)
     entry = _entry(spec)
     argument = spec.partition(":")[2]
-    return entry.build(argument, config) if entry.argument else entry.build(config)
+    model = entry.build(argument, config) if entry.argument else entry.build(config)
+    if config.quantize:
+        from saftune.sparse.quantized import quantize
+
+        quantize(model, config.quantize)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- entries
