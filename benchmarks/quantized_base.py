@@ -1,0 +1,258 @@
+"""SAFT beside an int8 base against QLoRA on the same base and SAFT on the bf16 base (issue: quantized base).
+
+Models as in `llm_engine.py`: SmolLM2-135M-Instruct (`smollm2`) and synthetic Llama-shaped `llama:HxL`,
+bf16 weights; the int8 base is torchao's weight-only int8 of every unshared nn.Linear
+(`saftune.sparse.quantized.quantize`; the tied embedding stays bf16). Batches of `--batch` x `--seq` random
+tokens, next-token cross entropy.
+
+Methods:
+    saft-int8   SAFT at sparsity 1e-3 (a random mask of exactly d entries in proportion to tensor sizes, the
+                kernels' worst case), the int8 weights' entries trained as a sparse side term;
+    qlora       PEFT LoRA r=8 on every projection (q, k, v, o, gate, up, down) of the same int8 base;
+    saft-bf16   SAFT with the same mask on the bf16 base;
+    limit-int8  forward and backward to the activations on the int8 base, nothing trained: the floor.
+
+Parts (--parts):
+    step      memory (a fresh process per method, two steps; growth of the peak RSS over the loaded model, and
+              the absolute peak) and step time (one process holding every method's model, steps taken in
+              turn: ratios immune to the machine's drift).
+    capacity  quantized-base SAFT end to end on --capacity-model: built layer by layer on the int8 base (the
+              bf16 model never exists whole), lean phase 1 on one batch, then one step; the peaks of both phases.
+
+Usage:
+    python benchmarks/quantized_base.py --quick
+    python benchmarks/quantized_base.py --models smollm2 llama:1536x16 --parts step
+Results: --out (default benchmarks/results/quantized_base.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llm_engine import LORA_TARGETS, Memory, _timed_steps, batches, build, llama_config, loss_fn  # noqa: E402
+from scale import random_mask  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ["limit-int8", "qlora", "saft-int8", "saft-bf16"]
+
+
+def int8(model):
+    from saftune.sparse.quantized import quantize
+
+    return quantize(model, "int8")
+
+
+def build_int8_layer_by_layer(model: str):
+    """A synthetic `llama:HxL` whose Linear layers are made, initialised and quantized one at a time."""
+    import torch
+    from torch import nn
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from saftune.sparse.quantized import quantize
+
+    hidden, layers = (int(v) for v in model.removeprefix("llama:").split("x"))
+    config = llama_config(hidden, layers)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        lm = LlamaForCausalLM(config).to(torch.bfloat16)
+    for module in lm.modules():
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
+            with torch.no_grad():
+                for name, p in module.named_parameters(recurse=False):
+                    p.fill_(1.0) if "norm" in type(module).__name__.lower() else p.normal_(0.0, 0.02)
+            if type(module) is nn.Linear and module.weight is not lm.get_input_embeddings().weight:
+                quantize(module, "int8")
+    lm.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    lm.tie_weights()
+    return lm
+
+
+def prepare(method: str, model, mask):
+    """(train_step, trainable tensors) of `method` on `model` (already int8 for the int8 methods)."""
+    import torch
+
+    import saftune
+
+    if method == "qlora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
+        params = [p for p in model.parameters() if p.requires_grad]
+    elif method.startswith("saft"):
+        params = saftune.sparsify(model, mask).trainable_parameters()
+    else:  # limit: no parameter trains; the input embedding's output asks for a gradient so the backward runs
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_())
+        params = []
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0) if params else None
+
+    def step(batch):
+        if optimizer:
+            optimizer.zero_grad(set_to_none=True)
+        loss_fn(model, batch).float().mean().backward()
+        if optimizer:
+            optimizer.step()
+
+    return step, params
+
+
+def worker(args) -> dict:
+    import torch
+
+    import saftune
+
+    torch.set_num_threads(args.threads)
+    memory = Memory("cpu")
+    start = time.perf_counter()
+    capacity = args.method == "capacity"
+    model = build_int8_layer_by_layer(args.model) if capacity else build(args.model, torch.bfloat16)
+    mask = None if capacity else random_mask(model, args.sparsity)  # chosen on the bf16 names: the same on int8
+    if not capacity and args.method != "saft-bf16" and args.method != "interleaved":
+        int8(model)
+    data = batches(model.config.vocab_size, args.batch, args.seq, max(2, args.warmup + args.steps))
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    result = {"model": args.model, "method": args.method, "checkpointing": args.checkpointing,
+              "params": sum(p.numel() for p in model.parameters()), "build_seconds": time.perf_counter() - start,
+              "tokens_per_step": args.batch * args.seq, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "threads": args.threads, "model_mib": memory.now()}
+    if capacity:  # end to end: lean phase 1 on one batch, then one SAFT step with the mask it chose
+        base = memory.now()
+        memory.reset_peak()
+        start = time.perf_counter()
+        mask = saftune.select_mask(model, loss_fn, data[:1], sparsity=args.sparsity, lean=True, progress=False)
+        result["phase1"] = {"seconds": time.perf_counter() - start, "peak_gib": memory.peak() / 1024,
+                            "memory_mib": memory.peak() - base, "selected": mask.num_selected}
+        import gc
+
+        gc.collect()
+        memory.reset_peak()
+        step, _ = prepare("saft-int8", model, mask)
+        times = _timed_steps(step, data, 0, 1)
+        result.update(step_seconds=times[0], phase2_peak_gib=memory.peak() / 1024)
+        return result
+    if args.method == "interleaved":  # every method's model in one process, steps taken in turn
+        steppers = {}
+        for method in METHODS:
+            copy_ = copy.deepcopy(model)
+            if method != "saft-bf16":
+                int8(copy_)
+            steppers[method] = prepare(method, copy_, mask)[0]
+        times = {m: [] for m in METHODS}
+        for i in range(args.warmup + args.steps):
+            for method, step in steppers.items():
+                started = time.perf_counter()
+                step(data[i % len(data)])
+                if i >= args.warmup:
+                    times[method].append(time.perf_counter() - started)
+        result.update(step_seconds={m: statistics.median(t) for m, t in times.items()}, step_seconds_each=times)
+        return result
+    base = memory.now()
+    result["model_mib"] = base
+    memory.reset_peak()
+    step, params = prepare(args.method, model, mask)
+    times = _timed_steps(step, data, args.warmup, args.steps)
+    result.update(step_seconds=statistics.median(times), memory_mib=memory.peak() - base, peak_mib=memory.peak(),
+                  trainable=sum(p.numel() for p in params))
+    return result
+
+
+def run(args, **settings) -> dict:
+    """One measurement in a fresh process (its JSON line), or the reason it failed."""
+    options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads")}
+    options.update(settings)
+    cmd = [sys.executable, __file__, "--worker"]
+    for key, value in options.items():
+        cmd += ([f"--{key}"] if value else []) if isinstance(value, bool) else [f"--{key}", str(value)]
+    started = time.perf_counter()
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if out.returncode != 0:
+        return {**settings, "failed": f"exit {out.returncode}: {out.stderr[-1500:]}"}
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = time.perf_counter() - started
+    print(json.dumps({k: v for k, v in result.items() if k != "step_seconds_each"}), flush=True)
+    return result
+
+
+def ratios(rows: dict, timing: dict) -> dict:
+    out = {}
+    if all(m in rows and "memory_mib" in rows[m] for m in ("saft-int8", "qlora")):
+        out["saft_int8_over_qlora_memory"] = rows["saft-int8"]["memory_mib"] / rows["qlora"]["memory_mib"]
+        out["saft_int8_over_qlora_peak"] = rows["saft-int8"]["peak_mib"] / rows["qlora"]["peak_mib"]
+    if all(m in rows and "peak_mib" in rows[m] for m in ("saft-int8", "saft-bf16")):
+        out["saft_int8_over_saft_bf16_peak"] = rows["saft-int8"]["peak_mib"] / rows["saft-bf16"]["peak_mib"]
+    seconds = timing.get("step_seconds", {})
+    if "saft-int8" in seconds:
+        for other in ("qlora", "saft-bf16", "limit-int8"):
+            out[f"saft_int8_over_{other.replace('-', '_')}_time"] = seconds["saft-int8"] / seconds[other]
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="llama:256x4", help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="saft-int8", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", default=["smollm2", "llama:1536x16"])
+    parser.add_argument("--parts", nargs="+", default=["step"], choices=["step", "capacity"])
+    parser.add_argument("--checkpointing-modes", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument("--capacity-model", default="llama:4096x36")
+    parser.add_argument("--capacity-seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--sparsity", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--quick", action="store_true", help="smoke run: a tiny model, short sequences")
+    parser.add_argument("--update", action="store_true", help="merge into the existing JSON instead of replacing it")
+    parser.add_argument("--out", type=Path, default=RESULTS / "quantized_base.json")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    if args.quick:
+        args.models, args.seq, args.steps, args.warmup = ["llama:128x2"], 32, 2, 1
+    import torch
+
+    report = json.loads(args.out.read_text()) if args.update and args.out.exists() else {}
+    report.setdefault("runs", {})
+    report["machine"] = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+                         "threads": args.threads, "platform": platform.platform(), "torch": torch.__version__}
+    report["settings"] = {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup", "sparsity")}
+    started = time.perf_counter()
+    for model in args.models if "step" in args.parts else []:
+        for mode in args.checkpointing_modes:
+            key = f"step/{model}/checkpointing-{mode}"
+            rows = {m: run(args, model=model, method=m, checkpointing=mode == "on", steps=1, warmup=1) for m in METHODS}
+            timing = run(args, model=model, method="interleaved", checkpointing=mode == "on")
+            report["runs"][key] = {"rows": rows, "interleaved": timing, "ratios": ratios(rows, timing)}
+            print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if "capacity" in args.parts:
+        key = f"capacity/{args.capacity_model}/int8/seq-{args.capacity_seq}"
+        report["runs"][key] = run(args, model=args.capacity_model, method="capacity", seq=args.capacity_seq, steps=1, warmup=0)
+    report["seconds"] = time.perf_counter() - started + (report.get("seconds", 0) if args.update else 0)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out} in {report['seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
