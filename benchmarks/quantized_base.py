@@ -66,13 +66,14 @@ def build_int8_layer_by_layer(model: str):
     torch.manual_seed(0)
     with torch.device("meta"):
         lm = LlamaForCausalLM(config).to(torch.bfloat16)
+    head = lm.get_output_embeddings()  # tied to the input embedding below: never materialised on its own
     for module in lm.modules():
-        if any(p.is_meta for p in module.parameters(recurse=False)):
+        if module is not head and any(p.is_meta for p in module.parameters(recurse=False)):
             module.to_empty(device="cpu", recurse=False)
             with torch.no_grad():
                 for name, p in module.named_parameters(recurse=False):
                     p.fill_(1.0) if "norm" in type(module).__name__.lower() else p.normal_(0.0, 0.02)
-            if type(module) is nn.Linear and module.weight is not lm.get_input_embeddings().weight:
+            if type(module) is nn.Linear:
                 quantize(module, "int8")
     lm.model.rotary_emb = LlamaRotaryEmbedding(config=config)
     lm.tie_weights()
@@ -129,7 +130,8 @@ def worker(args) -> dict:
     result = {"model": args.model, "method": args.method, "checkpointing": args.checkpointing,
               "params": sum(p.numel() for p in model.parameters()), "build_seconds": time.perf_counter() - start,
               "tokens_per_step": args.batch * args.seq, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "threads": args.threads, "model_mib": memory.now()}
+              "threads": args.threads, "model_mib": memory.now(),
+              "int8_params": sum(p.numel() for p in model.parameters() if type(p).__name__ == "Int8Tensor")}
     if capacity:  # end to end: lean phase 1 on one batch, then one SAFT step with the mask it chose
         base = memory.now()
         memory.reset_peak()

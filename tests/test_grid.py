@@ -46,6 +46,18 @@ def test_plan_expands_sparsity_levels_only_for_sparse_methods():
     assert len(cells) == 2 + 2 + 2 * 2
 
 
+def test_a_row_with_its_own_model_options_runs_on_that_model_and_bad_ones_are_refused_on_reading():
+    from saftune.grid import _run_config
+
+    rows = ["saft", {"name": "saft-int8", "method": "saft", "model_options": {"quantize": "int8"}}]
+    bench = GridConfig.from_dict({**GRID, "model_options": {"seed": 3}, "methods": rows, "selection": None})
+    configs = {v.name: _run_config(bench, v, 1, v.options) for v in bench.variants()}
+    assert configs["saft"].model_options == {"seed": 3}
+    assert configs["saft-int8"].model_options == {"seed": 3, "quantize": "int8"}
+    with pytest.raises(ValueError, match="quantize"):
+        GridConfig.from_dict({**GRID, "methods": [{"method": "saft", "model_options": {"quantize": "nf4"}}], "selection": None})
+
+
 @pytest.mark.parametrize("change, message", [
     ({"methods": ["ft", "nope"]}, "unknown method 'nope'"),
     ({"methods": ["ft", "ft"]}, "two grid rows are named 'ft'"),

@@ -132,7 +132,11 @@ class GridConfig(Config):
     def __post_init__(self):
         super().__post_init__()
         _check_name(self.name, "grid")  # the default output directory is runs/<name>
-        self.variants()  # bad rows and names fail when the grid is read, before any run starts
+        for variant in self.variants():  # bad rows and names fail when the grid is read, before any run starts
+            if variant.model_options:
+                from saftune.models.registry import check_model
+
+                check_model(self.model, {**self.model_options, **variant.model_options})
         self.dataset_entries()
 
     def variants(self) -> list[Variant]:

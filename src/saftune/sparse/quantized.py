@@ -55,16 +55,20 @@ class QuantizationError(ValueError):
 
 def _torchao():
     """Import torchao quietly: it logs a line for each optional CUDA extension it cannot load on a CPU machine."""
+    # torch's pytree also warns, once, about enums torchao registers; neither message concerns the user.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
     try:
-        quiet = logging.getLogger("torchao")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             import torchao.quantization as quantization
-        quiet.setLevel(level)
         return quantization
     except ImportError:
         raise QuantizationError("quantize='int8' needs torchao: pip install 'saftune[quant]'") from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def is_quantized(tensor: torch.Tensor) -> bool:
