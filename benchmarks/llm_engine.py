@@ -193,11 +193,11 @@ def interleaved(model, data, args) -> dict:
     import copy
 
     steppers = {}
-    for method in STEP_METHODS:
+    for method in [m for m in STEP_METHODS if m not in args.skip_methods]:
         copy_ = copy.deepcopy(model)
         mask = random_mask(copy_, args.sparsity) if method == "saft" else None
         steppers[method] = trainer(method, prepare(method, copy_), mask)[0]
-    times: dict[str, list[float]] = {m: [] for m in STEP_METHODS}
+    times: dict[str, list[float]] = {m: [] for m in steppers}
     for i in range(args.warmup + args.steps):
         for method, step in steppers.items():
             start = time.perf_counter()
@@ -275,11 +275,14 @@ def worker(args) -> dict:
 # ---------------------------------------------------------------------------------------------- driver
 def run(args, **settings) -> dict:
     """One measurement in a fresh process (its JSON line), or the reason it failed."""
-    options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads", "batches", "device")}
+    options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads", "batches", "device",
+                                                   "skip_methods")}
     options.update(settings)
     cmd = [sys.executable, __file__, "--worker"]
     for key, value in options.items():
-        if isinstance(value, bool):
+        if isinstance(value, list):
+            cmd += [f"--{key.replace('_', '-')}", *map(str, value)]
+        elif isinstance(value, bool):
             cmd += [f"--{key}"] if value else []
         else:
             cmd += [f"--{key}", str(value)]
@@ -373,6 +376,10 @@ def main(argv=None) -> None:
     parser.add_argument("--capacity-model", default="llama:4096x36", help="capacity: the model SAFT trains end to end")
     parser.add_argument("--capacity-seq", type=int, default=512, help="capacity: tokens per sequence")
     parser.add_argument("--checkpointing-modes", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--separate", action="store_true",
+                        help="step: time each method in its own process (models too large for a copy per method)")
+    parser.add_argument("--skip-methods", nargs="*", default=[], choices=STEP_METHODS,
+                        help="step: leave these methods out (full FT beyond what it can train)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
@@ -408,11 +415,17 @@ def main(argv=None) -> None:
             if "step" in args.parts:
                 for mode in args.checkpointing_modes:
                     key = f"step/{model}/{dtype}/checkpointing-{mode}"
-                    # memory: a fresh process per method (two steps: AdamW's state exists after the first)
-                    rows = [run(args, model=model, method=m, dtype=dtype, checkpointing=mode == "on", steps=1, warmup=1)
-                            for m in STEP_METHODS]
-                    # time: all methods in one process, step by step in turn
-                    timing = run(args, model=model, method="interleaved", dtype=dtype, checkpointing=mode == "on")
+                    methods = [m for m in STEP_METHODS if m not in args.skip_methods]
+                    if args.separate:  # models too large for a copy per method in one process: time each alone
+                        rows = [run(args, model=model, method=m, dtype=dtype, checkpointing=mode == "on") for m in methods]
+                        timing = {"separate": True, "step_seconds": {r["method"]: r["step_seconds"] for r in rows
+                                                                     if "step_seconds" in r}}
+                    else:
+                        # memory: a fresh process per method (two steps: AdamW's state exists after the first)
+                        rows = [run(args, model=model, method=m, dtype=dtype, checkpointing=mode == "on", steps=1, warmup=1)
+                                for m in methods]
+                        # time: all methods in one process, step by step in turn
+                        timing = run(args, model=model, method="interleaved", dtype=dtype, checkpointing=mode == "on")
                     for r in rows:
                         if "step_seconds" in r and "step_seconds" in timing:
                             r["step_seconds_alone"] = r["step_seconds"]
