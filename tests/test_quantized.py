@@ -222,3 +222,20 @@ def test_a_saft_run_on_an_int8_base_evaluates_and_merges_on_both_bases(tmp_path,
     assert "its int8 weights dequantized" in printed
     merged = create(f"causal-lm:{tmp_path / 'merged-int8'}")
     assert not q.quantized_parameter_names(merged)
+
+
+def test_the_evaluation_cache_tells_an_int8_model_with_trained_entries_from_its_base():
+    from saftune.eval.cache import weights_digest
+
+    lm, loss_fn, batches = _case(tie=False)
+    q.quantize(lm, "int8")
+    base = weights_digest(lm)
+    mask = saftune.select_mask(lm, loss_fn, batches, sparsity=0.01)
+    sm = _train(lm, mask, loss_fn, batches)
+    trained = weights_digest(lm)  # the int8 data are the base's: only the side terms differ
+    assert trained != base
+    sm.unsparsify()
+    assert weights_digest(lm) == trained
+    for module in lm.modules():
+        q.detach(module)
+    assert weights_digest(lm) != trained

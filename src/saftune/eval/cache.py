@@ -51,8 +51,23 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, tensor in tensors:
         tensor = tensor.detach()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(_tensor_bytes(tensor))
+        for part in _stored_tensors(tensor):
+            digest.update(_tensor_bytes(part))
+    # An int8 base's trained entries live beside its weights (`saftune.sparse.quantized`), not in them.
+    for name, module in model.named_modules():
+        side = module.__dict__.get("_saftune_side")
+        if side is not None:
+            digest.update(f"{name}:side;".encode())
+            for part in (side.indices, side.values.detach().float(), side.pretrained.float()):
+                digest.update(_tensor_bytes(part))
     return digest.hexdigest()
+
+
+def _stored_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """What a tensor stores: itself, or a quantized tensor's int8 data and scales."""
+    if type(tensor).__module__.startswith("torchao.") and hasattr(tensor, "qdata"):
+        return [tensor.qdata, tensor.scale]
+    return [tensor]
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
