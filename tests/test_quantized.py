@@ -239,3 +239,21 @@ def test_the_evaluation_cache_tells_an_int8_model_with_trained_entries_from_its_
     for module in lm.modules():
         q.detach(module)
     assert weights_digest(lm) != trained
+
+
+def test_a_delta_from_an_int8_base_exports_as_a_peft_adapter_of_the_full_precision_base(tmp_path):
+    from peft import PeftModel
+
+    from saftune.integrations.peft_export import PeftExportError, export_peft_adapter
+
+    full, loss_fn, batches = _case(tie=False)
+    lm = q.quantize(copy.deepcopy(full), "int8")
+    mask = saftune.select_mask(lm, loss_fn, batches, sparsity=0.01, include=["*_proj.weight"])  # SHiRA: Linear only
+    delta = _train(lm, mask, loss_fn, batches).delta()
+    with pytest.raises(PeftExportError, match="full-precision base"):
+        export_peft_adapter(delta, q.quantize(copy.deepcopy(full), "int8"), tmp_path / "refused")
+    export_peft_adapter(delta, full, tmp_path / "adapter")
+    merged = PeftModel.from_pretrained(copy.deepcopy(full.lm), str(tmp_path / "adapter")).merge_and_unload()
+    expected = delta.apply_to(copy.deepcopy(full)).lm
+    for (name, got), (_, want) in zip(merged.state_dict().items(), expected.state_dict().items()):
+        assert torch.equal(got, want), name
