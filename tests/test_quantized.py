@@ -257,3 +257,29 @@ def test_a_delta_from_an_int8_base_exports_as_a_peft_adapter_of_the_full_precisi
     expected = delta.apply_to(copy.deepcopy(full)).lm
     for (name, got), (_, want) in zip(merged.state_dict().items(), expected.state_dict().items()):
         assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_no_int8_layer_keeps_a_dense_copy_of_its_weight_for_the_backward(lean):
+    # torchao's own forward under autograd saves each weight converted to the compute dtype; saftune's routes
+    # rebuild it in the backward instead, for layers with trained entries and without, in both phases.
+    lm, loss_fn, batches = _case(tie=False)
+    q.quantize(lm, "int8")
+    shapes = {tuple(p.shape) for p in lm.parameters() if q.is_quantized(p)}
+    saved = []
+
+    def pack(tensor):
+        if tensor.is_floating_point() and not q.is_quantized(tensor):
+            saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mask = saftune.select_mask(lm, loss_fn, batches, sparsity=0.001, lean=lean)
+        trained_int8 = [n for n in mask.indices if q.is_quantized(lm.get_parameter(n))]
+        assert 0 < len(trained_int8) < len(q.quantized_parameter_names(lm))  # layers with entries and without
+        _train(lm, mask, loss_fn, batches, steps=1)
+    assert saved and not shapes & set(saved)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # what the routes prevent
+        lm.lm.model.layers[0].mlp.down_proj.__dict__.pop("forward", None)
+        loss_fn(lm, batches[0]).sum().backward()
+    assert shapes & set(saved)

@@ -44,7 +44,9 @@ from saftune.sparse.attention import attention_forward
 from saftune.sparse.delta import SparseDelta
 from saftune.sparse.kernels import LinearRoute, LinearSelection, SparseEmbeddingFunction
 from saftune.sparse.mask import SparseMask
-from saftune.sparse.quantized import QuantizationError, SideTerm, attach, check_routable, dequantize, detach, is_quantized
+from saftune.sparse.quantized import (
+    QuantizationError, SideTerm, attach, check_routable, dequantize, detach, frozen_forward, is_quantized,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +215,12 @@ class SparseModel:
             else:
                 self._targets.append((position, path, attention_of[id(param)] if path == "attention" else owners[id(param)][0][0]))
             self._slots.append(_Slot(name, param, idx, values, pretrained, path))
+        # Quantized layers with no selected entry still need saftune's forward: torchao's own keeps a dense copy
+        # of each weight for the backward pass (the input's gradient), a bf16 model's worth in all.
+        trained = {id(s.param) for s in self._slots}
+        self._frozen_int8 = [m for m in model.modules()
+                             if type(m) is nn.Linear and is_quantized(m.weight) and id(m.weight) not in trained
+                             and "forward" not in m.__dict__]
         self._install_all()
         self._value_ids = {id(s.values) for s in self._slots}
         _LIVE.add(self)
@@ -233,6 +241,9 @@ class SparseModel:
             self._install(slot if slot.path == path else replace(slot, path=path), module)
         for module, routes in self._attention_routes.items():  # one forward per attention module, for all its routes
             module.forward = partial(attention_forward, module, routes)
+            self._forwards.append(module)
+        for module in self._frozen_int8:
+            module.forward = partial(frozen_forward, module)
             self._forwards.append(module)
 
     def _uninstall(self) -> None:

@@ -22,7 +22,7 @@ weights). The backward rebuilds the copy for the input's gradient instead of sav
 the selected entries of dy^T x (the kernels' sampled dot products). In fp32 the trained entries are exact;
 in bf16 they round as a bf16 model's own trained weights do. Gradients are therefore taken with respect
 to the *dequantized* weight Q(W) + Delta, in phase 1 as in phase 2: phase 1 routes each scored
-quantized layer through `QuantizedScoreFunction`, whose backward hands the dense dL/dQ(W) to the
+quantized layer through `QuantizedLinearFunction`, whose backward hands the dense dL/dQ(W) to the
 weight's gradient hook (so the usual accumulators, one-pass or lean, sum it).
 
 Example:
@@ -246,12 +246,18 @@ def attached(module: nn.Module) -> SideTerm | None:
 
 
 # ---------------------------------------------------------------------------------------------- phase 1
-class QuantizedScoreFunction(torch.autograd.Function):
-    """y = F.linear(x, Q(W), b); the backward gives the weight dL/dQ(W) = dy^T x (dense, one layer at a time)."""
+class QuantizedLinearFunction(torch.autograd.Function):
+    """y = F.linear(x, Q(W), b), keeping no dense copy of the weight for the backward pass.
+
+    Under autograd, torchao's int8 forward saves each layer's weight converted to the compute dtype (a
+    bf16 model's worth of copies over a whole forward); this function rebuilds it in the backward instead.
+    When the weight itself asks for a gradient (phase 1), that gradient is dL/dQ(W) = dy^T x, dense, one
+    layer at a time, for the scores' accumulators.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x if weight.requires_grad else x[:0], weight)
         ctx.has_bias = bias is not None
         with torch.no_grad():
             return F.linear(x, weight, bias)
@@ -270,27 +276,29 @@ class QuantizedScoreFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-def _score_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def frozen_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a quantized Linear with nothing to train (or, in phase 1, to score)."""
     if not torch.is_grad_enabled():
         return F.linear(x, module.weight, module.bias)
-    return QuantizedScoreFunction.apply(x, module.weight, module.bias)
+    return QuantizedLinearFunction.apply(x, module.weight, module.bias)
 
 
 @contextlib.contextmanager
 def scoring_routes(model: nn.Module, params):
-    """While scoring, route every quantized Linear whose weight is among `params` so its weight gets dL/dQ(W)."""
+    """While scoring, route every quantized Linear through `QuantizedLinearFunction`: the weights among
+    `params` get dL/dQ(W), and no layer keeps a dense copy of its weight for the backward."""
     chosen = {id(p) for p in params if is_quantized(p)}
     routed = []
     try:
         for name, module in model.named_modules():
             weight = module._parameters.get("weight") if type(module) is nn.Linear else None
-            if weight is None or id(weight) not in chosen:
+            if weight is None or not is_quantized(weight):
                 continue
             check_routable(f"{name}.weight", weight)
             if "forward" in module.__dict__:
                 raise QuantizationError(f"{name!r} already has a forward of someone else's (is the model sparsified?); "
                                         "select the mask on the plain quantized model")
-            module.forward = partial(_score_forward, module)
+            module.forward = partial(frozen_forward, module)
             routed.append(module)
             chosen.discard(id(weight))
         if chosen:
