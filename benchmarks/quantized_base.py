@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_engine import LORA_TARGETS, Memory, _timed_steps, batches, build, llama_config, loss_fn  # noqa: E402
+from llm_engine import Memory, _timed_steps, batches, build, llama_config, loss_fn, trainer  # noqa: E402
+from llm_engine import prepare as prepare_base  # noqa: E402
 from scale import random_mask  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -71,7 +72,7 @@ def build_int8_layer_by_layer(model: str):
         if module is not head and any(p.is_meta for p in module.parameters(recurse=False)):
             module.to_empty(device="cpu", recurse=False)
             with torch.no_grad():
-                for name, p in module.named_parameters(recurse=False):
+                for p in module.parameters(recurse=False):
                     p.fill_(1.0) if "norm" in type(module).__name__.lower() else p.normal_(0.0, 0.02)
             if type(module) is nn.Linear:
                 quantize(module, "int8")
@@ -81,33 +82,10 @@ def build_int8_layer_by_layer(model: str):
 
 
 def prepare(method: str, model, mask):
-    """(train_step, trainable tensors) of `method` on `model` (already int8 for the int8 methods)."""
-    import torch
-
-    import saftune
-
-    if method == "qlora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
-        params = [p for p in model.parameters() if p.requires_grad]
-    elif method.startswith("saft"):
-        params = saftune.sparsify(model, mask).trainable_parameters()
-    else:  # limit: no parameter trains; the input embedding's output asks for a gradient so the backward runs
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_())
-        params = []
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0) if params else None
-
-    def step(batch):
-        if optimizer:
-            optimizer.zero_grad(set_to_none=True)
-        loss_fn(model, batch).float().mean().backward()
-        if optimizer:
-            optimizer.step()
-
-    return step, params
+    """(train_step, trainable tensors) of `method` on `model` (already int8 for the int8 methods): llm_engine's
+    LoRA r=8 on every projection for qlora, its limit, and SAFT with `mask`."""
+    kind = {"qlora": "lora", "limit-int8": "limit"}.get(method, "saft")
+    return trainer(kind, prepare_base(kind, model), mask)
 
 
 def worker(args) -> dict:
