@@ -35,7 +35,8 @@ def test_list_shows_every_registry(capsys):
     assert re.search(r"\n      subsample +str +default 'all' +base-to-new protocol", text)
     assert main(["list", "models"]) == 0
     text = capsys.readouterr().out
-    assert re.search(r"\n  minilm .*\n      seed +int +default 0 .*\n      scale +float +default 30.0 +logit scale", text)
+    assert re.search(r"\n  minilm .*\n      seed +int +default 0 .*\n      quantize +str \| None +default None .*int8.*\n"
+                     r"      scale +float +default 30.0 +logit scale", text)
 
 
 def test_select_writes_a_mask_and_its_summary(tmp_path, capsys):

@@ -144,7 +144,7 @@ def model_config(spec: str, options: dict | None = None) -> ModelOptions:
         >>> model_config("tiny-clip", {"sead": 1})
         Traceback (most recent call last):
         ...
-        ValueError: model 'tiny-clip': unknown option 'sead' for ModelOptions; did you mean 'seed'? Options: seed
+        ValueError: model 'tiny-clip': unknown option 'sead' for ModelOptions; did you mean 'seed'? Options: seed, quantize
     """
     family, sep, argument = spec.partition(":")
     entry = _entry(spec)
