@@ -63,3 +63,40 @@ def test_smollm2_lean_phase_1_selects_the_one_pass_mask(smollm2):
 
     one_pass = saftune.select_mask(smollm2, loss_fn, batches, sparsity=1e-3)
     assert saftune.select_mask(smollm2, loss_fn, batches, sparsity=1e-3, lean=True) == one_pass
+
+
+def test_smollm2_on_an_int8_base_selects_and_trains_through_the_dequantized_weights(require_asset):
+    pytest.importorskip("torchao")
+    import torch.nn.functional as F
+
+    import saftune
+    from saftune.models import create
+    from saftune.sparse import quantized as q
+
+    require_asset("smollm2")
+    lm = create("smollm2", max_length=512, quantize="int8")
+    assert len(q.quantized_parameter_names(lm)) == 30 * 7  # every projection; the tied embedding stays fp32
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 49152, (1, 128), generator=generator) for _ in range(2)]
+
+    def loss_fn(model, ids):
+        logits = model.lm(input_ids=ids, use_cache=False).logits.float()
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+    mask = saftune.select_mask(lm, loss_fn, batches, sparsity=1e-3, lean=True)
+    # The same weights in plain form: torchao computes (x Q^T) * scale, the plain copy x (Q * scale)^T, so the
+    # activations and gradients differ by rounding and entries near the top-k's threshold may trade places.
+    plain = q.dequantize_model(create("smollm2", max_length=512, quantize="int8"))
+    reference = saftune.select_mask(plain, loss_fn, batches, sparsity=1e-3)
+    shared = sum(len(set(mask.indices[n].tolist()) & set(reference.indices.get(n, torch.tensor([])).tolist()))
+                 for n in mask.indices)
+    print(f"int8 mask vs dequantized-copy mask: {shared} of {mask.num_selected} entries shared")
+    assert shared >= 0.9999 * mask.num_selected
+    sm = saftune.sparsify(lm, mask)
+    optimizer = torch.optim.AdamW(sm.trainable_parameters(), lr=1e-4)
+    before = float(loss_fn(lm, batches[0]).mean())
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_fn(lm, batches[0]).mean().backward()
+        optimizer.step()
+    assert float(loss_fn(lm, batches[0]).mean()) < before
