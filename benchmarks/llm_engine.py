@@ -278,7 +278,12 @@ def run(args, **settings) -> dict:
     options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads", "batches", "device",
                                                    "skip_methods")}
     options.update(settings)
-    cmd = [sys.executable, __file__, "--worker"]
+    return run_worker(__file__, options, settings)
+
+
+def run_worker(script: str, options: dict, settings: dict) -> dict:
+    """`script --worker` with `options` as flags in a fresh process: its last JSON line, or why it failed."""
+    cmd = [sys.executable, script, "--worker"]
     for key, value in options.items():
         if isinstance(value, list):
             cmd += [f"--{key.replace('_', '-')}", *map(str, value)]

@@ -33,13 +33,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_engine import Memory, _timed_steps, batches, build, llama_config, loss_fn, trainer  # noqa: E402
+from llm_engine import Memory, _timed_steps, batches, build, llama_config, loss_fn, run_worker, trainer  # noqa: E402
 from llm_engine import prepare as prepare_base  # noqa: E402
 from scale import random_mask  # noqa: E402
 
@@ -155,17 +154,7 @@ def run(args, **settings) -> dict:
     """One measurement in a fresh process (its JSON line), or the reason it failed."""
     options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads")}
     options.update(settings)
-    cmd = [sys.executable, __file__, "--worker"]
-    for key, value in options.items():
-        cmd += ([f"--{key}"] if value else []) if isinstance(value, bool) else [f"--{key}", str(value)]
-    started = time.perf_counter()
-    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if out.returncode != 0:
-        return {**settings, "failed": f"exit {out.returncode}: {out.stderr[-1500:]}"}
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["wall_seconds"] = time.perf_counter() - started
-    print(json.dumps({k: v for k, v in result.items() if k != "step_seconds_each"}), flush=True)
-    return result
+    return run_worker(__file__, options, settings)
 
 
 def ratios(rows: dict, timing: dict) -> dict:
