@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_engine import Memory, _timed_steps, batches, build, llama_config, loss_fn, run_worker, trainer  # noqa: E402
+from llm_engine import CAPACITY_ENV, Memory, _timed_steps, batches, build, llama_config, loss_fn, run_worker, trainer  # noqa: E402
 from llm_engine import prepare as prepare_base  # noqa: E402
 from scale import random_mask  # noqa: E402
 
@@ -150,11 +150,11 @@ def worker(args) -> dict:
     return result
 
 
-def run(args, **settings) -> dict:
-    """One measurement in a fresh process (its JSON line), or the reason it failed."""
+def run(args, env: dict | None = None, **settings) -> dict:
+    """One measurement in a fresh process (its JSON line), or the reason it failed; `env` adds to its environment."""
     options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads")}
     options.update(settings)
-    return run_worker(__file__, options, settings)
+    return run_worker(__file__, options, settings, env)
 
 
 def ratios(rows: dict, timing: dict) -> dict:
@@ -217,7 +217,8 @@ def main(argv=None) -> None:
             args.out.write_text(json.dumps(report, indent=1) + "\n")
     if "capacity" in args.parts:
         key = f"capacity/{args.capacity_model}/int8/seq-{args.capacity_seq}"
-        report["runs"][key] = run(args, model=args.capacity_model, method="capacity", seq=args.capacity_seq, steps=1, warmup=0)
+        report["runs"][key] = run(args, model=args.capacity_model, method="capacity", seq=args.capacity_seq, steps=1, warmup=0,
+                                       env=CAPACITY_ENV)
     report["seconds"] = time.perf_counter() - started + (report.get("seconds", 0) if args.update else 0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

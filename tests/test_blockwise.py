@@ -73,7 +73,8 @@ def test_a_bert_encoder_and_a_checkpointed_llama_select_the_one_pass_mask():
     assert lm.lm.training  # scoring mode restored
 
 
-def test_only_one_block_and_the_tensors_outside_the_blocks_hold_sums_at_once(monkeypatch):
+def test_one_block_or_the_tensors_outside_the_blocks_hold_sums_at_once(monkeypatch):
+    # The tied embedding's sums (head and stem stages) wait on disk while the blocks are scored.
     peak = {"numel": 0}
 
     class Counting(dict):
@@ -94,7 +95,7 @@ def test_only_one_block_and_the_tensors_outside_the_blocks_hold_sums_at_once(mon
     _, layers = find_blocks(lm)
     block = sum(p.numel() for p in layers[0].parameters())
     outside = sum(p.numel() for p in lm.lm.parameters()) - len(layers) * block
-    assert peak["numel"] <= block + outside
+    assert peak["numel"] <= max(block, outside) < block + outside
     assert peak["numel"] < 0.5 * sum(p.numel() for p in lm.parameters())  # one pass: all of them
     assert lean == saftune.select_mask(lm, loss_fn, batches, sparsity=0.01)
 

@@ -11,16 +11,17 @@ of SAFT. Here the two loops are swapped:
    after the last block: final norm, output projection, loss), then block L-1, ..., block 0, each
    recomputed from its stored input and given the stored gradient of its output, then the stem
    (embeddings). A stage leaves the gradient of its input for the stage below.
-3. Only the parameters of the stage being scored hold fp32 sums. When a parameter's last stage is done,
-   its scores join a running exact top-k and its sums are freed.
+3. Only the parameters of the stage being scored hold fp32 sums in memory; sums a later stage adds to
+   again (a tied embedding's: head and stem) wait on disk in between. When a parameter's last stage is
+   done, its scores join a running exact top-k and its sums are freed.
 
 Each batch's gradient is the same sum of the same products as in the one-pass backward and is added
 into the fp32 sum in the same batch order, so the scores, and the mask, are the one-pass ones; the
 tests check equality on tiny Llama and GPT-2 models in fp32 and bf16 (a tied bf16 embedding is the
 exception: one pass adds its two gradients in bf16, this module in fp32). The cost is one more forward
 pass through the blocks, like gradient checkpointing. The memory is the boundaries (tokens x hidden x (blocks + 1) in the
-model's dtype), one block's fp32 sums, the sums of tensors used both below and above the blocks (a tied
-embedding), and one block's activations for one batch.
+model's dtype), one block's fp32 sums and one block's activations for one batch; the sums of a tensor used
+both below and above the blocks (a tied embedding) are resident in the head and stem stages only.
 
 When the boundaries of the whole data set would be too large, `chunk_batches` takes the data in chunks
 of that many batches; between chunks the sums wait on disk (written and read with plain file I/O, which
@@ -447,11 +448,19 @@ class _BlockScorer:
                     # A parameter outside the blocks that never ran scores zero, at the end (as in one pass).
                     if (stage in stages or (stage == STEM and not stages)) and not stages & later:
                         self._finish(name, last_chunk)
+                if position + 1 < len(order):
+                    self._set_aside(order[position + 1])
         finally:
             bar.close()
 
+    def _set_aside(self, next_stage) -> None:
+        """Sums the next stage does not add to wait on disk until a stage that does (a tied embedding's, which
+        the head and the stem add to, during every block stage): one block's sums are then all that is resident."""
+        for name in [n for n in self.accumulator.sums if next_stage not in self.stages_of[n]]:
+            self.spilled.put(name, self.accumulator.sums.pop(name))
+
     def _take_carried(self, stage) -> None:
-        """Sums carried over from the previous chunk continue in the first stage that adds to them."""
+        """Sums set aside on disk (by an earlier stage or chunk) continue in the first stage that adds to them."""
         for name in self.spilled.names():
             stages = self.stages_of[name]
             if stage in stages or (stage == HEAD and not stages):

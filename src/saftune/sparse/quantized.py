@@ -33,6 +33,8 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+
 import contextlib
 import io
 import logging
@@ -120,7 +122,21 @@ def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
         raise QuantizationError(f"{type(model).__name__} has no unshared nn.Linear layer to quantize")
     ao = _torchao()
     ao.quantize_(model, ao.Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: id(m) in chosen)
+    _release_freed_memory()
     return model
+
+
+def _release_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the system (nothing to do with another C library).
+
+    Quantizing frees every layer's full-precision weight and its fp32 temporaries. Those under glibc's
+    mmap threshold (which rises to 32 MiB as large tensors are freed) stay in the heap and stay resident:
+    2.1 GiB that no tensor held on a 16.28B model quantized layer by layer.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @torch.no_grad()
