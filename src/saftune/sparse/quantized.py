@@ -211,7 +211,7 @@ class QuantizedSideFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
         if ctx.needs_input_grad[3]:
-            grad_rows = _columns(grad_2d, s.unique_rows).float()
+            grad_rows = _columns(grad_2d, s.unique_rows, torch.float32)
             grad_values = sampled_dots(grad_rows, x_columns.float(), s.row_slot, s.col_slot, s.crow)
         return grad_x, None, grad_bias, grad_values, None, None, None
 

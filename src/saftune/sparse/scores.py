@@ -89,13 +89,14 @@ class _GradientAccumulator:
 
     def _hook(self, name: str):
         def hook(param: torch.Tensor) -> None:
-            grad = param.grad.float()  # no copy when the gradient is already fp32
+            grad = param.grad
             if self.square:
-                grad = grad.square()
+                grad = grad.float().square()
             if name in self.sums:
+                # add_ widens a bf16 gradient element by element: no fp32 copy of it (as large as the sum)
                 self.sums[name].add_(grad)
             else:  # a fresh tensor, or `.grad` itself, which we own once it is detached below
-                self.sums[name] = grad
+                self.sums[name] = grad.float()  # no copy when the gradient is already fp32
             param.grad = None
 
         return hook
