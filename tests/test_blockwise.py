@@ -100,6 +100,33 @@ def test_one_block_or_the_tensors_outside_the_blocks_hold_sums_at_once(monkeypat
     assert lean == saftune.select_mask(lm, loss_fn, batches, sparsity=0.01)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_stem_stage_adds_the_embeddings_rows_as_the_dense_gradient_would(monkeypatch, dtype):
+    # Tokens from a small range repeat many times per batch: each row's sum then depends on the order and
+    # the precision it is added in, and the mask still equals the one-pass mask (dense embedding gradient).
+    calls = []
+    original = blockwise._GradientAccumulator._add_rows
+
+    def counting(self, name, param, grad):
+        calls.append((name, grad.is_sparse))
+        return original(self, name, param, grad)
+
+    monkeypatch.setattr(blockwise._GradientAccumulator, "_add_rows", counting)
+    lm = tiny_causal_lm("llama", layers=2, tie=False, seed=1)
+    lm.lm.to(dtype)
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 12, (4, 24), generator=generator) for _ in range(3)]
+
+    def loss_fn(model, ids):
+        logits = model.lm(input_ids=ids, use_cache=False).logits.float()
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+    lean = saftune.select_mask(lm, loss_fn, batches, sparsity=0.05, lean=True)
+    assert calls == [("lm.model.embed_tokens.weight", True)] * len(batches)
+    assert lean == saftune.select_mask(lm, loss_fn, batches, sparsity=0.05)
+    assert lm.lm.model.embed_tokens.sparse is False  # restored
+
+
 def test_saft_with_lean_selection_trains_what_the_one_pass_selection_trains():
     pairs = [("Capital of France?", " Paris"), ("2 + 2 =", " 4"), ("Colour of grass?", " green"),
              ("Opposite of up?", " down"), ("Plural of child?", " children"), ("Colour of snow?", " white")]

@@ -544,14 +544,29 @@ class _BlockScorer:
 
             return forward
 
-        with self._stubs(stub, only_first=True):
+        with self._stubs(stub, only_first=True), self._sparse_embeddings():
             try:
                 per_example_losses(self.loss_fn, self.model, recording.batches[b])
             except _Stop:
                 pass
-        hidden = captured.get("hidden")
-        if hidden is not None and hidden.requires_grad:
-            torch.autograd.backward(hidden, grad)
+            hidden = captured.get("hidden")
+            if hidden is not None and hidden.requires_grad:
+                torch.autograd.backward(hidden, grad)
+
+    @contextlib.contextmanager
+    def _sparse_embeddings(self):
+        """Scored embeddings give the stem stage sparse gradients: the rows of the batch's tokens, not a dense
+        vocabulary x hidden tensor (with PyTorch's fp32 buffer beside it, the lean phase 1's memory peak)."""
+        scored = {id(p) for p in self.params.values()}
+        switched = [m for m in self.model.modules() if type(m) is nn.Embedding and id(m.weight) in scored
+                    and not m.sparse and m.max_norm is None and not m.scale_grad_by_freq]
+        try:
+            for m in switched:
+                m.sparse = True
+            yield
+        finally:
+            for m in switched:
+                m.sparse = False
 
     @contextlib.contextmanager
     def _stubs(self, make, only_first: bool = False):

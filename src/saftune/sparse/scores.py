@@ -90,6 +90,10 @@ class _GradientAccumulator:
     def _hook(self, name: str):
         def hook(param: torch.Tensor) -> None:
             grad = param.grad
+            if grad.is_sparse:  # an embedding's rows (the lean phase 1's stem stage): add only those
+                self._add_rows(name, param, grad)
+                param.grad = None
+                return
             if self.square:
                 grad = grad.float().square()
             if name in self.sums:
@@ -100,6 +104,29 @@ class _GradientAccumulator:
             param.grad = None
 
         return hook
+
+    def _add_rows(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add a sparse embedding gradient (one row per position) as the dense one would be added.
+
+        PyTorch's dense embedding backward adds each position's row into its token's row in position order,
+        in the gradient's dtype (bf16 rounds after every addition). The same additions are made here for the
+        tokens present only, one occurrence rank at a time, so the sums (and the mask) are the dense path's
+        without its vocabulary x hidden gradient.
+        """
+        if self.square:
+            raise RuntimeError("squared (Fisher) scores need each example's dense gradient, not an embedding's rows")
+        tokens, rows = grad._indices()[0], grad._values()
+        order = torch.argsort(tokens, stable=True)  # each token's positions, in position order
+        present, counts = torch.unique_consecutive(tokens[order], return_counts=True)
+        slot = torch.repeat_interleave(torch.arange(present.numel(), device=tokens.device), counts)
+        rank = torch.arange(tokens.numel(), device=tokens.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        summed = torch.zeros(present.numel(), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+        for r in range(int(counts.max()) if counts.numel() else 0):
+            at = rank == r
+            summed[slot[at]] = summed[slot[at]] + rows[order[at]]
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        self.sums[name].index_add_(0, present, summed.float())
 
     def close(self) -> None:
         for h in self._handles:
