@@ -21,7 +21,8 @@ tests check equality on tiny Llama and GPT-2 models in fp32 and bf16 (a tied bf1
 exception: one pass adds its two gradients in bf16, this module in fp32). The cost is one more forward
 pass through the blocks, like gradient checkpointing. The memory is the boundaries (tokens x hidden x (blocks + 1) in the
 model's dtype), one block's fp32 sums and one block's activations for one batch; the sums of a tensor used
-both below and above the blocks (a tied embedding) are resident in the head and stem stages only.
+both below and above the blocks (a tied embedding) are resident in the head and stem stages only, and the
+stem stage gives embeddings sparse gradients (the rows of the batch's tokens), never a dense one.
 
 When the boundaries of the whole data set would be too large, `chunk_batches` takes the data in chunks
 of that many batches; between chunks the sums wait on disk (written and read with plain file I/O, which
