@@ -193,13 +193,11 @@ class _RunningTopK:
         flat = score.reshape(-1)
         if self.score.device != flat.device:  # the candidates live where the scores are computed
             self.tensor, self.flat, self.score = (t.to(flat.device) for t in (self.tensor, self.flat, self.score))
-        # Only the tensor's own top-k can enter (same tie rule); when the candidates are full, only entries at
-        # least as high as the k-th best. Counting first keeps the indices found at most k long: on a 10B
-        # model a tensor can have hundreds of millions of entries above the k-th best so far.
-        full = self.score.numel() >= self.k
-        if full and int((flat >= self.score.min()).sum()) <= self.k:
+        if self.score.numel() >= self.k:  # full: only entries at least as high as the k-th best can enter
             idx = torch.nonzero(flat >= self.score.min()).squeeze(1)
-        else:
+            if idx.numel() > self.k:
+                idx = idx[top_k([flat[idx]], self.k)[0]]
+        else:  # the tensor's own top-k holds every entry of it the global top-k can take (same tie rule)
             idx = top_k([flat], min(self.k, flat.numel()))[0]
         at = int(torch.searchsorted(self.tensor, self.order[name]))
         self.tensor = torch.cat([self.tensor[:at], torch.full_like(idx, self.order[name]), self.tensor[at:]])
