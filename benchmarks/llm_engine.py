@@ -284,7 +284,7 @@ def run(args, env: dict | None = None, **settings) -> dict:
 # Capacity workers fix glibc's mmap threshold at 1 MiB: every larger block is its own mapping, given back to
 # the system when freed. By default the threshold rises to 32 MiB as big tensors are freed, and freed
 # intermediates below it stay in the heap: building a 16.28B model layer by layer into int8 left about
-# 2.1 GiB resident that no tensor held (malloc_trim gave it back). It costs a little time, not memory.
+# 2.1 GiB resident that no tensor held (malloc_trim gave it back). Its cost in time was not measured.
 CAPACITY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 

@@ -557,7 +557,8 @@ class _BlockScorer:
     @contextlib.contextmanager
     def _sparse_embeddings(self):
         """Scored embeddings give the stem stage sparse gradients: the rows of the batch's tokens, not a dense
-        vocabulary x hidden tensor (with PyTorch's fp32 buffer beside it, the lean phase 1's memory peak)."""
+        vocabulary x hidden tensor beside the embedding's fp32 sums (1050 -> 486 MiB at the stem of a bf16
+        llama:2048x4)."""
         scored = {id(p) for p in self.params.values()}
         switched = [m for m in self.model.modules() if type(m) is nn.Embedding and id(m.weight) in scored
                     and not m.sparse and m.max_norm is None and not m.scale_grad_by_freq]

@@ -33,9 +33,8 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
-
 import contextlib
+import ctypes
 import io
 import logging
 from dataclasses import dataclass
