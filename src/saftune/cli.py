@@ -110,7 +110,7 @@ def _result_run_config(args):
         raise ValueError(f"{str(result_dir)!r} does not record its base model; pass --base MODEL")
     dataset_options = _apply_assignments(dict(saved.get("dataset_options") or {}), getattr(args, "dataset_option", None))
     model_options = dict(saved.get("model_options") or {})
-    if getattr(args, "quantize", None):  # evaluate or merge on the other base: int8, or the full-precision one
+    if getattr(args, "quantize", None):  # evaluate or merge on another base: int8, nf4, or the full-precision one
         model_options["quantize"] = None if args.quantize == "none" else args.quantize
     config = RunConfig(model=spec, model_options=model_options,
                        dataset=getattr(args, "dataset", None) or saved.get("dataset", "sentiment-domains"),
@@ -326,9 +326,9 @@ def cmd_merge(args) -> int:
     config, saved, result_dir = _result_run_config(args)
     model, _ = _model_and_benchmark(config)
     into = config.model
-    if quantized_parameter_names(model):  # int8 weights cannot take trained values: merge into their exact dequantized form
+    if quantized_parameter_names(model):  # quantized weights cannot take trained values: merge into their exact dequantized form
         dequantize_model(model)
-        into = f"{config.model} (its int8 weights dequantized)"
+        into = f"{config.model} (its {config.model_options.get('quantize')} weights dequantized)"
     merged = merge_result(result_dir, model, args.out, base_model=config.model)
     print(f"merged {merged['method']} result {result_dir} into {into}; wrote {args.out} ({merged['layout']})")
     return 0
@@ -462,7 +462,7 @@ def _add_run_options(p, with_method=True):
     p.add_argument("--config", help="YAML file with run options (model, dataset, method, method_options, train, ...)")
     p.add_argument("--model", help="model spec, e.g. minilm, hf-clip:openai/clip-vit-base-patch16 (saftune list models)")
     p.add_argument("--model-option", action="append", metavar="KEY=VALUE",
-                   help="model option, e.g. dtype=bfloat16, quantize=int8 (repeatable; saftune list models)")
+                   help="model option, e.g. dtype=bfloat16, quantize=int8 or nf4 (repeatable; saftune list models)")
     p.add_argument("--dataset", help="dataset name (saftune list datasets); default sentiment-domains")
     p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE",
                    help="dataset builder option, e.g. shots=16, root=/data, max_test=500 (repeatable)")
@@ -526,8 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model spec, when the result does not record one")
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--out", help="write the metrics to this JSON file")
-    p.add_argument("--quantize", choices=("int8", "none"),
-                   help="evaluate on the int8 base (a delta as a side term) or on the full-precision one (none); "
+    p.add_argument("--quantize", choices=("int8", "nf4", "none"),
+                   help="evaluate on an int8 or nf4 base (a delta as a side term) or on the full-precision one (none); "
                         "default: the base the result was trained on")
     p.add_argument("--harness", choices=("saftune", "lm-eval"), default="saftune",
                    help="saftune: the result's own benchmark (default); lm-eval: lm-evaluation-harness tasks on a causal "
@@ -555,9 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--result", required=True, help="a result (or run) directory")
         p.add_argument("--base", help="base model spec (default: the one the result records)")
         p.add_argument("--out", required=True, help="output directory (HF layout when the base is a HF model)")
-        p.add_argument("--quantize", choices=("int8", "none"),
-                       help="merge into the full-precision base (none: a delta trained beside int8 weights is rebased onto "
-                            "it) or into the int8 base's exact dequantized weights (int8); default: the result's own base")
+        p.add_argument("--quantize", choices=("int8", "nf4", "none"),
+                       help="merge into the full-precision base (none: a delta trained beside quantized weights is rebased "
+                            "onto it) or into the quantized base's exact dequantized weights (int8, nf4); default: the "
+                            "result's own base")
         p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export-peft", help="a sparse delta as a PEFT adapter directory (SHiRA) that "

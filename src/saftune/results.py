@@ -24,7 +24,6 @@ What a result is used for, given its base model (built from the recorded spec, c
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -190,9 +189,10 @@ def interpolate(directory: str | Path, model: Classifier, alphas: Iterable[float
         ...     print(alpha, evaluate(model, bench)["id"])
     """
     from saftune.methods.wiseft import lerp_weights
+    from saftune.sparse.quantized import copy_model
 
     pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    finetuned_model = copy.deepcopy(model)
+    finetuned_model = copy_model(model)  # deepcopy, with quantized weights copied exactly
     load_result(directory, finetuned_model, merge=True)
     finetuned = finetuned_model.state_dict()
     ensure_head(model, finetuned)

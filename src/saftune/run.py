@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -32,6 +31,7 @@ from saftune.eval.evaluate import evaluate, evaluate_validation
 from saftune.methods.base import create_method
 from saftune.models.registry import check_model, create
 from saftune.record import RunRecord
+from saftune.sparse.quantized import copy_model
 from saftune.model_card import write_model_card
 from saftune.train.shared import SharedTraining
 from saftune.train.trainer import LOG_FILE, TrainConfig, fit, read_log_line
@@ -141,7 +141,7 @@ def _pretrained(config: RunConfig, cache: dict | None):
     key = json.dumps([config.model, options], sort_keys=True, default=str)
     if key not in cache:
         cache[key] = create(config.model, **options)
-    return copy.deepcopy(cache[key])
+    return copy_model(cache[key])  # deepcopy, with quantized weights copied exactly
 
 
 def finished_record(out_dir: Path, config: RunConfig, evaluate_splits: str = "all") -> RunRecord | None:

@@ -53,7 +53,7 @@ def weights_digest(model: torch.nn.Module) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         for part in _stored_tensors(tensor):
             digest.update(_tensor_bytes(part))
-    # An int8 base's trained entries live beside its weights (`saftune.sparse.quantized`), not in them.
+    # A quantized base's trained entries live beside its weights (`saftune.sparse.quantized`), not in them.
     for name, module in model.named_modules():
         side = module.__dict__.get("_saftune_side")
         if side is not None:
@@ -64,15 +64,19 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def _stored_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """What a tensor stores: itself, or a quantized tensor's int8 data and scales."""
-    if type(tensor).__module__.startswith("torchao.") and hasattr(tensor, "qdata"):
-        return [tensor.qdata, tensor.scale]
+    """What a tensor stores: itself, or a quantized tensor's data and scales."""
+    if type(tensor).__module__.startswith("torchao."):
+        from saftune.sparse.quantized import stored_tensors
+
+        return stored_tensors(tensor)
     return [tensor]
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     # Viewed as bytes, so bf16 (which numpy lacks) hashes like any other dtype.
     flat = tensor.cpu().contiguous().reshape(-1)
+    if flat.numel() and flat.stride(-1) != 1:  # a one-entry view keeps its stride (torchao's NF4 scale factors)
+        flat = flat.clone(memory_format=torch.contiguous_format)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 

@@ -190,9 +190,9 @@ def shard_frozen_base(sparse_model: SparseModel, *, units: list[str] | None = No
         raise RuntimeError("this model is sharded already (shard_frozen_base was called on it before)")
     from saftune.sparse.quantized import QuantizationError, quantized_parameter_names
 
-    if quantized_parameter_names(model):  # FSDP2 would shard torchao's int8 tensors without their side terms
-        raise QuantizationError("an int8 base (quantize=int8) is not sharded with FSDP: it already takes a quarter of "
-                                "fp32's memory; train it in one process, without --fsdp / train.fsdp")
+    if quantized_parameter_names(model):  # FSDP2 would shard torchao's quantized tensors without their side terms
+        raise QuantizationError("a quantized base (quantize=int8 or nf4) is not sharded with FSDP: it already takes a "
+                                "quarter (or an eighth) of fp32's memory; train it in one process, without --fsdp / train.fsdp")
     mesh = _default_mesh(model, mesh, device)
 
     names = {id(p): n for n, p in model.named_parameters()}

@@ -256,8 +256,8 @@ def export_peft_adapter(delta: SparseDelta | str | os.PathLike, base_model: nn.M
     from saftune.sparse.quantized import quantized_parameter_names
 
     if quantized_parameter_names(base_model):
-        raise PeftExportError("SHiRA adapters change plain weights; pass the full-precision base model, not its int8 form")
-    if delta.quantized_tensors:  # trained beside int8 weights: onto this full-precision base first (checked there)
+        raise PeftExportError("SHiRA adapters change plain weights; pass the full-precision base model, not its quantized form")
+    if delta.quantized_tensors:  # trained beside quantized weights: onto this full-precision base first (checked there)
         delta = delta.rebased(base_model)
     root, prefix = _peft_root(base_model)
     targets = _linear_targets(delta, root, prefix)

@@ -30,8 +30,9 @@ class ModelOptions(Config):
 
     seed: int = option(0, "seed of the model's random parts (training augmentation, tiny random weights); runs "
                        "pass their seed, models without random parts ignore it", low=0)
-    quantize: str | None = option(None, "freeze the nn.Linear weights as torchao weight-only int8 (needs saftune[quant]); "
-                                  "SAFT then trains its entries beside them", choices=(None, "int8"))
+    quantize: str | None = option(None, "freeze the nn.Linear weights as torchao weight-only int8 or 4-bit NF4 (QLoRA's "
+                                  "format; needs saftune[quant]); SAFT then trains its entries beside them",
+                                  choices=(None, "int8", "nf4"))
 
 
 @dataclass

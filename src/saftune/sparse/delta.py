@@ -9,7 +9,7 @@ Applying a delta checks the model first: every selected entry must hold either t
 (then it is merged) or the trained value (already merged: nothing to do). Anything else means the
 model is not the base the delta was trained from, and nothing is written.
 
-Quantized bases (`saftune.sparse.quantized`): a weight quantized to int8 cannot take trained values, so
+Quantized bases (`saftune.sparse.quantized`): a weight quantized to int8 or nf4 cannot take trained values, so
 `apply_to` attaches the delta's entries to it as a side term (y = x Q(W)^T + x Delta^T, no requantization
 error). A delta *trained* on a quantized base records Q(W) as its pretrained values; applied to the
 full-precision base it is first rebased (`rebased`): each entry gets W + (trained - Q(W)), after checking
@@ -131,8 +131,13 @@ class SparseDelta:
 
     @property
     def quantized_tensors(self) -> set[str]:
-        """The tensors this delta was trained on as int8 (their pretrained values are the dequantized ones)."""
+        """The tensors this delta was trained on quantized (their pretrained values are the dequantized ones)."""
         return set((self.config.get("quantized_base") or {}).get("tensors", []))
+
+    @property
+    def quantized_scheme(self) -> str | None:
+        """How the quantized tensors were quantized ("int8" or "nf4"), or None."""
+        return (self.config.get("quantized_base") or {}).get("scheme")
 
     @torch.no_grad()
     def rebased(self, model: torch.nn.Module) -> SparseDelta:
@@ -150,11 +155,11 @@ class SparseDelta:
             idx = self.indices[name].to(param.device)
             base = param.reshape(-1)[idx]
             if torch.equal(base.to(self.pretrained[name].dtype), self.pretrained[name].to(param.device)):
-                continue  # the int8 base's exact dequantized weights (`quantized.dequantize_model`): merges as it is
-            requantized = q.requantized_values(param.detach(), idx)
+                continue  # the quantized base's exact dequantized weights (`quantized.dequantize_model`): merges as it is
+            requantized = q.requantized_values(param.detach(), idx, self.quantized_scheme)
             if not torch.equal(requantized.to(self.pretrained[name].dtype), self.pretrained[name].to(param.device)):
                 raise DeltaError(
-                    f"cannot rebase the delta onto {name!r}: quantized to int8 this weight does not give the values the "
+                    f"cannot rebase the delta onto {name!r}: quantized to {self.quantized_scheme} this weight does not give the values the "
                     f"delta was trained beside; this is not the full-precision base of {self.config.get('base_model', 'the delta')} "
                     "(or the delta is already merged into it)"
                 )
@@ -177,10 +182,14 @@ class SparseDelta:
             current = q.dequantize(param.detach()).reshape(-1)[idx].float()
             base = self.pretrained[name].to(param.device).float()
             if name in self.quantized_tensors:  # trained beside this very Q(W)
+                if q.scheme_of(param) != self.quantized_scheme:
+                    raise DeltaError(f"cannot {action}: this delta was trained beside {self.quantized_scheme} weights and "
+                                     f"{name!r} is {q.scheme_of(param)}; load the model with quantize="
+                                     f"{self.quantized_scheme!r} (or without quantize, to rebase it)")
                 fits = torch.equal(current, base)
-            else:  # trained on the full-precision weights: int8 rounding moves each entry by at most half a step
-                half_step = 0.5 * param.scale.reshape(-1).float()[idx // param.shape[1]]
-                fits = bool(((current - base).abs() <= half_step * (1 + 1e-3) + 1e-12).all())
+            else:  # trained on the full-precision weights: quantizing moved each entry by at most the rounding bound
+                bound = q.rounding_bound(param.detach(), idx)  # (with 1% for the rounding of the dequantized values)
+                fits = bool(((current - base).abs() <= bound * (1 + 1e-2) + 1e-12).all())
             if not fits:
                 raise DeltaError(f"cannot {action}: the quantized weight {name!r} is not the base the delta was trained "
                                  f"from (base {self.config.get('base_model', 'unknown')})")
@@ -194,9 +203,9 @@ class SparseDelta:
         Quantized weights take the delta as a side term: attached on apply, detached on remove.
         """
         quantized = [n for n in self.indices if q.is_quantized(self._target(model, n))]
-        if self.quantized_tensors - set(quantized):  # trained beside int8 weights, applied to full-precision ones
+        if self.quantized_tensors - set(quantized):  # trained beside quantized weights, applied to full-precision ones
             if new_values is not self.values:
-                raise DeltaError(f"cannot {action}: this delta was trained on an int8 base, and merging it into the "
+                raise DeltaError(f"cannot {action}: this delta was trained on a {self.quantized_scheme} base, and merging it into the "
                                  "full-precision base is not undone bit for bit; keep `delta.rebased(model)` and remove that")
             rebased = self.rebased(model)
             return rebased._write(model, rebased.values, action)
@@ -223,7 +232,7 @@ class SparseDelta:
             param.view(-1).index_copy_(0, idx, new_values[name].to(param.device, param.dtype))
         for name, (module, idx) in sides.items():
             present = q.attached(module)
-            if new_values is self.pretrained:  # remove: the side term goes, the int8 weight is the base again
+            if new_values is self.pretrained:  # remove: the side term goes, the quantized weight is the base again
                 q.detach(module)
             elif present is None or not (torch.equal(present.indices, idx) and torch.equal(present.values, self.values[name].to(idx.device))):
                 q.attach(module, q.SideTerm.build(idx, self.shapes[name], self.values[name].to(idx.device),

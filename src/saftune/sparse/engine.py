@@ -14,7 +14,7 @@ value vectors in one of four ways, chosen per tensor:
 * `tied`: one tensor that is both an exact `nn.Embedding`'s weight and an exact `nn.Linear`'s weight (a
   language model's tied input and output embeddings): both kernels above, each adding its part of the
   gradient into the same value vector, so no dense vocabulary x hidden gradient is formed.
-* `quantized`: a quantized `nn.Linear` weight (torchao int8, `saftune.sparse.quantized`): the weight cannot
+* `quantized`: a quantized `nn.Linear` weight (torchao int8 or nf4, `saftune.sparse.quantized`): the weight cannot
   take trained values, so the selected entries act beside it as a sparse side term, y = x Q(W)^T + x Delta^T,
   whose forward and backward touch only those entries.
 * `hook`: anything else (convolutions, LayerNorm, raw parameters, denser tensors). The
@@ -45,7 +45,7 @@ from saftune.sparse.delta import SparseDelta
 from saftune.sparse.kernels import LinearRoute, LinearSelection, SparseEmbeddingFunction
 from saftune.sparse.mask import SparseMask
 from saftune.sparse.quantized import (
-    QuantizationError, SideTerm, attach, check_routable, dequantize, detach, frozen_forward, is_quantized,
+    QuantizationError, SideTerm, attach, check_routable, dequantize, detach, frozen_forward, is_quantized, scheme_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class SparseModel:
             owner = params.get(name.rpartition(".")[0])
             if name not in params and owner is not None and is_quantized(owner):
                 raise QuantizationError(
-                    f"mask tensor {name!r} is part of the quantized weight {name.rpartition('.')[0]!r} (its int8 data or "
+                    f"mask tensor {name!r} is part of the quantized weight {name.rpartition('.')[0]!r} (its quantized data or "
                     "scales), which cannot be trained; select on the weight itself, whose entries train beside it"
                 )
             if name not in params:
@@ -218,7 +218,7 @@ class SparseModel:
         # Quantized layers with no selected entry still need saftune's forward: torchao's own keeps a dense copy
         # of each weight for the backward pass (the input's gradient), a bf16 model's worth in all.
         trained = {id(s.param) for s in self._slots}
-        self._frozen_int8 = [m for m in model.modules()
+        self._frozen_quantized = [m for m in model.modules()
                              if type(m) is nn.Linear and is_quantized(m.weight) and id(m.weight) not in trained
                              and "forward" not in m.__dict__]
         self._install_all()
@@ -242,7 +242,7 @@ class SparseModel:
         for module, routes in self._attention_routes.items():  # one forward per attention module, for all its routes
             module.forward = partial(attention_forward, module, routes)
             self._forwards.append(module)
-        for module in self._frozen_int8:
+        for module in self._frozen_quantized:
             module.forward = partial(frozen_forward, module)
             self._forwards.append(module)
 
@@ -357,7 +357,8 @@ class SparseModel:
         config = {**{k: v for k, v in self.mask.meta.items() if k in ("score", "sparsity", "budget", "include", "exclude")}, **config}
         quantized = [s.name for s in self._slots if s.path == "quantized"]
         if quantized:  # their pretrained values are Q(W)'s: `SparseDelta.apply_to` rebases them onto a full-precision base
-            config["quantized_base"] = {"scheme": "int8", "tensors": quantized}
+            schemes = sorted({scheme_of(s.param) for s in self._slots if s.path == "quantized"})
+            config["quantized_base"] = {"scheme": schemes[0] if len(schemes) == 1 else "+".join(schemes), "tensors": quantized}
         return SparseDelta(
             {s.name: s.indices.cpu() for s in self._slots},
             {s.name: s.values.detach().float().cpu().clone() for s in self._slots},

@@ -1,21 +1,26 @@
-"""SAFT on a quantized frozen base: the selected entries as a sparse side term beside int8 weights.
+"""SAFT on a quantized frozen base: the selected entries as a sparse side term beside int8 or 4-bit weights.
 
-`quantize(model, "int8")` replaces the weight of every `nn.Linear` (except weights shared with another
-module, such as a tied output embedding) by torchao's weight-only int8 tensor: one int8 per entry and
-one scale per output row, so the base takes a quarter of its fp32 memory (half of bf16). The layers stay
-`nn.Linear` with weights of the logical [out, in] shape and the same parameter names, so a mask or delta
-addresses the same entries as on the full-precision model.
+`quantize(model, scheme)` replaces the weight of every `nn.Linear` (except weights shared with another
+module, such as a tied output embedding) by a torchao tensor:
 
-Why torchao int8: PEFT's LoRA takes torchao-quantized layers (its `TorchaoLoraLinear`, the QLoRA to
-compare with) but only int8 ones; torchao's int4 needs kernels this machine lacks (`mslk`), and
-bitsandbytes' 4-bit runs on this CPU only through a fallback (its CPU kernels come from a hub package)
-and packs each weight into a flat uint8 vector, whose entries are not the weight's entries.
+* "int8": weight-only int8, one int8 per entry and one scale per output row (half a bf16 model);
+* "nf4": QLoRA's 4-bit NormalFloat (torchao's `NF4Tensor`, as torchtune's QLoRA uses it): two entries per
+  byte, one scale per 64 consecutive entries, the scales themselves quantized to int8 (a quarter of bf16).
+
+The layers stay `nn.Linear` with weights of the logical [out, in] shape and the same parameter names, so a
+mask or delta addresses the same entries as on the full-precision model.
+
+Why torchao: PEFT's LoRA trains on both (its `TorchaoLoraLinear` for int8; a plain LoRA layer around a
+Linear whose weight is an `NF4Tensor`, which dequantizes itself in `F.linear`), so they are the bases on
+which QLoRA and SAFT compare on this machine. torchao's other int4 formats need kernels this machine lacks
+(`mslk`, or CUDA), and bitsandbytes' 4-bit packs each weight into a flat [n/2, 1] uint8 parameter whose
+shape and entries are not the weight's, so masks and deltas could not address it by name and shape.
 
 The quantized weights cannot take trained values in place, so a trained entry acts beside them:
 
     y = x Q(W)^T + x Delta^T + b,    Delta[r, c] = values[k] - Q(W)[r, c] for selected (r, c), else 0.
 
-`QuantizedSideFunction` computes it without a second product: torchao's int8 forward materialises each
+`QuantizedSideFunction` computes it without a second product: the quantized forward materialises each
 layer's weight in the compute dtype for its matrix product anyway, so the d_t selected entries are written
 into that transient copy (Q(W) + Delta, as the full-precision engine writes trained values into its
 weights). The backward rebuilds the copy for the input's gradient instead of saving it, and gives `values`
@@ -26,14 +31,15 @@ quantized layer through `QuantizedLinearFunction`, whose backward hands the dens
 weight's gradient hook (so the usual accumulators, one-pass or lean, sum it).
 
 Example:
-    >>> net = quantize(nn.Sequential(nn.Linear(8, 4)), "int8")   # doctest: +SKIP
-    >>> is_quantized(net[0].weight)                               # doctest: +SKIP
-    True
+    >>> net = quantize(nn.Sequential(nn.Linear(64, 8)), "nf4")   # doctest: +SKIP
+    >>> scheme_of(net[0].weight)                                  # doctest: +SKIP
+    'nf4'
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import io
 import logging
@@ -46,8 +52,14 @@ from torch import nn
 
 from saftune.sparse.kernels import LinearSelection, _columns, sampled_dots
 
-QUANTIZATIONS = ("int8",)  # what `quantize` makes and the engine routes
-_DESCRIPTION = {"int8": "torchao weight-only int8 (Int8WeightOnlyConfig: int8 entries, one scale per output row)"}
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("int8", "nf4")  # what `quantize` makes and the engine routes
+_DESCRIPTION = {
+    "int8": "torchao weight-only int8 (Int8WeightOnlyConfig: int8 entries, one scale per output row)",
+    "nf4": "torchao NF4 (NF4Tensor: 4-bit NormalFloat entries, one double-quantized scale per 64 entries)",
+}
+NF4_BLOCK = 64  # entries per NF4 scale, as in QLoRA
 
 
 class QuantizationError(ValueError):
@@ -66,7 +78,7 @@ def _torchao():
             import torchao.quantization as quantization
         return quantization
     except ImportError:
-        raise QuantizationError("quantize='int8' needs torchao: pip install 'saftune[quant]'") from None
+        raise QuantizationError("a quantized base (quantize='int8' or 'nf4') needs torchao: pip install 'saftune[quant]'") from None
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
@@ -78,32 +90,54 @@ def is_quantized(tensor: torch.Tensor) -> bool:
     return module.startswith("torchao.") or module.startswith("bitsandbytes.")
 
 
+def scheme_of(tensor: torch.Tensor) -> str | None:
+    """"int8" or "nf4" for a tensor saftune routes, None for any other tensor (plain or quantized otherwise)."""
+    kind = type(tensor)
+    if not kind.__module__.startswith("torchao."):
+        return None
+    if kind.__name__ == "NF4Tensor":
+        return "nf4"
+    per_row = tuple(getattr(tensor, "block_size", ())) == (1, tensor.shape[-1]) and getattr(tensor, "act_quant_kwargs", 1) is None
+    return "int8" if kind.__name__ == "Int8Tensor" and per_row else None
+
+
 def check_routable(name: str, tensor: torch.Tensor) -> None:
     """Refuse a quantized tensor the engine cannot score or train, naming what it can."""
-    if not is_quantized(tensor):
-        return
-    per_row = tuple(getattr(tensor, "block_size", ())) == (1, tensor.shape[-1]) and getattr(tensor, "act_quant_kwargs", 1) is None
-    if type(tensor).__name__ != "Int8Tensor" or not type(tensor).__module__.startswith("torchao.") or not per_row:
+    if is_quantized(tensor) and scheme_of(tensor) is None:
         raise QuantizationError(
             f"{name!r} is quantized as {type(tensor).__module__}.{type(tensor).__name__}, which saftune cannot route "
-            f"(it trains beside {_DESCRIPTION['int8']}); load the model with quantize='int8' instead"
+            f"(it trains beside {_DESCRIPTION['int8']}, or {_DESCRIPTION['nf4']}); load the model with "
+            "quantize='int8' or quantize='nf4' instead"
         )
 
 
 def dequantize(weight: torch.Tensor) -> torch.Tensor:
     """The dense weight a quantized one stands for, in its logical dtype (a plain tensor passes through)."""
-    return weight.dequantize() if is_quantized(weight) else weight
+    if not is_quantized(weight):
+        return weight
+    return dense_weight(weight, weight.dtype) if scheme_of(weight) == "nf4" else weight.dequantize()
+
+
+def stored_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """What a tensor stores: itself, or a quantized tensor's data and scales (for checksums and bit-exact tests)."""
+    scheme = scheme_of(tensor)
+    if scheme == "int8":
+        return [tensor.qdata, tensor.scale]
+    if scheme == "nf4":
+        return [tensor.quantized_data, tensor.quantized_scalers, tensor.quantization_factor, tensor.scaler_mean]
+    return [tensor]
 
 
 def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
     """Quantize (in place) the weight of every `nn.Linear` whose weight no other module shares.
 
     Shared weights (a language model's output layer tied to its input embedding) stay as they are: the
-    embedding reads them in full precision.
+    embedding reads them in full precision. With "nf4", a layer whose entries do not fill whole blocks of
+    64 stays in full precision too (logged).
 
     Args:
         model: any module; its Linear layers may be fp32 or bf16.
-        scheme: "int8" (torchao weight-only int8).
+        scheme: "int8" (torchao weight-only int8) or "nf4" (torchao's NF4Tensor, QLoRA's 4-bit format).
 
     Returns:
         The same model.
@@ -115,14 +149,36 @@ def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
         for p in module._parameters.values():
             if p is not None:
                 uses[id(p)] = uses.get(id(p), 0) + 1
-    chosen = {id(m) for m in model.modules()
+    chosen = {id(m): m for m in model.modules()
               if type(m) is nn.Linear and uses.get(id(m.weight)) == 1 and not is_quantized(m.weight)}
+    if scheme == "nf4":
+        unfit = [m for m in chosen.values() if m.weight.numel() % NF4_BLOCK]
+        if unfit:
+            logger.info("quantize: %d Linear layers stay in full precision (entries not a multiple of %d)", len(unfit), NF4_BLOCK)
+        chosen = {i: m for i, m in chosen.items() if m.weight.numel() % NF4_BLOCK == 0}
     if not chosen:
         raise QuantizationError(f"{type(model).__name__} has no unshared nn.Linear layer to quantize")
     ao = _torchao()
-    ao.quantize_(model, ao.Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: id(m) in chosen)
+    if scheme == "int8":
+        ao.quantize_(model, ao.Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: id(m) in chosen)
+    else:
+        for module in chosen.values():
+            module.weight = nn.Parameter(to_nf4(module.weight.detach()), requires_grad=False)
     _release_freed_memory()
     return model
+
+
+@torch.no_grad()
+def to_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (entries a multiple of 64) as torchao's NF4Tensor, its scales double-quantized in groups.
+
+    torchao quantizes the per-block scales in groups of 256 (QLoRA's size), which must divide the number of
+    blocks; a layer with fewer or another count (SmolLM2's 576 x 576 has 5184 blocks) takes the largest
+    power of two that does.
+    """
+    blocks = weight.numel() // NF4_BLOCK
+    group = next(size for size in (256, 128, 64, 32, 16, 8, 4, 2, 1) if blocks % size == 0)
+    return _torchao().to_nf4(weight.contiguous(), NF4_BLOCK, group)
 
 
 def _release_freed_memory() -> None:
@@ -155,6 +211,26 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """`copy.deepcopy(model)` that copies quantized weights exactly.
+
+    torchao's NF4Tensor clones itself by dequantizing and quantizing again with its default groups, which
+    changes the scales (and fails for groups other than 256); here every quantized parameter is rebuilt
+    from copies of its stored tensors instead.
+
+    Example:
+        >>> twin = copy_model(quantize(nn.Sequential(nn.Linear(64, 8)), "nf4"))   # doctest: +SKIP
+    """
+    memo = {}
+    for p in model.parameters():
+        if is_quantized(p):
+            names, meta = p.__tensor_flatten__()
+            inner = {n: getattr(p, n).clone() for n in names}
+            twin = type(p.data).__tensor_unflatten__(inner, meta, p.size(), p.stride())
+            memo[id(p)] = nn.Parameter(twin, requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
 def quantized_parameter_names(model: nn.Module) -> list[str]:
     """Names of the model's quantized parameters."""
     return [n for n, p in model.named_parameters() if is_quantized(p)]
@@ -162,9 +238,27 @@ def quantized_parameter_names(model: nn.Module) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- the side term
 def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Q(W) as a plain [out, in] tensor in `dtype`: int8 entries times their row's scale (torchao's dequantize,
-    bit for bit, in one conversion and one product instead of its int32 and fp32 temporaries)."""
+    """Q(W) as a plain [out, in] tensor in `dtype`, bit for bit torchao's own dequantized values.
+
+    int8: entries times their row's scale, in one conversion and one product instead of torchao's int32 and
+    fp32 temporaries. nf4: each byte's two entries looked up at once in a 256 x 2 table, then scaled per
+    block of 64 in the weight's dtype, as `NF4Tensor.get_original_weight` computes them, without its two
+    int64 index tensors (8 bytes per entry each).
+    """
+    if scheme_of(weight) == "nf4":
+        levels = weight.nf4.to(weight.dtype)
+        pairs = torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)  # byte b -> (b >> 4, b & 15)
+        scales = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor, weight.scaler_block_size)
+        dense = pairs.index_select(0, weight.quantized_data.int()).view(-1, weight.block_size)
+        return dense.mul_(scales.view(-1, 1)).view(weight.shape).to(dtype)
     return weight.qdata.to(dtype) * weight.scale.to(dtype).view(-1, 1)
+
+
+def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear on Q(W) without autograd: torchao's own int8 product; nf4 through the lean `dense_weight`."""
+    if scheme_of(weight) == "nf4":
+        return F.linear(x, dense_weight(weight, x.dtype), bias)
+    return F.linear(x, weight, bias)
 
 
 def effective_weight(weight: torch.Tensor, dtype: torch.dtype, indices: torch.Tensor, values: torch.Tensor,
@@ -275,7 +369,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x if weight.requires_grad else x[:0], weight)
         ctx.has_bias = bias is not None
         with torch.no_grad():
-            return F.linear(x, weight, bias)
+            return _quantized_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -294,7 +388,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
 def frozen_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The forward of a quantized Linear with nothing to train (or, in phase 1, to score)."""
     if not torch.is_grad_enabled():
-        return F.linear(x, module.weight, module.bias)
+        return _quantized_linear(x, module.weight, module.bias)
     return QuantizedLinearFunction.apply(x, module.weight, module.bias)
 
 
@@ -326,10 +420,29 @@ def scoring_routes(model: nn.Module, params):
 
 
 @torch.no_grad()
-def requantized_values(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def requantized_values(weight: torch.Tensor, indices: torch.Tensor, scheme: str = "int8") -> torch.Tensor:
     """Q(W) at `indices` for a full-precision [out, in] weight, quantized as `quantize` does (one layer's copy)."""
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
     layer.weight.copy_(weight)
-    ao = _torchao()
-    ao.quantize_(layer, ao.Int8WeightOnlyConfig())
-    return layer.weight.dequantize().reshape(-1)[indices]
+    quantize(nn.Sequential(layer), scheme)
+    return dequantize(layer.weight).reshape(-1)[indices]
+
+
+@torch.no_grad()
+def rounding_bound(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """How far quantizing may have moved each entry at `indices` of a quantized weight from its full-precision value.
+
+    int8: half a step of the entry's row scale. nf4: half the widest gap between NF4 levels (1 - 0.7230)
+    times the entry's true block scale, plus the double quantization's error on that scale (at most one
+    step of its int8 code, counting the clamp at 127) times a level of at most 1.
+    """
+    if scheme_of(weight) == "int8":
+        return 0.5 * weight.scale.reshape(-1).float()[indices // weight.shape[1]]
+    levels = weight.nf4.float()
+    half_gap = 0.5 * float((levels[1:] - levels[:-1]).max())
+    scales = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor,
+                                       weight.scaler_block_size).float()
+    scale_step = (1.0 / weight.quantization_factor.float()).repeat_interleave(weight.scaler_block_size)
+    block = indices // weight.block_size
+    scale, step = scales[block].abs(), scale_step[block]
+    return half_gap * (scale + step) + step
