@@ -1,27 +1,28 @@
-"""SAFT beside an int8 base against QLoRA on the same base and SAFT on the bf16 base (issue: quantized base).
+"""SAFT beside a quantized base against QLoRA on the same base and SAFT on the bf16 base (issue: quantized base).
 
 Models as in `llm_engine.py`: SmolLM2-135M-Instruct (`smollm2`) and synthetic Llama-shaped `llama:HxL`,
-bf16 weights; the int8 base is torchao's weight-only int8 of every unshared nn.Linear
-(`saftune.sparse.quantized.quantize`; the tied embedding stays bf16). Batches of `--batch` x `--seq` random
-tokens, next-token cross entropy.
+bf16 weights; the quantized base (--scheme) is torchao's weight-only int8 or NF4 of every unshared
+nn.Linear (`saftune.sparse.quantized.quantize`; the tied embedding stays bf16). Batches of `--batch` x
+`--seq` random tokens, next-token cross entropy. Below, Q is the scheme (int8 or nf4).
 
 Methods:
-    saft-int8   SAFT at sparsity 1e-3 (a random mask of exactly d entries in proportion to tensor sizes, the
-                kernels' worst case), the int8 weights' entries trained as a sparse side term;
-    qlora       PEFT LoRA r=8 on every projection (q, k, v, o, gate, up, down) of the same int8 base;
+    saft-Q      SAFT at sparsity 1e-3 (a random mask of exactly d entries in proportion to tensor sizes, the
+                kernels' worst case), the quantized weights' entries trained as a sparse side term;
+    qlora       PEFT LoRA r=8 on every projection (q, k, v, o, gate, up, down) of the same quantized base;
     saft-bf16   SAFT with the same mask on the bf16 base;
-    limit-int8  forward and backward to the activations on the int8 base, nothing trained: the floor.
+    limit-Q     forward and backward to the activations on the quantized base, nothing trained: the floor.
 
 Parts (--parts):
     step      memory (a fresh process per method, two steps; growth of the peak RSS over the loaded model, and
               the absolute peak) and step time (one process holding every method's model, steps taken in
               turn: ratios immune to the machine's drift).
-    capacity  quantized-base SAFT end to end on --capacity-model: built layer by layer on the int8 base (the
+    capacity  quantized-base SAFT end to end on --capacity-model: built layer by layer on the quantized base (the
               bf16 model never exists whole), lean phase 1 on one batch, then one step; the peaks of both phases.
 
 Usage:
     python benchmarks/quantized_base.py --quick
     python benchmarks/quantized_base.py --models smollm2 llama:1536x16 --parts step
+    python benchmarks/quantized_base.py --scheme nf4 --parts capacity --capacity-model llama:5632x64 --capacity-seq 16
 Results: --out (default benchmarks/results/quantized_base.json).
 """
 
@@ -42,17 +43,22 @@ from llm_engine import CAPACITY_ENV, Memory, _timed_steps, batches, build, llama
 from llm_engine import prepare as prepare_base  # noqa: E402
 from scale import random_mask  # noqa: E402
 
+from saftune.sparse.quantized import scheme_of  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
-METHODS = ["limit-int8", "qlora", "saft-int8", "saft-bf16"]
 
 
-def int8(model):
+def methods(scheme: str) -> list[str]:
+    return [f"limit-{scheme}", "qlora", f"saft-{scheme}", "saft-bf16"]
+
+
+def quantized(model, scheme: str):
     from saftune.sparse.quantized import quantize
 
-    return quantize(model, "int8")
+    return quantize(model, scheme)
 
 
-def build_int8_layer_by_layer(model: str):
+def build_quantized_layer_by_layer(model: str, scheme: str):
     """A synthetic `llama:HxL` whose Linear layers are made, initialised and quantized one at a time."""
     import torch
     from torch import nn
@@ -74,16 +80,16 @@ def build_int8_layer_by_layer(model: str):
                 for p in module.parameters(recurse=False):
                     p.fill_(1.0) if "norm" in type(module).__name__.lower() else p.normal_(0.0, 0.02)
             if type(module) is nn.Linear:
-                quantize(module, "int8")
+                quantize(module, scheme)
     lm.model.rotary_emb = LlamaRotaryEmbedding(config=config)
     lm.tie_weights()
     return lm
 
 
 def prepare(method: str, model, mask):
-    """(train_step, trainable tensors) of `method` on `model` (already int8 for the int8 methods): llm_engine's
-    LoRA r=8 on every projection for qlora, its limit, and SAFT with `mask`."""
-    kind = {"qlora": "lora", "limit-int8": "limit"}.get(method, "saft")
+    """(train_step, trainable tensors) of `method` on `model` (already quantized for the quantized methods):
+    llm_engine's LoRA r=8 on every projection for qlora, its limit, and SAFT with `mask`."""
+    kind = "lora" if method == "qlora" else "limit" if method.startswith("limit-") else "saft"
     return trainer(kind, prepare_base(kind, model), mask)
 
 
@@ -96,10 +102,10 @@ def worker(args) -> dict:
     memory = Memory("cpu")
     start = time.perf_counter()
     capacity = args.method == "capacity"
-    model = build_int8_layer_by_layer(args.model) if capacity else build(args.model, torch.bfloat16)
-    mask = None if capacity else random_mask(model, args.sparsity)  # chosen on the bf16 names: the same on int8
+    model = build_quantized_layer_by_layer(args.model, args.scheme) if capacity else build(args.model, torch.bfloat16)
+    mask = None if capacity else random_mask(model, args.sparsity)  # chosen on the bf16 names: the same quantized
     if not capacity and args.method != "saft-bf16" and args.method != "interleaved":
-        int8(model)
+        quantized(model, args.scheme)
     data = batches(model.config.vocab_size, args.batch, args.seq, max(2, args.warmup + args.steps))
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -107,8 +113,8 @@ def worker(args) -> dict:
     result = {"model": args.model, "method": args.method, "checkpointing": args.checkpointing,
               "params": sum(p.numel() for p in model.parameters()), "build_seconds": time.perf_counter() - start,
               "tokens_per_step": args.batch * args.seq, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "threads": args.threads, "model_mib": memory.now(),
-              "int8_params": sum(p.numel() for p in model.parameters() if type(p).__name__ == "Int8Tensor")}
+              "threads": args.threads, "model_mib": memory.now(), "scheme": args.scheme,
+              "quantized_params": sum(p.numel() for p in model.parameters() if scheme_of(p) == args.scheme)}
     if capacity:  # end to end: lean phase 1 on one batch, then one SAFT step with the mask it chose
         base = memory.now()
         memory.reset_peak()
@@ -120,18 +126,18 @@ def worker(args) -> dict:
 
         gc.collect()
         memory.reset_peak()
-        step, _ = prepare("saft-int8", model, mask)
+        step, _ = prepare(f"saft-{args.scheme}", model, mask)
         times = _timed_steps(step, data, 0, 1)
         result.update(step_seconds=times[0], phase2_peak_gib=memory.peak() / 1024)
         return result
     if args.method == "interleaved":  # every method's model in one process, steps taken in turn
         steppers = {}
-        for method in METHODS:
+        for method in methods(args.scheme):
             copy_ = copy.deepcopy(model)
             if method != "saft-bf16":
-                int8(copy_)
+                quantized(copy_, args.scheme)
             steppers[method] = prepare(method, copy_, mask)[0]
-        times = {m: [] for m in METHODS}
+        times = {m: [] for m in steppers}
         for i in range(args.warmup + args.steps):
             for method, step in steppers.items():
                 started = time.perf_counter()
@@ -152,23 +158,23 @@ def worker(args) -> dict:
 
 def run(args, env: dict | None = None, **settings) -> dict:
     """One measurement in a fresh process (its JSON line), or the reason it failed; `env` adds to its environment."""
-    options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads")}
+    options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads", "scheme")}
     options.update(settings)
     return run_worker(__file__, options, settings, env)
 
 
-def ratios(rows: dict, timing: dict) -> dict:
-    out = {}
-    if all(m in rows and "memory_mib" in rows[m] for m in ("saft-int8", "qlora")):
+def ratios(rows: dict, timing: dict, scheme: str = "int8") -> dict:
+    out, saft = {}, f"saft-{scheme}"
+    if all(m in rows and "memory_mib" in rows[m] for m in (saft, "qlora")):
         if rows["qlora"]["memory_mib"] > 0:  # in a warm process (the smoke test) a tiny model may not grow the RSS
-            out["saft_int8_over_qlora_memory"] = rows["saft-int8"]["memory_mib"] / rows["qlora"]["memory_mib"]
-        out["saft_int8_over_qlora_peak"] = rows["saft-int8"]["peak_mib"] / rows["qlora"]["peak_mib"]
-    if all(m in rows and "peak_mib" in rows[m] for m in ("saft-int8", "saft-bf16")):
-        out["saft_int8_over_saft_bf16_peak"] = rows["saft-int8"]["peak_mib"] / rows["saft-bf16"]["peak_mib"]
+            out[f"saft_{scheme}_over_qlora_memory"] = rows[saft]["memory_mib"] / rows["qlora"]["memory_mib"]
+        out[f"saft_{scheme}_over_qlora_peak"] = rows[saft]["peak_mib"] / rows["qlora"]["peak_mib"]
+    if all(m in rows and "peak_mib" in rows[m] for m in (saft, "saft-bf16")):
+        out[f"saft_{scheme}_over_saft_bf16_peak"] = rows[saft]["peak_mib"] / rows["saft-bf16"]["peak_mib"]
     seconds = timing.get("step_seconds", {})
-    if "saft-int8" in seconds:
-        for other in ("qlora", "saft-bf16", "limit-int8"):
-            out[f"saft_int8_over_{other.replace('-', '_')}_time"] = seconds["saft-int8"] / seconds[other]
+    if saft in seconds:
+        for other in ("qlora", "saft-bf16", f"limit-{scheme}"):
+            out[f"saft_{scheme}_over_{other.replace('-', '_')}_time"] = seconds[saft] / seconds[other]
     return out
 
 
@@ -177,6 +183,7 @@ def main(argv=None) -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="llama:256x4", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="saft-int8", help=argparse.SUPPRESS)
+    parser.add_argument("--scheme", default="int8", choices=["int8", "nf4"], help="the quantized base")
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", default=["smollm2", "llama:1536x16"])
     parser.add_argument("--parts", nargs="+", default=["step"], choices=["step", "capacity"])
@@ -208,15 +215,16 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     for model in args.models if "step" in args.parts else []:
         for mode in args.checkpointing_modes:
-            key = f"step/{model}/checkpointing-{mode}"
-            rows = {m: run(args, model=model, method=m, checkpointing=mode == "on", steps=1, warmup=1) for m in METHODS}
+            key = f"step/{model}/checkpointing-{mode}" + ("" if args.scheme == "int8" else f"/{args.scheme}")
+            rows = {m: run(args, model=model, method=m, checkpointing=mode == "on", steps=1, warmup=1)
+                    for m in methods(args.scheme)}
             timing = run(args, model=model, method="interleaved", checkpointing=mode == "on")
-            report["runs"][key] = {"rows": rows, "interleaved": timing, "ratios": ratios(rows, timing)}
+            report["runs"][key] = {"rows": rows, "interleaved": timing, "ratios": ratios(rows, timing, args.scheme)}
             print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=1) + "\n")
     if "capacity" in args.parts:
-        key = f"capacity/{args.capacity_model}/int8/seq-{args.capacity_seq}"
+        key = f"capacity/{args.capacity_model}/{args.scheme}/seq-{args.capacity_seq}"
         report["runs"][key] = run(args, model=args.capacity_model, method="capacity", seq=args.capacity_seq, steps=1, warmup=0,
                                        env=CAPACITY_ENV)
     report["seconds"] = time.perf_counter() - started + (report.get("seconds", 0) if args.update else 0)

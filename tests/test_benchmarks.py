@@ -112,27 +112,29 @@ def test_llm_engine_worker_measures_every_method_and_both_phase_1s(capsys):
     assert ratios["lean_phase1_over_ft_epoch_time"] > 0
 
 
-def test_quantized_base_worker_measures_saft_beside_int8_qlora_and_the_capacity_path(capsys):
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_quantized_base_worker_measures_saft_beside_the_quantized_base_qlora_and_the_capacity_path(capsys, scheme):
     pytest.importorskip("torchao")
     spec = importlib.util.spec_from_file_location("saftune_bench_quantized", SCALE.parent / "quantized_base.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     threads = torch.get_num_threads()
     rows = {}
+    saft, limit = f"saft-{scheme}", f"limit-{scheme}"
     try:
-        for method in ("limit-int8", "qlora", "saft-int8", "saft-bf16", "capacity"):
+        for method in (*module.methods(scheme), "capacity"):
             module.main(["--worker", "--model", "llama:64x2", "--method", method, "--seq", "16", "--steps", "1",
-                         "--warmup", "1", "--threads", "1", "--sparsity", "0.01"])
+                         "--warmup", "1", "--threads", "1", "--sparsity", "0.01", "--scheme", scheme])
             rows[method] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     finally:
         torch.set_num_threads(threads)
-    params = rows["saft-int8"]["params"]
-    assert rows["saft-int8"]["trainable"] == rows["saft-bf16"]["trainable"] == math.floor(0.01 * params)
-    assert 0 < rows["qlora"]["trainable"] < params and rows["limit-int8"]["trainable"] == 0
-    # Every projection of the built-in-int8 model is int8; the tied embedding is not.
+    params = rows[saft]["params"]
+    assert rows[saft]["trainable"] == rows["saft-bf16"]["trainable"] == math.floor(0.01 * params)
+    assert 0 < rows["qlora"]["trainable"] < params and rows[limit]["trainable"] == 0
+    # Every projection of the model built straight into the scheme is quantized; the tied embedding is not.
     capacity = rows["capacity"]
-    assert 0 < capacity["int8_params"] < capacity["params"]
+    assert capacity["scheme"] == scheme and 0 < capacity["quantized_params"] < capacity["params"]
     assert capacity["phase1"]["selected"] == math.floor(0.01 * capacity["params"]) and capacity["step_seconds"] > 0
-    timing = {"step_seconds": {m: rows[m]["step_seconds"] for m in ("limit-int8", "qlora", "saft-int8", "saft-bf16")}}
-    ratios = module.ratios(rows, timing)
-    assert ratios["saft_int8_over_qlora_time"] == rows["saft-int8"]["step_seconds"] / rows["qlora"]["step_seconds"]
+    timing = {"step_seconds": {m: rows[m]["step_seconds"] for m in module.methods(scheme)}}
+    ratios = module.ratios(rows, timing, scheme)
+    assert ratios[f"saft_{scheme}_over_qlora_time"] == rows[saft]["step_seconds"] / rows["qlora"]["step_seconds"]

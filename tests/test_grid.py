@@ -55,7 +55,7 @@ def test_a_row_with_its_own_model_options_runs_on_that_model_and_bad_ones_are_re
     assert configs["saft"].model_options == {"seed": 3}
     assert configs["saft-int8"].model_options == {"seed": 3, "quantize": "int8"}
     with pytest.raises(ValueError, match="quantize"):
-        GridConfig.from_dict({**GRID, "methods": [{"method": "saft", "model_options": {"quantize": "nf4"}}], "selection": None})
+        GridConfig.from_dict({**GRID, "methods": [{"method": "saft", "model_options": {"quantize": "int4"}}], "selection": None})
 
 
 @pytest.mark.parametrize("change, message", [

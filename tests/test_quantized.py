@@ -89,6 +89,19 @@ def test_the_engine_rebuilds_torchaos_dequantized_weight_bit_for_bit(dtype):
     assert [q.scheme_of(m.weight) for m in odd] == [None, "nf4"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saftunes_nf4_quantizer_makes_torchaos_nf4_tensor_bit_for_bit(dtype):
+    ao = q._torchao()
+    generator = torch.Generator().manual_seed(0)
+    for shape, group in [((64, 96), 32), ((256, 512), 256), ((48, 64), 16)]:
+        weight = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+        weight.view(-1)[:64] = torch.linspace(-1, 1, 64).to(dtype)  # one block with entries on and between the levels
+        ours, theirs = q.to_nf4(weight), ao.to_nf4(weight, 64, group)
+        assert ours.scaler_block_size == group and ours.shape == weight.shape and ours.dtype == dtype
+        for name in ["quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4"]:
+            assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_the_rounding_bound_holds_every_entry_of_a_quantized_weight(scheme):
     weight = torch.randn(64, 96) * torch.linspace(0.01, 3.0, 64).view(-1, 1)  # rows of very different scales
