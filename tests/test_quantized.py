@@ -249,6 +249,13 @@ def test_bad_quantized_inputs_are_refused_with_the_fix():
     layer.weight = nn.Parameter(layer.weight.detach().as_subclass(Params4bit), requires_grad=False)
     with pytest.raises(q.QuantizationError, match="cannot route.*quantize='int8' or quantize='nf4'"):
         sparsify(layer, SparseMask({"weight": torch.tensor([1])}, {"weight": (4, 4)}))
+    mixed = _case(tie=False)[0]
+    q.quantize(mixed.lm.model.layers[0], "int8")
+    q.quantize(mixed.lm.model.layers[1], "nf4")
+    both = saftune.select_mask(mixed, loss_fn, batches, sparsity=0.01)
+    with pytest.raises(q.QuantizationError, match="quantized in 2 ways.*one way"):
+        sparsify(mixed, both)
+    assert all(p.requires_grad for p in mixed.parameters() if not q.is_quantized(p))  # refused before any change
     nf4 = q.quantize(_case(tie=False)[0], "nf4")
     scales = f"{name}.quantized_scalers"
     with pytest.raises(q.QuantizationError, match="quantized data or scales"):

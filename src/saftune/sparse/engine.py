@@ -191,6 +191,10 @@ class SparseModel:
             check_routable(name, params[name])
             if not is_quantized(params[name]) and not params[name].is_contiguous():
                 raise ValueError(f"parameter {name!r} is not contiguous; call .contiguous() on it before sparsify")
+        schemes = {scheme_of(params[n]) for n in mask.indices if is_quantized(params[n])}
+        if len(schemes) > 1:  # a delta records one scheme, to rebase its entries onto the full-precision base
+            raise QuantizationError(f"the mask trains weights quantized in {len(schemes)} ways ({', '.join(sorted(schemes))}); "
+                                    "quantize the model one way (quantize='int8' or 'nf4')")
         for p in model.parameters():
             p.requires_grad_(False)
         owners = _owners(model)
@@ -219,8 +223,8 @@ class SparseModel:
         # of each weight for the backward pass (the input's gradient), a bf16 model's worth in all.
         trained = {id(s.param) for s in self._slots}
         self._frozen_quantized = [m for m in model.modules()
-                             if type(m) is nn.Linear and is_quantized(m.weight) and id(m.weight) not in trained
-                             and "forward" not in m.__dict__]
+                                  if type(m) is nn.Linear and is_quantized(m.weight) and id(m.weight) not in trained
+                                  and "forward" not in m.__dict__]
         self._install_all()
         self._value_ids = {id(s.values) for s in self._slots}
         _LIVE.add(self)
@@ -357,8 +361,8 @@ class SparseModel:
         config = {**{k: v for k, v in self.mask.meta.items() if k in ("score", "sparsity", "budget", "include", "exclude")}, **config}
         quantized = [s.name for s in self._slots if s.path == "quantized"]
         if quantized:  # their pretrained values are Q(W)'s: `SparseDelta.apply_to` rebases them onto a full-precision base
-            schemes = sorted({scheme_of(s.param) for s in self._slots if s.path == "quantized"})
-            config["quantized_base"] = {"scheme": schemes[0] if len(schemes) == 1 else "+".join(schemes), "tensors": quantized}
+            scheme = next(scheme_of(s.param) for s in self._slots if s.path == "quantized")  # one (checked in __init__)
+            config["quantized_base"] = {"scheme": scheme, "tensors": quantized}
         return SparseDelta(
             {s.name: s.indices.cpu() for s in self._slots},
             {s.name: s.values.detach().float().cpu().clone() for s in self._slots},
