@@ -289,3 +289,20 @@ def test_the_selection_is_kept_when_a_fixed_row_changes(tmp_path):
     assert _selection_key(GridConfig.from_dict(grid)) == _selection_key(GridConfig.from_dict(changed))
     reselected = {**grid, "selection": {"seed": 1, "grid": {"ft": {"lr": [1e-4, 3e-3]}}}}
     assert _selection_key(GridConfig.from_dict(grid)) != _selection_key(GridConfig.from_dict(reselected))
+
+
+def test_a_row_added_to_a_grid_keeps_the_other_rows_selections(tmp_path):
+    from saftune.grid import _cached_selection, _selection_key
+
+    grid = {"name": "t", "model": "tiny-sentence", "dataset": "toy-text", "seeds": [1], "methods": ["ft"],
+            "selection": {"seed": 1, "grid": {"ft": {"lr": [1e-4, 1e-3]}}}}
+    cache = tmp_path / "selection.json"
+    cache.write_text(json.dumps({"settings": _selection_key(GridConfig.from_dict(grid)),
+                                 "variants": {"ft": {"chosen": {"lr": 1e-3}}}}))
+    added = {**grid, "methods": ["ft", "l1"], "selection": {"seed": 1, "grid": {"ft": {"lr": [1e-4, 1e-3]},
+                                                                                 "l1": {"lr": [1e-3]}}}}
+    assert _cached_selection(cache, _selection_key(GridConfig.from_dict(added))) == {"ft": {"chosen": {"lr": 1e-3}}}
+    regridded = {**added, "selection": {"seed": 1, "grid": {"ft": {"lr": [3e-4]}, "l1": {"lr": [1e-3]}}}}
+    assert _cached_selection(cache, _selection_key(GridConfig.from_dict(regridded))) == {}
+    other_data = {**added, "dataset_options": {"size": 10}}
+    assert _cached_selection(cache, _selection_key(GridConfig.from_dict(other_data))) == {}

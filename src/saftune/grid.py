@@ -280,7 +280,7 @@ def select_hyperparameters(grid: GridConfig, out_dir: Path, pool: RunPool | None
     candidate). A best value at the edge of a numeric list is extended (see `saftune.selection`) up to
     `selection.extend` times, inside `selection.limits` and the option's own range. The outcome, with
     every trial and extension, is written to `<out_dir>/selection.json` after each variant, and reused
-    while the grid's settings are unchanged. The winning trial of a seed *is* the grid's run of that
+    while the grid's settings and the variant's own row are unchanged. The winning trial of a seed *is* the grid's run of that
     variant and seed (same options, same seed), so its directory becomes that run's: the grid then only
     evaluates it instead of training it again.
 
@@ -402,15 +402,34 @@ def _selection_key(grid: GridConfig) -> dict:
     return key
 
 
+def _row_keys(key: dict) -> tuple[dict, dict]:
+    """A selection key split into what every row shares and, per selected row, its method entry and its grid."""
+    common = {k: v for k, v in key.items() if k != "methods"}
+    selection = dict(common.get("selection") or {})
+    grids = selection.pop("grid", None) or {}
+    common["selection"] = selection
+    rows = {}
+    for m in key.get("methods", []):
+        name = m if isinstance(m, str) else m.get("name", m.get("method"))
+        rows[name] = {"method": m, "grid": grids.get(name)}
+    return common, rows
+
+
 def _cached_selection(cache_path: Path, key: dict) -> dict[str, dict]:
-    """The variants already chosen under the same grid settings (empty when the settings changed)."""
+    """The variants already chosen under the same settings: the grid's shared ones and the variant's own row.
+
+    A row added to the grid (or another row's grid changed) keeps the others' choices and trials.
+    """
     if not cache_path.is_file():
         return {}
     try:
         cached = json.loads(cache_path.read_text())
-        if cached.get("settings") != key:
+        cached_common, cached_rows = _row_keys(cached["settings"])
+        common, rows = _row_keys(key)
+        if cached_common != common:
             return {}
-        return {name: dict(entry) for name, entry in cached["variants"].items() if "chosen" in entry}
+        return {name: dict(entry) for name, entry in cached["variants"].items()
+                if "chosen" in entry and name in rows and cached_rows.get(name) == rows[name]}
     except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
         # Not redone silently: the grid's finished runs used the options it recorded.
         raise ValueError(f"{str(cache_path)!r} is damaged ({e!r}); delete it to select the hyperparameters again "
