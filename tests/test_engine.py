@@ -497,6 +497,31 @@ def _llama_case(dtype):
     return tiny.Case(lm, loss_fn, batches)
 
 
+def test_under_checkpointing_the_linear_kernel_saves_its_input_rather_than_gathering_its_columns(monkeypatch):
+    # The forward's saved tensors are dropped and recomputed under checkpointing, so gathering the columns
+    # there is wasted work; without checkpointing a layer that reads few columns saves only those.
+    from saftune.sparse import kernels
+
+    saved_columns = []
+    apply = kernels.SparseLinearFunction.apply
+    monkeypatch.setattr(kernels.SparseLinearFunction, "apply", lambda *args: saved_columns.append(args[-1]) or apply(*args))
+    case = _llama_case(torch.float32)
+    mask = _select(case, sparsity=0.002, score="random")  # few entries: most layers read few input columns
+    sm = saftune.sparsify(case.model, mask)
+    grads = {}
+    for checkpointing in (True, False):
+        if not checkpointing:
+            case.model.lm.gradient_checkpointing_disable()
+        saved_columns.clear()
+        for values in sm.trainable_parameters():
+            values.grad = None
+        case.loss_fn(case.model, case.batches[0]).mean().backward()
+        grads[checkpointing] = [v.grad.clone() for v in sm.trainable_parameters()]
+        assert saved_columns and (not any(saved_columns) if checkpointing else any(saved_columns))
+    for with_ckpt, without in zip(grads[True], grads[False]):
+        torch.testing.assert_close(with_ckpt, without, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_checkpointed_llama_trains_through_the_kernels_and_forms_no_dense_gradient(dtype):
     """q/k/v/o (narrow GQA k/v included) and gate/up/down take the Linear kernel, the tied embedding both
@@ -515,6 +540,13 @@ def test_a_checkpointed_llama_trains_through_the_kernels_and_forms_no_dense_grad
             assert any(n.endswith("k_proj.weight") for n in paths)  # the narrow GQA projection is among them
             assert paths["lm.model.embed_tokens.weight"] == "tied"
             assert {paths[n] for n in paths if "norm" in n} == {"hook"}
+            # Recomputing, the Linear kernel saves a reference to its input (not its columns): read per forward.
+            assert sm._recomputing()
+            case.model.eval()
+            assert not sm._recomputing()
+            case.model.train()
+            case.model.lm.gradient_checkpointing_disable()
+            assert not sm._recomputing()
     tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-2)
     for n in grads["off"]:
         torch.testing.assert_close(grads["auto"][n], grads["off"][n], msg=n, **tolerance)

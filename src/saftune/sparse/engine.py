@@ -239,7 +239,14 @@ class SparseModel:
             paths.count("tied"), paths.count("quantized"), paths.count("hook"),
         )
 
+    def _recomputing(self) -> bool:
+        """Whether the model recomputes activations now: a Hugging Face model with gradient checkpointing on,
+        in training mode (read at each forward, so enabling it after `sparsify`, as Trainer does, counts)."""
+        return any(m.gradient_checkpointing and m.training for m in self._checkpointed_modules)
+
     def _install_all(self) -> None:
+        # Modules that switch gradient checkpointing (transformers sets a bool `gradient_checkpointing` on them).
+        self._checkpointed_modules = [m for m in self.model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
         for position, path, module in self._targets:
             slot = self._slots[position]
             self._install(slot if slot.path == path else replace(slot, path=path), module)
@@ -285,7 +292,7 @@ class SparseModel:
         """Route the gradient of the slot's selected entries into `slot.values.grad`."""
         if slot.path in ("linear", "attention"):
             selection = LinearSelection.from_indices(slot.indices, tuple(slot.param.shape))
-            route = LinearRoute(slot.param, slot.values, slot.indices, selection)
+            route = LinearRoute(slot.param, slot.values, slot.indices, selection, self._recomputing)
             if slot.path == "linear":
                 module.forward = partial(_linear_forward, module, route)
                 self._forwards.append(module)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -221,6 +222,10 @@ class LinearRoute:
     values: torch.Tensor  # the slot's value vector (sorted flat-index order)
     indices: torch.Tensor  # sorted flat indices into `weight`
     selection: LinearSelection
+    # True while the model recomputes activations (gradient checkpointing): the forward's saved tensors are
+    # then dropped and saved again by the recomputation, so a reference to x costs nothing lasting, and the
+    # dropped pass skips gathering x's columns (the backward gathers them, widening to fp32 in one copy).
+    checkpointing: Callable[[], bool] = lambda: False
     _blocks: dict = field(default_factory=dict)
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -232,7 +237,8 @@ class LinearRoute:
             values, selection = self.values, self.selection
         else:
             values, selection = self._block(weight)
-        return SparseLinearFunction.apply(x, weight, bias, values, *selection.tensors(), selection.save_columns)
+        save_columns = selection.save_columns and not self.checkpointing()
+        return SparseLinearFunction.apply(x, weight, bias, values, *selection.tensors(), save_columns)
 
     def _block(self, view: torch.Tensor) -> tuple[torch.Tensor, LinearSelection]:
         """The values and selection of the rows of `self.weight` that `view` covers."""
