@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saftune.sparse.quantized import stored_tensors
+
 
 def weights_digest(model: torch.nn.Module) -> str:
     """Hex digest of every parameter and buffer of `model`: names, dtypes, shapes and values.
@@ -51,7 +53,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, tensor in tensors:
         tensor = tensor.detach()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        for part in _stored_tensors(tensor):
+        for part in stored_tensors(tensor):
             digest.update(_tensor_bytes(part))
     # A quantized base's trained entries live beside its weights (`saftune.sparse.quantized`), not in them.
     for name, module in model.named_modules():
@@ -61,15 +63,6 @@ def weights_digest(model: torch.nn.Module) -> str:
             for part in (side.indices, side.values.detach().float(), side.pretrained.float()):
                 digest.update(_tensor_bytes(part))
     return digest.hexdigest()
-
-
-def _stored_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """What a tensor stores: itself, or a quantized tensor's data and scales."""
-    if type(tensor).__module__.startswith("torchao."):
-        from saftune.sparse.quantized import stored_tensors
-
-        return stored_tensors(tensor)
-    return [tensor]
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:

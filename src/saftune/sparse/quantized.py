@@ -120,13 +120,11 @@ def dequantize(weight: torch.Tensor) -> torch.Tensor:
 
 
 def stored_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """What a tensor stores: itself, or a quantized tensor's data and scales (for checksums and bit-exact tests)."""
-    scheme = scheme_of(tensor)
-    if scheme == "int8":
-        return [tensor.qdata, tensor.scale]
-    if scheme == "nf4":
-        return [tensor.quantized_data, tensor.quantized_scalers, tensor.quantization_factor, tensor.scaler_mean]
-    return [tensor]
+    """What a tensor stores: itself, or a torchao tensor's inner tensors, data and scales, as it names them
+    itself (`__tensor_flatten__`), for checksums, exact copies and bit-exact tests."""
+    if not (is_quantized(tensor) and hasattr(tensor, "__tensor_flatten__")):
+        return [tensor]
+    return [getattr(tensor, name) for name in tensor.__tensor_flatten__()[0]]
 
 
 def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
@@ -187,6 +185,7 @@ def to_nf4(weight: torch.Tensor) -> torch.Tensor:
     blocks = weight.numel() // NF4_BLOCK
     group = next(size for size in (256, 128, 64, 32, 16, 8, 4, 2, 1) if blocks % size == 0)
     flat = weight.detach().contiguous().reshape(-1)
+    # torchao's 16 levels in the weight's dtype, read off a one-block tensor rather than copied here.
     levels = ao.to_nf4(torch.ones(NF4_BLOCK, dtype=weight.dtype), NF4_BLOCK, 1).nf4.to(weight.device)
     scalers, factor, mean = ao.NF4Tensor.double_quantize_scalers(flat, NF4_BLOCK, group)
     absmax = nf4_module.get_block_absmax(flat, NF4_BLOCK)
