@@ -15,13 +15,16 @@ Methods:
 Parts (--parts):
     step      memory (a fresh process per method, two steps; growth of the peak RSS over the loaded model, and
               the absolute peak) and step time (one process holding every method's model, steps taken in
-              turn: ratios immune to the machine's drift).
+              turn: ratios immune to the machine's drift). With --separate, each method's memory and time
+              come from its own process (models too large for a copy per method in one process); the
+              processes run one after another, so the machine's drift enters the time ratios.
     capacity  quantized-base SAFT end to end on --capacity-model: built layer by layer on the quantized base (the
               bf16 model never exists whole), lean phase 1 on one batch, then one step; the peaks of both phases.
 
 Usage:
     python benchmarks/quantized_base.py --quick
     python benchmarks/quantized_base.py --models smollm2 llama:1536x16 --parts step
+    python benchmarks/quantized_base.py --scheme nf4 --models llama:4608x40 --checkpointing-modes on --separate
     python benchmarks/quantized_base.py --scheme nf4 --parts capacity --capacity-model llama:5632x64 --capacity-seq 16
 Results: --out (default benchmarks/results/quantized_base.json).
 """
@@ -173,7 +176,7 @@ def ratios(rows: dict, timing: dict, scheme: str = "int8") -> dict:
         out[f"saft_{scheme}_over_saft_bf16_peak"] = rows[saft]["peak_mib"] / rows["saft-bf16"]["peak_mib"]
     seconds = timing.get("step_seconds", {})
     if saft in seconds:
-        for other in ("qlora", "saft-bf16", f"limit-{scheme}"):
+        for other in (m for m in ("qlora", "saft-bf16", f"limit-{scheme}") if m in seconds):
             out[f"saft_{scheme}_over_{other.replace('-', '_')}_time"] = seconds[saft] / seconds[other]
     return out
 
@@ -188,6 +191,11 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2", "llama:1536x16"])
     parser.add_argument("--parts", nargs="+", default=["step"], choices=["step", "capacity"])
     parser.add_argument("--checkpointing-modes", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument("--separate", action="store_true",
+                        help="step: memory and time of each method in its own process (models too large for a copy "
+                             "per method)")
+    parser.add_argument("--skip-methods", nargs="*", default=[], choices=["limit", "qlora", "saft-bf16"],
+                        help="step: leave these methods out (the limit, at sizes where each process takes minutes)")
     parser.add_argument("--capacity-model", default="llama:4096x36")
     parser.add_argument("--capacity-seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
@@ -216,9 +224,15 @@ def main(argv=None) -> None:
     for model in args.models if "step" in args.parts else []:
         for mode in args.checkpointing_modes:
             key = f"step/{model}/checkpointing-{mode}" + ("" if args.scheme == "int8" else f"/{args.scheme}")
-            rows = {m: run(args, model=model, method=m, checkpointing=mode == "on", steps=1, warmup=1)
-                    for m in methods(args.scheme)}
-            timing = run(args, model=model, method="interleaved", checkpointing=mode == "on")
+            if args.separate:  # a whole process per method: its memory, and the median of its own steps
+                kept = [m for m in methods(args.scheme) if m.removesuffix(f"-{args.scheme}") not in args.skip_methods]
+                rows = {m: run(args, model=model, method=m, checkpointing=mode == "on") for m in kept}
+                timing = {"separate": True, "step_seconds": {m: r["step_seconds"] for m, r in rows.items()
+                                                             if "step_seconds" in r}}
+            else:
+                rows = {m: run(args, model=model, method=m, checkpointing=mode == "on", steps=1, warmup=1)
+                        for m in methods(args.scheme)}
+                timing = run(args, model=model, method="interleaved", checkpointing=mode == "on")
             report["runs"][key] = {"rows": rows, "interleaved": timing, "ratios": ratios(rows, timing, args.scheme)}
             print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -165,6 +165,48 @@ def test_training_changes_only_the_side_term_and_follows_the_dequantized_model(s
     assert torch.allclose(lm.lm(input_ids=ids).logits, plain.lm(input_ids=ids).logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_side_terms_reading_one_input_share_one_copy_of_its_columns(monkeypatch, scheme, checkpointing):
+    # q, k and v read one input, and so do gate and up: their side terms save one copy of its columns and
+    # widen it once in the backward (under checkpointing: save a reference, gather and widen once in the
+    # backward), and the gradients are those of training on the dequantized weights.
+    from saftune.sparse import kernels
+
+    lm, loss_fn, batches = _case(tie=False)
+    q.quantize(lm, scheme)
+    plain = _dequantized_copy(lm)
+    indices, shapes = {}, {n: tuple(p.shape) for n, p in lm.named_parameters()}
+    for name, (out_features, in_features) in ((n, s) for n, s in shapes.items() if n.endswith("_proj.weight")):
+        cols = torch.arange(in_features // 2 + 1)  # just over half of the columns: the kernels read all of them
+        indices[name] = (cols % out_features) * in_features + cols
+    mask = SparseMask(indices, shapes)
+    saved, made = [], []
+    shared_copy = kernels.shared_copy
+    monkeypatch.setattr(q, "shared_copy", lambda source, index, dtype, make: shared_copy(
+        source, index, dtype, lambda: made.append(1) or make()))
+    save_for_backward = torch.autograd.function.FunctionCtx.save_for_backward
+    monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward",
+                        lambda ctx, *tensors: saved.append(tensors[0]) or save_for_backward(ctx, *tensors))
+    for model in (lm, plain):
+        if checkpointing:
+            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    sm = sparsify(lm, mask)
+    loss_fn(lm, batches[0]).mean().backward()
+    layers, tokens = lm.lm.config.num_hidden_layers, batches[0].numel()
+    columns = [t for t in saved if t.dim() == 2 and t.shape[1] == tokens]  # side terms' saved input columns
+    if checkpointing:  # nothing gathered in the forward: each input gathered and widened once in the backward
+        assert not columns and len(made) == 4 * layers
+    else:  # a copy per distinct input in the forward (saved by each of its projections), widened once
+        assert len(columns) == 7 * layers and len({t.data_ptr() for t in columns}) == 4 * layers
+        assert len(made) == 2 * 4 * layers
+    reference = sparsify(plain, mask)
+    loss_fn(plain, batches[0]).mean().backward()
+    for (name, values), (_, ref_values) in zip(sm.named_trainable_parameters(), reference.named_trainable_parameters()):
+        assert torch.allclose(values.grad, ref_values.grad, atol=1e-5, rtol=1e-4), name
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_delta_from_a_quantized_base_applies_as_a_side_term_there_and_rebases_onto_the_full_precision_base(
         tmp_path, scheme):

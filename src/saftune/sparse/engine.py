@@ -299,7 +299,8 @@ class SparseModel:
             else:  # the attention module's forward is installed once, for all its routes
                 self._attention_routes.setdefault(module, {})[id(slot.param)] = route
         elif slot.path == "quantized":
-            attach(module, SideTerm.build(slot.indices, tuple(slot.param.shape), slot.values, slot.pretrained))
+            attach(module, SideTerm.build(slot.indices, tuple(slot.param.shape), slot.values, slot.pretrained,
+                                          self._recomputing))
             self._sides.append(module)
         elif slot.path == "embedding":
             dim = slot.param.shape[1]

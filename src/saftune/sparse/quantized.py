@@ -44,6 +44,7 @@ import ctypes
 import io
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saftune.sparse.kernels import LinearSelection, _columns, sampled_dots
+from saftune.sparse.kernels import LinearSelection, _columns, sampled_dots, shared_copy
 
 logger = logging.getLogger(__name__)
 
@@ -333,18 +334,22 @@ class QuantizedSideFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, pretrained, selection: LinearSelection, indices):
+    def forward(ctx, x, weight, bias, values, pretrained, selection: LinearSelection, indices, recomputing=False):
         out = F.linear(x, effective_weight(weight, x.dtype, indices, values, pretrained), bias)
-        # The used input columns, in the input's dtype, as the Linear kernel saves them.
-        x_columns = _columns(x.reshape(-1, x.shape[-1]), selection.unique_cols)
-        ctx.save_for_backward(x_columns, weight, values, pretrained, indices)
+        x2d, cols = x.reshape(-1, x.shape[-1]), selection.unique_cols
+        if recomputing:  # gradient checkpointing drops what this pass saves: keep a reference, gather in the backward
+            saved = x2d
+        else:  # the used input columns, one copy saved by every projection that reads this input (q, k, v; gate, up)
+            saved = shared_copy(x2d, cols, x.dtype, lambda: _columns(x2d, cols))
+        ctx.save_for_backward(saved, weight, values, pretrained, indices)
         ctx.selection = selection
         ctx.has_bias = bias is not None
+        ctx.recomputing = recomputing
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_columns, weight, values, pretrained, indices = ctx.saved_tensors
+        saved, weight, values, pretrained, indices = ctx.saved_tensors
         s = ctx.selection
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_bias = grad_values = None
@@ -355,8 +360,12 @@ class QuantizedSideFunction(torch.autograd.Function):
             grad_bias = grad_2d.sum(0)
         if ctx.needs_input_grad[3]:
             grad_rows = _columns(grad_2d, s.unique_rows, torch.float32)
-            grad_values = sampled_dots(grad_rows, x_columns.float(), s.row_slot, s.col_slot, s.crow)
-        return grad_x, None, grad_bias, grad_values, None, None, None
+            if ctx.recomputing:  # gathered and widened to fp32 in one copy, once for q, k and v
+                x_cols = shared_copy(saved, s.unique_cols, torch.float32, lambda: _columns(saved, s.unique_cols, torch.float32))
+            else:  # widened once for q, k and v
+                x_cols = shared_copy(saved, None, torch.float32, saved.float)
+            grad_values = sampled_dots(grad_rows, x_cols, s.row_slot, s.col_slot, s.crow)
+        return grad_x, None, grad_bias, grad_values, None, None, None, None
 
 
 @dataclass
@@ -367,17 +376,21 @@ class SideTerm:
     pretrained: torch.Tensor  # [d_t] Q(W) at the entries (or the full-precision base's values, for a delta from it)
     selection: LinearSelection
     indices: torch.Tensor
+    # True while the model recomputes activations (gradient checkpointing), as for `kernels.LinearRoute`.
+    checkpointing: Callable[[], bool] = lambda: False
 
     @classmethod
-    def build(cls, indices: torch.Tensor, shape: tuple[int, int], values: torch.Tensor, pretrained: torch.Tensor) -> SideTerm:
-        return cls(values, pretrained, LinearSelection.from_indices(indices, shape), indices)
+    def build(cls, indices: torch.Tensor, shape: tuple[int, int], values: torch.Tensor, pretrained: torch.Tensor,
+              checkpointing: Callable[[], bool] | None = None) -> SideTerm:
+        selection = LinearSelection.from_indices(indices, shape)
+        return cls(values, pretrained, selection, indices, *([checkpointing] if checkpointing else []))
 
 
 def side_forward(module: nn.Linear, side: SideTerm, x: torch.Tensor) -> torch.Tensor:
     """The forward installed on a quantized Linear that carries trained entries."""
     if torch.is_grad_enabled() and (side.values.requires_grad or x.requires_grad):
         return QuantizedSideFunction.apply(x, module.weight, module.bias, side.values, side.pretrained, side.selection,
-                                           side.indices)
+                                           side.indices, side.checkpointing())
     return F.linear(x, effective_weight(module.weight, x.dtype, side.indices, side.values, side.pretrained), module.bias)
 
 

@@ -1,0 +1,86 @@
+"""How fast is the Linear kernel's transposing copy of a layer's input or output gradient, by width?
+
+The kernel reads each used column of a [N, width] bf16 activation as one contiguous fp32 vector: a
+transpose and a widening (`saftune.sparse.kernels._columns`). Two ways are timed side by side, the
+calls interleaved so that both see the same machine load:
+
+    one copy      torch.empty(width, N, fp32).copy_(x.t()): transpose and widening at once;
+    two copies    x.t().contiguous().float(): torch's blocked same-dtype transpose, then a contiguous widening.
+
+`_columns` takes the second when the rows lie a multiple of 2 KiB apart (`chosen` below), where the first
+keeps hitting the same cache sets.
+
+Usage:
+    python benchmarks/column_copies.py            # results: benchmarks/results/column_copies.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from saftune.sparse.kernels import _columns
+
+RESULTS = Path(__file__).parent / "results"
+WIDTHS = [192, 576, 768, 1024, 1536, 2048, 2560, 3072, 4096, 4608, 5632, 8192, 10944, 11008, 12288]
+
+
+def _median_ms(fn, calls: int = 10) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def measure(tokens: int, width: int, rounds: int) -> dict:
+    x = torch.randn(tokens, width).bfloat16()
+    every = torch.arange(width)
+    ways = {"one_copy": lambda: torch.empty(width, tokens).copy_(x.t()),
+            "two_copies": lambda: x.t().contiguous().float(),
+            "chosen": lambda: _columns(x, every, torch.float32)}
+    for fn in ways.values():
+        fn()
+    samples = {k: [] for k in ways}
+    for _ in range(rounds):
+        for key, fn in ways.items():
+            samples[key].append(_median_ms(fn))
+    ms = {k: statistics.median(v) for k, v in samples.items()}
+    return {"tokens": tokens, "width": width, **{f"{k}_ms": v for k, v in ms.items()},
+            "two_over_one": ms["two_copies"] / ms["one_copy"], "chosen_over_best": ms["chosen"] / min(ms["one_copy"], ms["two_copies"]),
+            "takes_two_copies": (width * x.element_size()) % 2048 == 0}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512])
+    parser.add_argument("--widths", type=int, nargs="+", default=WIDTHS)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", type=Path, default=RESULTS / "column_copies.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for tokens in args.tokens:
+        for width in args.widths:
+            rows.append(measure(tokens, width, args.rounds))
+            r = rows[-1]
+            print(f"N={tokens:5d} width={width:6d}  one copy {r['one_copy_ms']:7.3f} ms  two copies {r['two_copies_ms']:7.3f} ms"
+                  f"  two/one {r['two_over_one']:.2f}  chosen/best {r['chosen_over_best']:.2f}"
+                  f"  ({'two copies' if r['takes_two_copies'] else 'one copy'})", flush=True)
+    report = {"machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+                          "threads": args.threads, "platform": platform.platform(), "torch": torch.__version__},
+              "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
