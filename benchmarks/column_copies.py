@@ -10,6 +10,13 @@ calls interleaved so that both see the same machine load:
 `_columns` takes the second when the rows lie a multiple of 2 KiB apart (`chosen` below), where the first
 keeps hitting the same cache sets.
 
+When only some columns are used (`--part gather`, a random ~40% of them), two ways of gathering them:
+
+    columns first     x.index_select(1, cols), then the transposing copy: a strided gather;
+    transpose first   x.t().contiguous().index_select(0, cols): the whole input transposed, whole rows gathered.
+
+`_columns` transposes first when the input is at most 16 MiB.
+
 Usage:
     python benchmarks/column_copies.py            # results: benchmarks/results/column_copies.json
 """
@@ -57,17 +64,48 @@ def measure(tokens: int, width: int, rounds: int) -> dict:
             "takes_two_copies": (width * x.element_size()) % 2048 == 0}
 
 
+def measure_gather(tokens: int, width: int, used: int, rounds: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, width, generator=g).bfloat16()
+    cols = torch.sort(torch.randperm(width, generator=g)[:used]).values
+
+    def columns_first():
+        picked = x.index_select(1, cols)
+        return torch.empty(used, tokens).copy_(picked.t())
+
+    ways = {"columns_first": columns_first, "transpose_first": lambda: x.t().contiguous().index_select(0, cols).float(),
+            "chosen": lambda: _columns(x, cols, torch.float32)}
+    samples = {k: [] for k in ways}
+    for fn in ways.values():
+        fn()
+    for _ in range(rounds):
+        for key, fn in ways.items():
+            samples[key].append(_median_ms(fn))
+    ms = {k: statistics.median(v) for k, v in samples.items()}
+    return {"tokens": tokens, "width": width, "used": used, **{f"{k}_ms": v for k, v in ms.items()},
+            "transpose_first_over_columns_first": ms["transpose_first"] / ms["columns_first"],
+            "input_mib": tokens * width * 2 / 2**20}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[512])
     parser.add_argument("--widths", type=int, nargs="+", default=WIDTHS)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--parts", nargs="+", default=["widen", "gather"], choices=["widen", "gather"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=RESULTS / "column_copies.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = []
-    for tokens in args.tokens:
+    rows, gathers = [], []
+    for tokens in args.tokens if "gather" in args.parts else []:
+        for width in args.widths + [49152]:
+            gathers.append(measure_gather(tokens, width, int(0.4 * width), args.rounds))
+            r = gathers[-1]
+            print(f"N={tokens:5d} width={width:6d} used={r['used']:6d}  columns first {r['columns_first_ms']:7.3f} ms"
+                  f"  transpose first {r['transpose_first_ms']:7.3f} ms  ratio {r['transpose_first_over_columns_first']:.2f}"
+                  f"  chosen {r['chosen_ms']:7.3f} ms", flush=True)
+    for tokens in args.tokens if "widen" in args.parts else []:
         for width in args.widths:
             rows.append(measure(tokens, width, args.rounds))
             r = rows[-1]
@@ -76,7 +114,7 @@ def main(argv=None) -> None:
                   f"  ({'two copies' if r['takes_two_copies'] else 'one copy'})", flush=True)
     report = {"machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
                           "threads": args.threads, "platform": platform.platform(), "torch": torch.__version__},
-              "rows": rows}
+              "rows": rows, "gather": gathers}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
