@@ -130,10 +130,10 @@ def _columns(x2d: torch.Tensor, index: torch.Tensor, dtype: torch.dtype | None =
     from the transposed view; `LinearSelection` takes every column when more than half are used. The
     transpose and the change of dtype are one copy (bf16 activations become the fp32 the dots run in),
     except when the rows lie a multiple of 2 KiB apart: that strided copy then keeps hitting the same
-    cache sets (1.5-3x slower at 512 x 1024..12288 in bf16, AVX-512 host), so those are transposed in their
+    cache sets (1.5-2.2x slower at 512 x 1024..12288 in bf16, AVX-512 host), so those are transposed in their
     own dtype by torch's blocked transpose first and widened after. When some columns are left out and the
     input is small enough to stay in cache (up to 16 MiB), transposing all of it and gathering whole rows
-    is faster still than the strided column gather (1.2-2.6x at 512 tokens x 192..11008; slower at 512 x
+    is faster still than the strided column gather (up to 2.5x at 512 tokens x 192..12288; slower at 512 x
     49152). Both measured by `benchmarks/column_copies.py`.
 
     Example:
@@ -186,10 +186,10 @@ def shared_copy(source: torch.Tensor, index: torch.Tensor | None, dtype: torch.d
     entry = _last_copy.entry
     if entry is not None:
         old, version, old_index, old_dtype, copy = entry
-        same_columns = old_index is index or (
-            old_index is not None and index is not None and old_index.shape == index.shape and torch.equal(old_index, index))
-        if (old_dtype == dtype and same_columns and old.data_ptr() == source.data_ptr() and old.dtype == source.dtype
-                and old.shape == source.shape and old.stride() == source.stride() and source._version == version):
+        same_source = (old.device == source.device and old.data_ptr() == source.data_ptr() and old.dtype == source.dtype
+                       and old.shape == source.shape and old.stride() == source.stride() and source._version == version)
+        if same_source and old_dtype == dtype and (old_index is index or (
+                old_index is not None and index is not None and old_index.shape == index.shape and torch.equal(old_index, index))):
             return copy
     copy = make()
     _last_copy.entry = (source, source._version, index, dtype, copy)
