@@ -522,15 +522,6 @@ def test_under_checkpointing_the_linear_kernel_saves_its_input_rather_than_gathe
         torch.testing.assert_close(with_ckpt, without, atol=1e-6, rtol=1e-5)
 
 
-def _all_columns_mask(model) -> saftune.SparseMask:
-    """Entries in just over half of every projection's columns (so its kernel reads all of them), one per column."""
-    indices, shapes = {}, {n: tuple(p.shape) for n, p in model.named_parameters()}
-    for name, (out_features, in_features) in ((n, s) for n, s in shapes.items() if n.endswith("_proj.weight")):
-        cols = torch.arange(in_features // 2 + 1)
-        indices[name] = (cols % out_features) * in_features + cols
-    return saftune.SparseMask(indices, shapes)
-
-
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_projections_reading_one_input_share_one_copy_of_its_columns(monkeypatch, checkpointing):
     # q, k and v read one input, and so do gate and up: one fp32 copy of it serves each group's backward.
@@ -545,7 +536,7 @@ def test_projections_reading_one_input_share_one_copy_of_its_columns(monkeypatch
         case = _llama_case(torch.float32)
         if not checkpointing:
             case.model.lm.gradient_checkpointing_disable()
-        sm = saftune.sparsify(case.model, _all_columns_mask(case.model), kernels=engine)
+        sm = saftune.sparsify(case.model, tiny.all_columns_mask(case.model), kernels=engine)
         case.loss_fn(case.model, case.batches[0]).mean().backward()
         grads[engine] = {n: v.grad.clone() for n, v in sm.named_trainable_parameters()}
     layers = case.model.lm.config.num_hidden_layers

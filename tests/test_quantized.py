@@ -12,6 +12,7 @@ from torch import nn
 pytest.importorskip("torchao")
 
 import saftune  # noqa: E402
+import tiny  # noqa: E402
 from saftune.models import create  # noqa: E402
 from saftune.models.tiny_lm import tiny_causal_lm  # noqa: E402
 from saftune.sparse import SparseDelta, SparseMask, sparsify  # noqa: E402
@@ -176,11 +177,7 @@ def test_side_terms_reading_one_input_share_one_copy_of_its_columns(monkeypatch,
     lm, loss_fn, batches = _case(tie=False)
     q.quantize(lm, scheme)
     plain = _dequantized_copy(lm)
-    indices, shapes = {}, {n: tuple(p.shape) for n, p in lm.named_parameters()}
-    for name, (out_features, in_features) in ((n, s) for n, s in shapes.items() if n.endswith("_proj.weight")):
-        cols = torch.arange(in_features // 2 + 1)  # just over half of the columns: the kernels read all of them
-        indices[name] = (cols % out_features) * in_features + cols
-    mask = SparseMask(indices, shapes)
+    mask = tiny.all_columns_mask(lm)
     saved, made = [], []
     shared_copy = kernels.shared_copy
     monkeypatch.setattr(q, "shared_copy", lambda source, index, dtype, make: shared_copy(

@@ -140,3 +140,15 @@ def t5(seed: int = 0) -> Case:
 
 
 BUILDERS = {"mlp": mlp, "cnn": cnn, "mha": mha, "bert": bert, "clip": clip, "t5": t5}
+
+
+def all_columns_mask(model: nn.Module):
+    """A mask with entries in just over half of every projection's columns, one per column, so that the
+    kernels read all of an input's columns (the case in which projections sharing an input share its copy)."""
+    from saftune.sparse import SparseMask
+
+    indices, shapes = {}, {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for name, (out_features, in_features) in ((n, s) for n, s in shapes.items() if n.endswith("_proj.weight")):
+        cols = torch.arange(in_features // 2 + 1)
+        indices[name] = (cols % out_features) * in_features + cols
+    return SparseMask(indices, shapes)
