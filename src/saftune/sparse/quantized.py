@@ -381,9 +381,8 @@ class SideTerm:
 
     @classmethod
     def build(cls, indices: torch.Tensor, shape: tuple[int, int], values: torch.Tensor, pretrained: torch.Tensor,
-              checkpointing: Callable[[], bool] | None = None) -> SideTerm:
-        selection = LinearSelection.from_indices(indices, shape)
-        return cls(values, pretrained, selection, indices, *([checkpointing] if checkpointing else []))
+              checkpointing: Callable[[], bool] = lambda: False) -> SideTerm:
+        return cls(values, pretrained, LinearSelection.from_indices(indices, shape), indices, checkpointing)
 
 
 def side_forward(module: nn.Linear, side: SideTerm, x: torch.Tensor) -> torch.Tensor:
