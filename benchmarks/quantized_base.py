@@ -51,8 +51,9 @@ from saftune.sparse.quantized import scheme_of  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def methods(scheme: str) -> list[str]:
-    return [f"limit-{scheme}", "qlora", f"saft-{scheme}", "saft-bf16"]
+def methods(scheme: str, skip=()) -> list[str]:
+    """The compared methods on a `scheme` base, less those named in `skip` ("limit", "qlora", "saft-bf16")."""
+    return [m for m in (f"limit-{scheme}", "qlora", f"saft-{scheme}", "saft-bf16") if m.removesuffix(f"-{scheme}") not in skip]
 
 
 def quantized(model, scheme: str):
@@ -135,7 +136,7 @@ def worker(args) -> dict:
         return result
     if args.method == "interleaved":  # every method's model in one process, steps taken in turn
         steppers = {}
-        for method in methods(args.scheme):
+        for method in methods(args.scheme, args.skip_methods):
             copy_ = copy.deepcopy(model)
             if method != "saft-bf16":
                 quantized(copy_, args.scheme)
@@ -161,7 +162,8 @@ def worker(args) -> dict:
 
 def run(args, env: dict | None = None, **settings) -> dict:
     """One measurement in a fresh process (its JSON line), or the reason it failed; `env` adds to its environment."""
-    options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads", "scheme")}
+    options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads", "scheme",
+                                                   "skip_methods")}
     options.update(settings)
     return run_worker(__file__, options, settings, env)
 
@@ -224,14 +226,13 @@ def main(argv=None) -> None:
     for model in args.models if "step" in args.parts else []:
         for mode in args.checkpointing_modes:
             key = f"step/{model}/checkpointing-{mode}" + ("" if args.scheme == "int8" else f"/{args.scheme}")
+            kept = methods(args.scheme, args.skip_methods)
             if args.separate:  # a whole process per method: its memory, and the median of its own steps
-                kept = [m for m in methods(args.scheme) if m.removesuffix(f"-{args.scheme}") not in args.skip_methods]
                 rows = {m: run(args, model=model, method=m, checkpointing=mode == "on") for m in kept}
                 timing = {"separate": True, "step_seconds": {m: r["step_seconds"] for m, r in rows.items()
                                                              if "step_seconds" in r}}
             else:
-                rows = {m: run(args, model=model, method=m, checkpointing=mode == "on", steps=1, warmup=1)
-                        for m in methods(args.scheme)}
+                rows = {m: run(args, model=model, method=m, checkpointing=mode == "on", steps=1, warmup=1) for m in kept}
                 timing = run(args, model=model, method="interleaved", checkpointing=mode == "on")
             report["runs"][key] = {"rows": rows, "interleaved": timing, "ratios": ratios(rows, timing, args.scheme)}
             print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
