@@ -67,8 +67,12 @@ def llama_config(hidden: int, layers: int, vocab: int = VOCAB):
                        rms_norm_eps=1e-5)
 
 
-def build(model: str, dtype):
-    """The causal LM `model` ("smollm2" or "llama:HxL") with `dtype` weights; a synthetic one is built in `dtype`."""
+def build(model: str, dtype, device: str = "cpu"):
+    """The causal LM `model` ("smollm2" or "llama:HxL") with `dtype` weights on `device`.
+
+    A synthetic one is built in `dtype` directly on `device`: initialising a 7B model on the CPU and
+    copying it over would cost more than the GPU's whole measurement.
+    """
     import torch
     from transformers import LlamaForCausalLM
 
@@ -76,16 +80,25 @@ def build(model: str, dtype):
     if model == "smollm2":
         from saftune.models.causal_lm import load_causal_lm, smollm2_gguf
 
-        return load_causal_lm(smollm2_gguf(), dtype="bfloat16" if dtype == torch.bfloat16 else "float32").lm
+        return load_causal_lm(smollm2_gguf(), dtype="bfloat16" if dtype == torch.bfloat16 else "float32").lm.to(device)
     if not model.startswith("llama:"):
         raise SystemExit(f"unknown model {model!r}: smollm2 or llama:HxL")
     hidden, layers = (int(v) for v in model.removeprefix("llama:").split("x"))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        return LlamaForCausalLM(llama_config(hidden, layers))
+        with torch.device(device):
+            return LlamaForCausalLM(llama_config(hidden, layers))
     finally:
         torch.set_default_dtype(previous)
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work (its kernels run asynchronously), so that a timer reads the step's time."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def batches(vocab: int, batch: int, seq: int, count: int):
@@ -171,14 +184,11 @@ def trainer(method: str, model, mask=None):
 
 
 def _timed_steps(step, data, warmup: int, steps: int) -> list[float]:
-    import torch
-
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
         step(data[i % len(data)])
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
@@ -200,8 +210,10 @@ def interleaved(model, data, args) -> dict:
     times: dict[str, list[float]] = {m: [] for m in steppers}
     for i in range(args.warmup + args.steps):
         for method, step in steppers.items():
+            synchronize()
             start = time.perf_counter()
             step(data[i % len(data)])
+            synchronize()
             if i >= args.warmup:
                 times[method].append(time.perf_counter() - start)
     return {"step_seconds": {m: statistics.median(t) for m, t in times.items()}, "step_seconds_each": times}
@@ -216,7 +228,7 @@ def worker(args) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     memory = Memory(args.device)
     start = time.perf_counter()
-    model = build(args.model, dtype).to(args.device)
+    model = build(args.model, dtype, args.device)
     data = [b.to(args.device) for b in batches(model.config.vocab_size, args.batch, args.seq,
                                                  max(args.batches, args.warmup + args.steps))]
     result = {"model": args.model, "method": args.method, "dtype": args.dtype, "checkpointing": args.checkpointing,
