@@ -63,7 +63,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="256x4", help="hidden x layers of the Llama-shaped model")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--sparsity", type=float, default=1e-2)
+    parser.add_argument("--dots", default=kernels._DEVICE_DOTS, choices=["gather", "sddmm", "dense"],
+                        help="how the device computes the selected entries' dot products (the CPU's own path is unchanged)")
     args = parser.parse_args(argv)
+    kernels._DEVICE_DOTS = args.dots
     hidden, layers = (int(v) for v in args.model.split("x"))
     torch.manual_seed(0)
     reference = LlamaForCausalLM(llama_config(hidden, layers, vocab=args.vocab)).float()
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
                 if args.device == "cpu":
                     kernels._sampled_addmm_ok = saved
             error = relative_error(got, want)
-            report({"check": check, "device": args.device, "checkpointing": checkpointing, "relative_error": error,
+            report({"check": check, "device": args.device, "dots": args.dots, "checkpointing": checkpointing, "relative_error": error,
                     "tolerance": TOLERANCE[check], "ok": error <= TOLERANCE[check]})
 
     batches = [ids[i : i + 2] for i in range(0, 4, 2)]

@@ -30,8 +30,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# Upper bound on the temporary [chunk, N] products of the chunked gathered dot products (elements).
+# Upper bound on the temporary [chunk, N] products of the chunked gathered dot products (elements), on the
+# CPU (where the chunks should stay in cache) and on other devices (where each chunk costs kernel launches).
 _CHUNK_ELEMENTS = 1 << 22
+_DEVICE_CHUNK_ELEMENTS = 1 << 22
+# How the dot products run off the CPU: "gather" (chunked gather-multiply-sum), "sddmm" (torch's
+# sampled_addmm, cuSPARSE's sampled dense-dense product, on CUDA in fp32/fp64) or "dense" (the used rows'
+# and columns' whole product in TF32, the entries picked from it).
+_DEVICE_DOTS = "gather"
 # Inputs up to this size are transposed whole before their used columns are gathered (see `_columns`).
 _TRANSPOSE_FIRST_BYTES = 16 << 20
 
@@ -83,7 +89,8 @@ def _quiet_csr_warning() -> None:
 
 
 def _sampled_addmm_ok(a: torch.Tensor) -> bool:
-    return a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+    on = a.device.type == "cpu" or (a.device.type == "cuda" and _DEVICE_DOTS == "sddmm")
+    return on and a.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
 
 
 def sampled_dots(a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor, col_slot: torch.Tensor, crow: torch.Tensor) -> torch.Tensor:
@@ -99,16 +106,31 @@ def sampled_dots(a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor, col_s
         return torch.zeros(d, dtype=a.dtype, device=a.device)
     if _sampled_addmm_ok(a):
         _quiet_csr_warning()
-        pattern = torch.sparse_csr_tensor(crow, col_slot, torch.zeros(d, dtype=a.dtype), (a.shape[0], b.shape[0]),
-                                          check_invariants=False)
+        pattern = torch.sparse_csr_tensor(crow, col_slot, torch.zeros(d, dtype=a.dtype, device=a.device),
+                                          (a.shape[0], b.shape[0]), check_invariants=False)
         # sampled_addmm wants mat2 as [N, C]; b.t() is a view whose transpose is b itself: no copy.
         return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
-    step = max(1, _CHUNK_ELEMENTS // n)
+    if a.device.type == "cuda" and _DEVICE_DOTS == "dense" and not torch.compiler.is_compiling():
+        return _dense_dots(a, b, row_slot, col_slot)
+    step = max(1, (_CHUNK_ELEMENTS if a.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS) // n)
     result = torch.empty(d, dtype=a.dtype, device=a.device)
     for start in range(0, d, step):
         r, c = row_slot[start : start + step], col_slot[start : start + step]
         result[start : start + step] = (a.index_select(0, r) * b.index_select(0, c)).sum(1)
     return result
+
+
+def _dense_dots(a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor, col_slot: torch.Tensor) -> torch.Tensor:
+    """`sampled_dots` as one matrix product a @ b^T, the entries picked from it: tensor-core speed for a
+    transient [R, C] fp32 block. TF32 rounds fp32 inputs to 10 mantissa bits: exact for values widened
+    from bf16 (7 bits), an approximation for fp32 activations."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        product = torch.mm(a, b.t())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return product.view(-1).index_select(0, row_slot * b.shape[0] + col_slot)
 
 
 def _used(coordinate: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,12 +210,22 @@ def shared_copy(source: torch.Tensor, index: torch.Tensor | None, dtype: torch.d
         old, version, old_index, old_dtype, copy = entry
         same_source = (old.device == source.device and old.data_ptr() == source.data_ptr() and old.dtype == source.dtype
                        and old.shape == source.shape and old.stride() == source.stride() and source._version == version)
-        if same_source and old_dtype == dtype and (old_index is index or (
-                old_index is not None and index is not None and old_index.shape == index.shape and torch.equal(old_index, index))):
+        if same_source and old_dtype == dtype and _same_index(old_index, index):
             return copy
     copy = make()
     _last_copy.entry = (source, source._version, index, dtype, copy)
     return copy
+
+
+def _same_index(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two column indices (None: all columns) are equal. Off the CPU only the same tensor counts:
+    comparing values there waits for the device, once per projection (`shared_copy`'s callers pass None
+    for all columns, the common case, so nothing is lost there)."""
+    if a is b:
+        return True
+    if a is None or b is None or a.shape != b.shape or a.device != b.device:
+        return False
+    return a.device.type == "cpu" and torch.equal(a, b)
 
 
 def gathered_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -263,7 +295,9 @@ class SparseLinearFunction(torch.autograd.Function):
             if ctx.save_columns:
                 x_cols = saved.float()
             elif saved.dtype == ctx.out_dtype:  # widening to fp32 is exact: one copy straight to the dots' dtype
-                x_cols = shared_copy(saved, unique_cols, torch.float32, lambda: _columns(saved, unique_cols, torch.float32))
+                every = unique_cols.numel() == saved.shape[1]
+                x_cols = shared_copy(saved, None if every else unique_cols, torch.float32,
+                                     lambda: _columns(saved, unique_cols, torch.float32))
             else:  # under autocast: round to the product's dtype first, as the forward's product did
                 x_cols = _columns(saved, unique_cols, ctx.out_dtype).float()
             grad_values = sampled_dots(_columns(grad_2d, unique_rows, torch.float32), x_cols, row_slot, col_slot, crow)
