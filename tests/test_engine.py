@@ -334,6 +334,41 @@ def test_linear_kernel_chunked_fallback_equals_sampled_addmm(monkeypatch):
     torch.testing.assert_close(slow, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_dot_products_route_by_device_and_dtype(monkeypatch):
+    """sampled_addmm on the CPU and (as cuSPARSE's SDDMM) on CUDA in fp32/fp64; the chunked gather elsewhere."""
+    from types import SimpleNamespace
+
+    from saftune.sparse import kernels
+
+    def on(device: str, dtype=torch.float32) -> bool:
+        return kernels._sampled_addmm_ok(SimpleNamespace(device=torch.device(device), dtype=dtype))
+
+    assert on("cpu") and on("cpu", torch.float64) and on("cuda") and on("cuda", torch.float64)
+    assert not on("cuda", torch.bfloat16) and not on("meta") and not on("mps")
+    monkeypatch.setattr(kernels, "_DEVICE_DOTS", "gather")
+    assert on("cpu") and not on("cuda")
+
+
+def test_dense_dot_products_pick_the_selected_entries_of_the_product():
+    from saftune.sparse import kernels
+
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 9), torch.randn(5, 9)
+    rows, cols = torch.tensor([0, 0, 3, 5]), torch.tensor([4, 1, 0, 2])
+    torch.testing.assert_close(kernels._dense_dots(a, b, rows, cols), (a @ b.T)[rows, cols])
+
+
+def test_shared_copies_compare_index_values_only_on_the_cpu():
+    """Off the CPU, comparing values would wait for the device once per projection: only the same tensor counts."""
+    from saftune.sparse.kernels import _same_index
+
+    index = torch.tensor([1, 4, 7])
+    assert _same_index(None, None) and _same_index(index, index) and _same_index(index, index.clone())
+    assert not _same_index(index, None) and not _same_index(index, torch.tensor([1, 4, 8]))
+    on_meta = index.to("meta")
+    assert _same_index(on_meta, on_meta) and not _same_index(on_meta, index.to("meta"))
+
+
 def test_linear_kernel_empty_batch_gives_zero_gradient():
     linear = nn.Linear(8, 6)
     idx = torch.tensor([3, 10, 40])

@@ -5,9 +5,9 @@ for each selected (r, c). At density 1e-3 this is ~1000x fewer multiply-adds tha
 it needs no dense out x in gradient. Only the rows of dy and the columns of x that some selected entry
 uses take part: the forward saves x[:, unique_cols] (transposed, so each column is one contiguous
 vector) instead of the whole input, and the backward gathers dy[:, unique_rows] the same way. The d dot
-products then run as one sampled dense-dense product (`torch.sparse.sampled_addmm`, a vectorised C++
-loop over the selected entries, nothing materialised) on the CPU, or as chunked gather-multiply-sum
-elsewhere (other devices, `torch.compile`).
+products then run as one sampled dense-dense product (`torch.sparse.sampled_addmm`: a vectorised C++
+loop over the selected entries on the CPU, cuSPARSE's SDDMM on CUDA; nothing materialised), or as
+chunked gather-multiply-sum elsewhere (other devices, `torch.compile`).
 
 For an embedding, dL/dE[r, c] = sum of dy[n, c] over positions n whose token is r: the output gradients
 are summed per distinct selected token present in the batch (O(N * dim), however many rows the mask
@@ -31,13 +31,15 @@ import torch
 import torch.nn.functional as F
 
 # Upper bound on the temporary [chunk, N] products of the chunked gathered dot products (elements), on the
-# CPU (where the chunks should stay in cache) and on other devices (where each chunk costs kernel launches).
+# CPU (where the chunks should stay in cache) and on other devices (where each chunk costs five kernel
+# launches: on an H200, 64M-element chunks made a 6.55B model's SAFT step 1.5-2x faster than 4M ones).
 _CHUNK_ELEMENTS = 1 << 22
-_DEVICE_CHUNK_ELEMENTS = 1 << 22
-# How the dot products run off the CPU: "gather" (chunked gather-multiply-sum), "sddmm" (torch's
-# sampled_addmm, cuSPARSE's sampled dense-dense product, on CUDA in fp32/fp64) or "dense" (the used rows'
-# and columns' whole product in TF32, the entries picked from it).
-_DEVICE_DOTS = "gather"
+_DEVICE_CHUNK_ELEMENTS = 1 << 26
+# How the dot products run on CUDA: "sddmm" (torch's sampled_addmm: cuSPARSE's sampled dense-dense product,
+# fp32/fp64), "gather" (chunked gather-multiply-sum, as on other devices) or "dense" (the used rows' and
+# columns' whole product in TF32, the entries picked from it: exact only for inputs widened from bf16).
+# Measured side by side by benchmarks/device_dots.py on an H200: sddmm fastest or level at every size.
+_DEVICE_DOTS = "sddmm"
 # Inputs up to this size are transposed whole before their used columns are gathered (see `_columns`).
 _TRANSPOSE_FIRST_BYTES = 16 << 20
 
