@@ -13,9 +13,12 @@ keeps hitting the same cache sets.
 When only some columns are used (`--part gather`, a random ~40% of them), two ways of gathering them:
 
     columns first     x.index_select(1, cols), then the transposing copy: a strided gather;
+    indexed           x[:, cols], then the transposing copy: the same gather by advanced indexing (its
+                      kernel, unlike index_select's along dim 1, is vectorised for bf16);
     transpose first   x.t().contiguous().index_select(0, cols): the whole input transposed, whole rows gathered.
 
-`_columns` transposes first when the input is at most 16 MiB.
+`_columns` gathers fp32 columns first; bf16 inputs up to 5 MiB it transposes first, wider ones it gathers
+by advanced indexing (`indexed`).
 
 Usage:
     python benchmarks/column_copies.py            # results: benchmarks/results/column_copies.json
@@ -64,16 +67,23 @@ def measure(tokens: int, width: int, rounds: int) -> dict:
             "takes_two_copies": (width * x.element_size()) % 2048 == 0}
 
 
-def measure_gather(tokens: int, width: int, used: int, rounds: int) -> dict:
+def measure_gather(tokens: int, width: int, used: int, rounds: int, dtype=torch.bfloat16) -> dict:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, width, generator=g).bfloat16()
+    x = torch.randn(tokens, width, generator=g).to(dtype)
     cols = torch.sort(torch.randperm(width, generator=g)[:used]).values
 
     def columns_first():
         picked = x.index_select(1, cols)
         return torch.empty(used, tokens).copy_(picked.t())
 
-    ways = {"columns_first": columns_first, "transpose_first": lambda: x.t().contiguous().index_select(0, cols).float(),
+    def indexed():
+        picked = x[:, cols]
+        if dtype != torch.float32 and (used * picked.element_size()) % 2048 == 0:  # the slow case of --parts widen
+            return picked.t().contiguous().float()
+        return torch.empty(used, tokens).copy_(picked.t())
+
+    ways = {"columns_first": columns_first, "indexed": indexed,
+            "transpose_first": lambda: x.t().contiguous().index_select(0, cols).float(),
             "chosen": lambda: _columns(x, cols, torch.float32)}
     samples = {k: [] for k in ways}
     for fn in ways.values():
@@ -82,9 +92,12 @@ def measure_gather(tokens: int, width: int, used: int, rounds: int) -> dict:
         for key, fn in ways.items():
             samples[key].append(_median_ms(fn))
     ms = {k: statistics.median(v) for k, v in samples.items()}
-    return {"tokens": tokens, "width": width, "used": used, **{f"{k}_ms": v for k, v in ms.items()},
+    return {"tokens": tokens, "width": width, "used": used, "dtype": str(dtype).removeprefix("torch."),
+            **{f"{k}_ms": v for k, v in ms.items()},
             "transpose_first_over_columns_first": ms["transpose_first"] / ms["columns_first"],
-            "input_mib": tokens * width * 2 / 2**20}
+            "indexed_over_columns_first": ms["indexed"] / ms["columns_first"],
+            "chosen_over_best": ms["chosen"] / min(ms["columns_first"], ms["indexed"], ms["transpose_first"]),
+            "input_mib": tokens * width * x.element_size() / 2**20}
 
 
 def main(argv=None) -> None:
@@ -94,17 +107,20 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--parts", nargs="+", default=["widen", "gather"], choices=["widen", "gather"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--gather-dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"],
+                        help="gather: the activations' dtypes (the copies are fp32 either way)")
     parser.add_argument("--out", type=Path, default=RESULTS / "column_copies.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows, gathers = [], []
-    for tokens in args.tokens if "gather" in args.parts else []:
-        for width in args.widths + [49152]:
-            gathers.append(measure_gather(tokens, width, int(0.4 * width), args.rounds))
-            r = gathers[-1]
-            print(f"N={tokens:5d} width={width:6d} used={r['used']:6d}  columns first {r['columns_first_ms']:7.3f} ms"
-                  f"  transpose first {r['transpose_first_ms']:7.3f} ms  ratio {r['transpose_first_over_columns_first']:.2f}"
-                  f"  chosen {r['chosen_ms']:7.3f} ms", flush=True)
+    for tokens, dtype, width in [(t, d, w) for t in args.tokens for d in args.gather_dtypes for w in args.widths + [49152]
+                                 if "gather" in args.parts]:
+        gathers.append(measure_gather(tokens, width, int(0.4 * width), args.rounds,
+                                      {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]))
+        r = gathers[-1]
+        print(f"N={tokens:5d} {dtype} width={width:6d} used={r['used']:6d}  columns first {r['columns_first_ms']:7.3f} ms"
+              f"  indexed {r['indexed_ms']:7.3f} ms  transpose first {r['transpose_first_ms']:7.3f} ms"
+              f"  chosen {r['chosen_ms']:7.3f} ms  chosen/best {r['chosen_over_best']:.2f}", flush=True)
     for tokens in args.tokens if "widen" in args.parts else []:
         for width in args.widths:
             rows.append(measure(tokens, width, args.rounds))

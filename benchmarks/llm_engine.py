@@ -25,7 +25,9 @@ Parts (--parts):
             phase apart (the peak is reset between them), for the one-pass phase 1 and the lean one
             (`lean=True`). Phase 1 runs in eval mode, where transformers does not checkpoint: the
             setting applies to phase 2. Another process times one full fine-tuning epoch over the same
-            batches (without checkpointing, the faster), the reference for phase 1's time.
+            batches (without checkpointing, the faster), the reference for phase 1's time; with
+            --checkpointed-epoch, another one with checkpointing: the lean phase 1 keeps only the blocks'
+            boundaries and recomputes each block's forward, as a checkpointed epoch does.
 
 Usage:
     python benchmarks/llm_engine.py --quick                                  # smoke run, ~1 min
@@ -346,6 +348,9 @@ def phase1_ratios(rows: dict) -> dict:
             out[f"{kind}_phase1_over_phase2_peak"] = (r["model_mib"] + r["phase1"]["memory_mib"]) / (r["model_mib"] + r["memory_mib"])
             if rows.get("ft-epoch", {}).get("epoch_seconds"):
                 out[f"{kind}_phase1_over_ft_epoch_time"] = r["phase1"]["seconds"] / rows["ft-epoch"]["epoch_seconds"]
+            if rows.get("ft-epoch-checkpointed", {}).get("epoch_seconds"):
+                out[f"{kind}_phase1_over_checkpointed_ft_epoch_time"] = (
+                    r["phase1"]["seconds"] / rows["ft-epoch-checkpointed"]["epoch_seconds"])
     return out
 
 
@@ -412,6 +417,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batches", type=int, default=4, help="batches phase 1 scores (and the reference epoch trains on)")
     parser.add_argument("--sparsity", type=float, default=1e-3)
+    parser.add_argument("--checkpointed-epoch", action="store_true",
+                        help="phase1: also time a fine-tuning epoch with gradient checkpointing (the lean phase 1's recomputation)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (memory is then CUDA's allocated memory)")
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny model, short sequences")
@@ -460,11 +467,17 @@ def main(argv=None) -> None:
                     print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
             if "phase1" in args.parts:
                 epoch = run(args, model=model, method="ft-epoch", dtype=dtype)  # without checkpointing: the faster epoch
+                # With checkpointing: an epoch that recomputes each block's forward, as the lean phase 1 must
+                # (it keeps only the blocks' boundaries), the same work in the same order.
+                checkpointed = run(args, model=model, method="ft-epoch", dtype=dtype, checkpointing=True) \
+                    if args.checkpointed_epoch else None
                 for mode in args.checkpointing_modes:  # phase 1 runs in eval mode: checkpointing applies to phase 2
                     key = f"phase1/{model}/{dtype}/checkpointing-{mode}"
                     rows = {m: run(args, model=model, method=m, dtype=dtype, checkpointing=mode == "on")
                             for m in ("phase1-onepass", "phase1-lean")}
                     rows["ft-epoch"] = epoch
+                    if checkpointed:
+                        rows["ft-epoch-checkpointed"] = checkpointed
                     report["runs"][key] = {"rows": rows, "ratios": phase1_ratios(rows)}
                     print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -393,6 +393,22 @@ def test_linear_selection_reads_a_whole_dimension_when_most_of_it_is_used():
     assert wide.unique_cols.tolist() == list(range(10)) and not wide.save_columns
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [24, 1024, 6000])  # 6000 x 512 bf16 passes the transpose-first size
+def test_columns_copy_is_the_transposed_gather_whatever_the_way(monkeypatch, dtype, width):
+    """Every way `_columns` picks (index_select, transpose first, advanced indexing, all columns; with and
+    without the two-copy widening) gives x[:, index].T exactly, in the asked dtype."""
+    from saftune.sparse import kernels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, width, generator=g).to(dtype)
+    for index in (torch.sort(torch.randperm(width, generator=g)[: width // 3]).values, torch.arange(width)):
+        for out_dtype in (torch.float32, dtype):
+            got = kernels._columns(x, index, out_dtype)
+            assert got.dtype == out_dtype and got.is_contiguous()
+            assert torch.equal(got, x[:, index].t().to(out_dtype))
+
+
 def test_linear_kernel_saves_only_the_used_columns():
     """With few columns in the mask, the backward keeps x[:, cols] alive, not the whole input."""
     torch.manual_seed(0)

@@ -40,8 +40,8 @@ _DEVICE_CHUNK_ELEMENTS = 1 << 26
 # columns' whole product in TF32, the entries picked from it: exact only for inputs widened from bf16).
 # Measured side by side by benchmarks/device_dots.py on an H200: sddmm fastest or level at every size.
 _DEVICE_DOTS = "sddmm"
-# Inputs up to this size are transposed whole before their used columns are gathered (see `_columns`).
-_TRANSPOSE_FIRST_BYTES = 16 << 20
+# bf16 inputs up to this size are transposed whole before their used columns are gathered (see `_columns`).
+_TRANSPOSE_FIRST_BYTES = 5 << 20
 
 
 @dataclass(frozen=True)
@@ -155,10 +155,13 @@ def _columns(x2d: torch.Tensor, index: torch.Tensor, dtype: torch.dtype | None =
     transpose and the change of dtype are one copy (bf16 activations become the fp32 the dots run in),
     except when the rows lie a multiple of 2 KiB apart: that strided copy then keeps hitting the same
     cache sets (1.5-2.2x slower at 512 x 1024..12288 in bf16, AVX-512 host), so those are transposed in their
-    own dtype by torch's blocked transpose first and widened after. When some columns are left out and the
-    input is small enough to stay in cache (up to 16 MiB), transposing all of it and gathering whole rows
-    is faster still than the strided column gather (up to 2.5x at 512 tokens x 192..12288; slower at 512 x
-    49152). Both measured by `benchmarks/column_copies.py`.
+    own dtype by torch's blocked transpose first and widened after. When some columns are left out, the
+    fastest gather depends on the dtype (at 512 tokens, ~40% of the columns): fp32 columns are gathered
+    by `index_select` (1.6-3.2x faster than transposing the whole input first, at every width); bf16
+    inputs up to 5 MiB (width 4608) are transposed whole and whole rows gathered, and wider ones gathered
+    by advanced indexing, whose kernel is vectorised for bf16 where `index_select` along dim 1 is not
+    (1.3-1.5x faster than either other way at widths 8192..49152). All measured by
+    `benchmarks/column_copies.py`.
 
     Example:
         >>> x = torch.arange(6.0).view(2, 3)
@@ -168,9 +171,12 @@ def _columns(x2d: torch.Tensor, index: torch.Tensor, dtype: torch.dtype | None =
     """
     dtype = dtype or x2d.dtype
     if index.numel() != x2d.shape[1]:
-        if x2d.numel() * x2d.element_size() <= _TRANSPOSE_FIRST_BYTES:
+        if x2d.element_size() >= 4:
+            x2d = x2d.index_select(1, index)
+        elif x2d.numel() * x2d.element_size() <= _TRANSPOSE_FIRST_BYTES:
             return x2d.t().contiguous().index_select(0, index).to(dtype)
-        x2d = x2d.index_select(1, index)
+        else:
+            x2d = x2d[:, index]
     if dtype != x2d.dtype and (x2d.shape[1] * x2d.element_size()) % 2048 == 0:
         return x2d.t().contiguous().to(dtype)
     out = torch.empty(x2d.shape[1], x2d.shape[0], dtype=dtype, device=x2d.device)
