@@ -157,7 +157,7 @@ def _columns(x2d: torch.Tensor, index: torch.Tensor, dtype: torch.dtype | None =
     cache sets (1.5-2.2x slower at 512 x 1024..12288 in bf16, AVX-512 host), so those are transposed in their
     own dtype by torch's blocked transpose first and widened after. When some columns are left out, the
     fastest gather depends on the dtype (at 512 tokens, ~40% of the columns): fp32 columns are gathered
-    by `index_select` (1.6-3.2x faster than transposing the whole input first, at every width); bf16
+    by `index_select` (1.6-3.5x faster than transposing the whole input first, at every width); bf16
     inputs up to 5 MiB (width 4608) are transposed whole and whole rows gathered, and wider ones gathered
     by advanced indexing, whose kernel is vectorised for bf16 where `index_select` along dim 1 is not
     (1.3-1.5x faster than either other way at widths 8192..49152). All measured by
