@@ -1,7 +1,8 @@
 """The engine's gradients and phase 1 on an accelerator, checked against the CPU's on a small causal LM.
 
-On a GPU the selected-entry kernels take the chunked gather-multiply-sum path (the CPU's fp32 path is
-torch's `sampled_addmm`), and phase 1 runs its backward there too. On a Llama-shaped model with tied
+On CUDA the selected-entry kernels run their dot products as cuSPARSE's sampled product, or, with
+`--dots`, as the chunked gather-multiply-sum or one TF32 product (the CPU's path is torch's own
+`sampled_addmm` loop), and phase 1 runs its backward there too. On a Llama-shaped model with tied
 embeddings (every fast path: q/k/v/o and gate/up/down through the Linear kernel, the tied embedding
 through the embedding kernel, RMSNorm through the per-tensor path), with and without gradient
 checkpointing, this compares:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The causal-LM engine comparison in bf16 on one CUDA GPU, in about 5 minutes on an H100-class card:
-#   1. benchmarks/device_kernels.py: the GPU's kernels (chunked gather-multiply-sum) and phase 1 against
+#   1. benchmarks/device_kernels.py: the GPU's kernels (the engine's default on CUDA) and phase 1 against
 #      the CPU's on a small Llama-shaped model; the run stops here if they disagree;
 #   2. SmolLM2-135M's shapes, then the 6.55B Llama-shaped model (4096 x 36) that is SAFT's largest on the
 #      22 GiB CPU machine: full FT / LoRA r=8 / SAFT / limit, with and without gradient checkpointing,

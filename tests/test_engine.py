@@ -395,7 +395,7 @@ def test_linear_selection_reads_a_whole_dimension_when_most_of_it_is_used():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [24, 1024, 6000])  # 6000 x 512 bf16 passes the transpose-first size
-def test_columns_copy_is_the_transposed_gather_whatever_the_way(monkeypatch, dtype, width):
+def test_columns_copy_is_the_transposed_gather_whatever_the_way(dtype, width):
     """Every way `_columns` picks (index_select, transpose first, advanced indexing, all columns; with and
     without the two-copy widening) gives x[:, index].T exactly, in the asked dtype."""
     from saftune.sparse import kernels
