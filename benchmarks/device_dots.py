@@ -123,6 +123,8 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", action="store_true", help="write a profiler table of one SAFT step per variant")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "device_dots.json")
     args = parser.parse_args(argv)
+    if len(args.batch) != len(args.models):
+        parser.error(f"--batch takes one size per model: {len(args.models)} models, {len(args.batch)} sizes")
     report = {"machine": {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                           "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
               "variants": {k: {"dots": v[0], "chunk_elements": v[1]} for k, v in VARIANTS.items()}, "rows": []}
