@@ -20,8 +20,14 @@ When only some columns are used (`--part gather`, a random ~40% of them), two wa
 `_columns` gathers fp32 columns first; bf16 inputs up to 5 MiB it transposes first, wider ones it gathers
 by advanced indexing (`indexed`).
 
+A wide output gradient (`--parts blocks`: out = 2048, 8192, a 49152-token vocabulary; 1e-3 of a [out, 768
+or 2048] weight selected) is copied a block of rows at a time (`saftune.sparse.kernels.selected_dots`):
+its selected entries' dot products timed whole and in blocks of 2^18, 2^20 and 2^22 elements, and as the
+kernel chooses (blocks of 2^20 above 2^22 elements).
+
 Usage:
     python benchmarks/column_copies.py            # results: benchmarks/results/column_copies.json
+    python benchmarks/column_copies.py --parts blocks --out benchmarks/results/column_copies_blocks.json
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from saftune.sparse import kernels
 from saftune.sparse.kernels import _columns
 
 RESULTS = Path(__file__).parent / "results"
@@ -100,19 +107,64 @@ def measure_gather(tokens: int, width: int, used: int, rounds: int, dtype=torch.
             "input_mib": tokens * width * x.element_size() / 2**20}
 
 
+BLOCKS = {"2^18": 1 << 18, "2^20": 1 << 20, "2^22": 1 << 22, "whole": 1 << 62}
+BLOCK_SHAPES = [(2048, 768), (8192, 2048), (49152, 768), (49152, 2048)]  # [out, in] of the weight
+
+
+def measure_blocks(tokens: int, out: int, width: int, rounds: int, dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
+    grad, x = torch.randn(tokens, out, generator=g).to(dtype), torch.randn(tokens, width, generator=g)
+    indices = torch.sort(torch.randperm(out * width, generator=g)[: out * width // 1000]).values
+    s = kernels.LinearSelection.from_indices(indices, (out, width))
+    x_columns = s.columns(x)
+    default = kernels._ROW_BLOCK_ELEMENTS, kernels._BLOCKS_ABOVE_ELEMENTS
+
+    def way(elements=None):
+        def run():
+            if elements is not None:  # blocks of `elements` whatever the size
+                kernels._ROW_BLOCK_ELEMENTS, kernels._BLOCKS_ABOVE_ELEMENTS = elements, 0
+            try:
+                return kernels.selected_dots(grad, x_columns, s.unique_rows, s.row_slot, s.col_slot, s.crow)
+            finally:
+                kernels._ROW_BLOCK_ELEMENTS, kernels._BLOCKS_ABOVE_ELEMENTS = default
+        return run
+
+    ways = {name: way(elements) for name, elements in BLOCKS.items()} | {"chosen": way()}
+    calls = max(3, 10 * 2048 // out)
+    samples = {k: [] for k in ways}
+    for fn in ways.values():
+        fn()
+    for _ in range(rounds):
+        for key, fn in ways.items():
+            samples[key].append(_median_ms(fn, calls))
+    ms = {k: statistics.median(v) for k, v in samples.items()}
+    blocked = s.unique_rows.numel() * tokens > kernels._BLOCKS_ABOVE_ELEMENTS
+    return {"tokens": tokens, "out": out, "in": width, "dtype": str(dtype).removeprefix("torch."), "selected": indices.numel(),
+            "rows_read": s.unique_rows.numel(), **{f"{k}_ms": v for k, v in ms.items()}, "blocked": blocked,
+            "chosen_over_best": ms["chosen"] / min(v for k, v in ms.items() if k != "chosen"),
+            "chosen_over_whole": ms["chosen"] / ms["whole"]}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[512])
     parser.add_argument("--widths", type=int, nargs="+", default=WIDTHS)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--parts", nargs="+", default=["widen", "gather"], choices=["widen", "gather"])
+    parser.add_argument("--parts", nargs="+", default=["widen", "gather"], choices=["widen", "gather", "blocks"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--gather-dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"],
                         help="gather: the activations' dtypes (the copies are fp32 either way)")
     parser.add_argument("--out", type=Path, default=RESULTS / "column_copies.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows, gathers = [], []
+    rows, gathers, blocks = [], [], []
+    for tokens, dtype, (out, width) in [(t, d, shape) for t in args.tokens for d in args.gather_dtypes for shape in BLOCK_SHAPES
+                                        if "blocks" in args.parts]:
+        blocks.append(measure_blocks(tokens, out, width, args.rounds, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]))
+        r = blocks[-1]
+        print(f"N={tokens:5d} {dtype} out={out:6d} in={width:5d}  " + "  ".join(f"{k} {r[k + '_ms']:6.2f} ms" for k in BLOCKS)
+              + f"  chosen ({'blocks' if r['blocked'] else 'whole'}) {r['chosen_ms']:6.2f} ms: /best {r['chosen_over_best']:.2f}"
+              f"  /whole {r['chosen_over_whole']:.2f}", flush=True)
     for tokens, dtype, width in [(t, d, w) for t in args.tokens for d in args.gather_dtypes for w in args.widths + [49152]
                                  if "gather" in args.parts]:
         gathers.append(measure_gather(tokens, width, int(0.4 * width), args.rounds,
@@ -130,7 +182,7 @@ def main(argv=None) -> None:
                   f"  ({'two copies' if r['takes_two_copies'] else 'one copy'})", flush=True)
     report = {"machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
                           "threads": args.threads, "platform": platform.platform(), "torch": torch.__version__},
-              "rows": rows, "gather": gathers}
+              "rows": rows, "gather": gathers, "blocks": blocks}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -394,6 +394,40 @@ def test_linear_selection_reads_a_whole_dimension_when_most_of_it_is_used():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [40, 900], ids=["some-rows", "every-row"])
+def test_linear_kernel_copies_the_output_gradient_block_by_block(monkeypatch, dtype, d):
+    """A wide output (a vocabulary) is read a block of rows at a time, blocks without entries skipped: the
+    same values as one block, through the autograd function too."""
+    from saftune.sparse import kernels
+
+    g = torch.Generator().manual_seed(0)
+    grad, x = torch.randn(9, 100, generator=g).to(dtype), torch.randn(9, 16, generator=g).to(dtype)
+    idx = _random_indices((100, 16), d)
+    idx = idx[(idx // 16 < 30) | (idx // 16 >= 50)]  # rows 30..49 unused: whole blocks without entries
+    s = kernels.LinearSelection.from_indices(idx, (100, 16))
+    assert (s.unique_rows.numel() == 100) == (d == 900)
+    whole = kernels.selected_dots(grad, s.columns(x).float(), s.unique_rows, s.row_slot, s.col_slot, s.crow)
+    calls = []
+    sampled_dots = kernels.sampled_dots
+    monkeypatch.setattr(kernels, "sampled_dots", lambda *a: calls.append(a[0].shape[0]) or sampled_dots(*a))
+    monkeypatch.setattr(kernels, "_ROW_BLOCK_ELEMENTS", 9 * 7)  # 7 rows a block
+    monkeypatch.setattr(kernels, "_BLOCKS_ABOVE_ELEMENTS", 9 * 20)  # more than 20 rows: blocks
+    blocked = kernels.selected_dots(grad, s.columns(x).float(), s.unique_rows, s.row_slot, s.col_slot, s.crow)
+    read, used = s.unique_rows.tolist(), set((idx // 16).tolist())
+    with_entries = [b for b in range(0, len(read), 7) if used & set(read[b : b + 7])]
+    assert max(calls) == 7 and len(calls) == len(with_entries)
+    if d == 900:  # every row is read, and the blocks of rows 30..49 have no entry: skipped
+        assert len(with_entries) < -(-len(read) // 7)
+    reference = (grad.float().T @ x.float())[idx // 16, idx % 16]
+    torch.testing.assert_close(whole, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blocked, reference, atol=1e-5, rtol=1e-5)
+    linear = nn.Linear(16, 100).to(dtype)
+    _, got, expected, _ = _linear_grads(linear, idx, lambda: torch.randn(3, 3, 16).to(dtype))
+    torch.testing.assert_close(got["weight"], expected["weight"].float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [24, 1024, 6000])  # 6000 x 512 bf16 passes the transpose-first size
 def test_columns_copy_is_the_transposed_gather_whatever_the_way(dtype, width):
     """Every way `_columns` picks (index_select, transpose first, advanced indexing, all columns; with and

@@ -42,6 +42,12 @@ _DEVICE_CHUNK_ELEMENTS = 1 << 26
 _DEVICE_DOTS = "sddmm"
 # bf16 inputs up to this size are transposed whole before their used columns are gathered (see `_columns`).
 _TRANSPOSE_FIRST_BYTES = 5 << 20
+# An output gradient's used rows (transposed, in fp32) above this many elements are copied in blocks of
+# _ROW_BLOCK_ELEMENTS (see `selected_dots`): a vocabulary projection's whole copy would be [vocab, tokens],
+# 96 MiB at 512 tokens. There 4 MiB blocks also run 1.3-2x faster than one copy, while at 4M elements (out
+# 8192) one copy is 1.5x faster than four blocks (benchmarks/column_copies.py --parts blocks).
+_BLOCKS_ABOVE_ELEMENTS = 1 << 22
+_ROW_BLOCK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -147,8 +153,8 @@ def _used(coordinate: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tens
     return used, slot
 
 
-def _columns(x2d: torch.Tensor, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x2d[:, index] transposed, as a contiguous [len(index), N] tensor in `dtype` (default x2d's).
+def _columns(x2d: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x2d[:, index] transposed, as a contiguous [len(index), N] tensor in `dtype` (default x2d's); None: every column.
 
     Gathering the columns first and transposing the [N, len(index)] result is 2-4x faster than a gather
     from the transposed view; `LinearSelection` takes every column when more than half are used. The
@@ -170,14 +176,14 @@ def _columns(x2d: torch.Tensor, index: torch.Tensor, dtype: torch.dtype | None =
                 [2., 5.]], dtype=torch.float64)
     """
     dtype = dtype or x2d.dtype
-    if index.numel() != x2d.shape[1]:
+    if index is not None and index.numel() != x2d.shape[1]:
         if x2d.element_size() >= 4:
             x2d = x2d.index_select(1, index)
         elif x2d.numel() * x2d.element_size() <= _TRANSPOSE_FIRST_BYTES:
             return x2d.t().contiguous().index_select(0, index).to(dtype)
         else:
             x2d = x2d[:, index]
-    if dtype != x2d.dtype and (x2d.shape[1] * x2d.element_size()) % 2048 == 0:
+    if dtype != x2d.dtype and (x2d.stride(0) * x2d.element_size()) % 2048 == 0:
         return x2d.t().contiguous().to(dtype)
     out = torch.empty(x2d.shape[1], x2d.shape[0], dtype=dtype, device=x2d.device)
     return out.copy_(x2d.t())
@@ -263,7 +269,41 @@ def selected_weight_grad(grad_out: torch.Tensor, x_columns: torch.Tensor, select
         selection: the selected entries' `LinearSelection`.
     """
     s = selection
-    return sampled_dots(_columns(grad_out, s.unique_rows, torch.float32), x_columns.float(), s.row_slot, s.col_slot, s.crow)
+    return selected_dots(grad_out, x_columns.float(), s.unique_rows, s.row_slot, s.col_slot, s.crow)
+
+
+def selected_dots(grad_2d: torch.Tensor, x_columns: torch.Tensor, unique_rows: torch.Tensor, row_slot: torch.Tensor,
+                  col_slot: torch.Tensor, crow: torch.Tensor) -> torch.Tensor:
+    """`sampled_dots` of grad_2d's used rows (`unique_rows`, transposed to fp32) with `x_columns`.
+
+    Many used rows are copied a block at a time, `_ROW_BLOCK_ELEMENTS` elements each: a vocabulary
+    projection's output gradient is [tokens, vocab], and its whole transposed fp32 copy would come on top of
+    the logits, their fp32 copy and their gradient at the step's peak. Entries are sorted by row, so a
+    block of rows is one range of entries, read off `crow` (one host read per step for the large projections
+    only; small ones take one block).
+
+    Example:
+        >>> g, x = torch.randn(5, 3), torch.randn(5, 4)
+        >>> s = LinearSelection.from_indices(torch.tensor([3, 9, 10]), (3, 4))  # (0, 3), (2, 1), (2, 2)
+        >>> dots = selected_dots(g, s.columns(x), s.unique_rows, s.row_slot, s.col_slot, s.crow)
+        >>> torch.allclose(dots, (g.T @ x)[[0, 2, 2], [3, 1, 2]], atol=1e-6)
+        True
+    """
+    rows, n = unique_rows.numel(), grad_2d.shape[0]
+    step = max(1, _ROW_BLOCK_ELEMENTS // max(n, 1))
+    if rows * n <= _BLOCKS_ABOVE_ELEMENTS or rows <= step:
+        return sampled_dots(_columns(grad_2d, unique_rows, torch.float32), x_columns, row_slot, col_slot, crow)
+    every = rows == grad_2d.shape[1]  # `_used` then reads all rows: block r0:r1 is columns r0:r1 of grad_2d
+    starts = list(range(0, rows, step)) + [rows]
+    bounds = crow[starts].tolist()
+    result = torch.empty(row_slot.numel(), dtype=torch.float32, device=grad_2d.device)
+    for r0, r1, e0, e1 in zip(starts, starts[1:], bounds, bounds[1:]):
+        if e0 == e1:
+            continue
+        block = _columns(grad_2d[:, r0:r1], None, torch.float32) if every else \
+            _columns(grad_2d, unique_rows[r0:r1], torch.float32)
+        result[e0:e1] = sampled_dots(block, x_columns, row_slot[e0:e1] - r0, col_slot[e0:e1], crow[r0 : r1 + 1] - e0)
+    return result
 
 
 class SparseLinearFunction(torch.autograd.Function):
@@ -308,7 +348,7 @@ class SparseLinearFunction(torch.autograd.Function):
                                      lambda: _columns(saved, unique_cols, torch.float32))
             else:  # under autocast: round to the product's dtype first, as the forward's product did
                 x_cols = _columns(saved, unique_cols, ctx.out_dtype).float()
-            grad_values = sampled_dots(_columns(grad_2d, unique_rows, torch.float32), x_cols, row_slot, col_slot, crow)
+            grad_values = selected_dots(grad_2d, x_cols, unique_rows, row_slot, col_slot, crow)
         return grad_x, None, grad_bias, grad_values, None, None, None, None, None, None
 
 

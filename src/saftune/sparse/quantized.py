@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saftune.sparse.kernels import LinearSelection, _columns, sampled_dots, shared_copy
+from saftune.sparse.kernels import LinearSelection, _columns, selected_dots, shared_copy
 
 logger = logging.getLogger(__name__)
 
@@ -359,12 +359,14 @@ class QuantizedSideFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
         if ctx.needs_input_grad[3]:
-            grad_rows = _columns(grad_2d, s.unique_rows, torch.float32)
             if ctx.recomputing:  # gathered and widened to fp32 in one copy, once for q, k and v
-                x_cols = shared_copy(saved, s.unique_cols, torch.float32, lambda: _columns(saved, s.unique_cols, torch.float32))
+                # None keys "every column": off the CPU index tensors are compared by identity only (`shared_copy`)
+                every = s.unique_cols.numel() == saved.shape[1]
+                x_cols = shared_copy(saved, None if every else s.unique_cols, torch.float32,
+                                     lambda: _columns(saved, s.unique_cols, torch.float32))
             else:  # widened once for q, k and v
                 x_cols = shared_copy(saved, None, torch.float32, saved.float)
-            grad_values = sampled_dots(grad_rows, x_cols, s.row_slot, s.col_slot, s.crow)
+            grad_values = selected_dots(grad_2d, x_cols, s.unique_rows, s.row_slot, s.col_slot, s.crow)
         return grad_x, None, grad_bias, grad_values, None, None, None, None
 
 
