@@ -7,11 +7,17 @@ divisor of the head count up to a third, 3 of 9 as in SmolLM2),
 RMSNorm, rotary positions, SmolLM2's 49152-token vocabulary with tied input and output embeddings).
 Batches of `--batch` sequences of `--seq` random tokens (default 1 x 512); the loss is next-token cross
 entropy over every position. Every measurement runs in a fresh process, which resets its peak RSS
-after the model and the batches are loaded; memory = peak RSS growth over the loaded model.
+after the model and the batches are loaded; memory = peak RSS growth over the loaded model, two ways
+(`--memory-ways`):
+    rss     with glibc's default allocator, as a user's process runs: its peak also holds memory that
+            glibc kept after tensors were freed (on the small models here, ~2x what tensors ever held);
+    mapped  with every block of 1 MiB or more mapped on its own and returned when freed
+            (MALLOC_MMAP_THRESHOLD_=1 MiB): the peak of what the tensors held, what the method needs.
+The limit's memory over LoRA's is reported beside SAFT's: no method can go below the limit.
 
 Parts (--parts):
     step    per model, dtype (fp32, bf16) and gradient checkpointing (off, on): memory (a fresh process
-            per method, two steps) and step time (one process holding a copy of the model per method,
+            per method and memory way, two steps) and step time (one process holding a copy of the model per method,
             their steps taken in turn, --warmup rounds then the median of --steps rounds) of
               ft     full fine-tuning, AdamW (with bf16 weights: bf16 weights and optimizer state);
               lora   PEFT LoRA r=8 on every linear projection (q, k, v, o, gate, up, down; fp32 adapters);
@@ -296,11 +302,12 @@ def run(args, env: dict | None = None, **settings) -> dict:
     return run_worker(__file__, options, settings, env)
 
 
-# Capacity workers fix glibc's mmap threshold at 1 MiB: every larger block is its own mapping, given back to
-# the system when freed. By default the threshold rises to 32 MiB as big tensors are freed, and freed
-# intermediates below it stay in the heap: building a 16.28B model layer by layer into int8 left about
-# 2.1 GiB resident that no tensor held (malloc_trim gave it back). Its cost in time was not measured.
-CAPACITY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+# Capacity workers and the "mapped" memory rows fix glibc's mmap threshold at 1 MiB: every larger block is its
+# own mapping, given back to the system when freed. By default the threshold rises to 32 MiB as big tensors
+# are freed, and freed intermediates below it stay in the heap: building a 16.28B model layer by layer into
+# int8 left about 2.1 GiB resident that no tensor held (malloc_trim gave it back); a SmolLM2 fp32 step with
+# checkpointing peaked at 991 MiB of RSS growth while tensors never held more than ~340 MiB at once.
+MAPPED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
 def run_worker(script: str, options: dict, settings: dict, env: dict | None = None) -> dict:
@@ -332,10 +339,19 @@ def step_ratios(rows: list[dict]) -> dict:
         out["saft_over_limit_time"] = by["saft"]["step_seconds"] / by["limit"]["step_seconds"]
     if "saft" in by and "lora" in by:
         out["saft_over_lora_time"] = by["saft"]["step_seconds"] / by["lora"]["step_seconds"]
-        out["saft_over_lora_memory"] = by["saft"]["memory_mib"] / by["lora"]["memory_mib"]
+        if "memory_mib" in by["saft"] and "memory_mib" in by["lora"]:
+            out["saft_over_lora_memory"] = by["saft"]["memory_mib"] / by["lora"]["memory_mib"]
+        if "memory_mapped_mib" in by["saft"] and "memory_mapped_mib" in by["lora"]:
+            out["saft_over_lora_memory_mapped"] = by["saft"]["memory_mapped_mib"] / by["lora"]["memory_mapped_mib"]
+    if "limit" in by and "lora" in by:  # the floor of the ratio above: the limit trains nothing
+        if "memory_mib" in by["limit"] and "memory_mib" in by["lora"]:
+            out["limit_over_lora_memory"] = by["limit"]["memory_mib"] / by["lora"]["memory_mib"]
+        if "memory_mapped_mib" in by["limit"] and "memory_mapped_mib" in by["lora"]:
+            out["limit_over_lora_memory_mapped"] = by["limit"]["memory_mapped_mib"] / by["lora"]["memory_mapped_mib"]
     if "saft" in by and "ft" in by:
         out["saft_over_ft_time"] = by["saft"]["step_seconds"] / by["ft"]["step_seconds"]
-        out["saft_over_ft_memory"] = by["saft"]["memory_mib"] / by["ft"]["memory_mib"]
+        if "memory_mib" in by["saft"] and "memory_mib" in by["ft"]:
+            out["saft_over_ft_memory"] = by["saft"]["memory_mib"] / by["ft"]["memory_mib"]
     return out
 
 
@@ -370,9 +386,15 @@ def plot(report: dict, path: Path) -> None:
         values = [next((r["memory_mib"] / 1024 for r in v["rows"] if r.get("method") == method and "memory_mib" in r), 0)
                   for v in steps.values()]
         left.bar([i + j * width for i in range(len(steps))], values, width, label=method)
+        mapped = [next((r["memory_mapped_mib"] / 1024 for r in v["rows"] if r.get("method") == method
+                        and "memory_mapped_mib" in r), None) for v in steps.values()]
+        points = [(i + j * width, m) for i, m in enumerate(mapped) if m is not None]
+        if points:
+            left.scatter(*zip(*points), marker="_", s=120, color="black", zorder=3,
+                         label="what tensors held (mapped)" if j == 0 else None)
     left.set_xticks([i + 0.4 - width / 2 for i in range(len(steps))],
                     [k.replace("/checkpointing-", "\nckpt ").replace("/", " ") for k in steps], fontsize=7)
-    left.set_ylabel("training memory over the loaded model (GiB)")
+    left.set_ylabel("training memory over the loaded model (GiB): RSS (bars)")
     left.set_title("one step (batch x seq tokens)")
     left.legend()
     kinds = [("phase1-onepass", "phase 1, one pass"), ("phase1-lean", "phase 1, lean"), ("phase2", "phase 2 (SAFT)")]
@@ -410,6 +432,9 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpointing-modes", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--separate", action="store_true",
                         help="step: time each method in its own process (models too large for a copy per method)")
+    parser.add_argument("--memory-ways", nargs="+", default=["rss", "mapped"], choices=["rss", "mapped"],
+                        help="step: rss (glibc's default allocator) and/or mapped (blocks >= 1 MiB mapped apart: "
+                             "what the tensors held); rss is always taken with --separate (the timing process)")
     parser.add_argument("--skip-methods", nargs="*", default=[], choices=STEP_METHODS,
                         help="step: leave these methods out (full FT beyond what it can train)")
     parser.add_argument("--batch", type=int, default=1)
@@ -457,12 +482,19 @@ def main(argv=None) -> None:
                     else:
                         # memory: a fresh process per method (two steps: AdamW's state exists after the first)
                         rows = [run(args, model=model, method=m, dtype=dtype, checkpointing=mode == "on", steps=1, warmup=1)
-                                for m in methods]
+                                for m in methods] if "rss" in args.memory_ways else [{"method": m} for m in methods]
                         # time: all methods in one process, step by step in turn
                         timing = run(args, model=model, method="interleaved", dtype=dtype, checkpointing=mode == "on")
+                    if "mapped" in args.memory_ways:
+                        for r in rows:
+                            mapped = run(args, model=model, method=r["method"], dtype=dtype, checkpointing=mode == "on",
+                                         steps=1, warmup=1, env=MAPPED_ENV)
+                            if "memory_mib" in mapped:
+                                r["memory_mapped_mib"] = mapped["memory_mib"]
                     for r in rows:
-                        if "step_seconds" in r and "step_seconds" in timing:
-                            r["step_seconds_alone"] = r["step_seconds"]
+                        if r["method"] in timing.get("step_seconds", {}):
+                            if "step_seconds" in r:
+                                r["step_seconds_alone"] = r["step_seconds"]
                             r["step_seconds"] = timing["step_seconds"][r["method"]]
                     report["runs"][key] = {"rows": rows, "interleaved": timing, "ratios": step_ratios(rows)}
                     print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
@@ -486,7 +518,7 @@ def main(argv=None) -> None:
     if "capacity" in args.parts:  # lean phase 1 on one batch, then one SAFT step, bf16 weights: the absolute peaks
         key = f"capacity/{args.capacity_model}/bf16/seq-{args.capacity_seq}"
         row = run(args, model=args.capacity_model, method="phase1-lean", dtype="bf16", seq=args.capacity_seq,
-                  batches=1, steps=1, warmup=0, env=CAPACITY_ENV)
+                  batches=1, steps=1, warmup=0, env=MAPPED_ENV)
         if "phase1" in row:
             row["phase1_peak_gib"] = (row["model_mib"] + row["phase1"]["memory_mib"]) / 1024
             row["phase2_peak_gib"] = row["peak_mib"] / 1024

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_engine import CAPACITY_ENV, Memory, _timed_steps, batches, build, llama_config, loss_fn, run_worker, trainer  # noqa: E402
+from llm_engine import MAPPED_ENV, Memory, _timed_steps, batches, build, llama_config, loss_fn, run_worker, trainer  # noqa: E402
 from llm_engine import prepare as prepare_base  # noqa: E402
 from scale import random_mask  # noqa: E402
 
@@ -241,7 +241,7 @@ def main(argv=None) -> None:
     if "capacity" in args.parts:
         key = f"capacity/{args.capacity_model}/{args.scheme}/seq-{args.capacity_seq}"
         report["runs"][key] = run(args, model=args.capacity_model, method="capacity", seq=args.capacity_seq, steps=1, warmup=0,
-                                       env=CAPACITY_ENV)
+                                       env=MAPPED_ENV)
     report["seconds"] = time.perf_counter() - started + (report.get("seconds", 0) if args.update else 0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
