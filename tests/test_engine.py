@@ -582,14 +582,16 @@ def _llama_case(dtype):
     return tiny.Case(lm, loss_fn, batches)
 
 
-def test_under_checkpointing_the_linear_kernel_saves_its_input_rather_than_gathering_its_columns(monkeypatch):
+def test_under_checkpointing_the_linear_kernel_keeps_its_input_without_it_recomputes_it(monkeypatch):
     # The forward's saved tensors are dropped and recomputed under checkpointing, so gathering the columns
-    # there is wasted work; without checkpointing a layer that reads few columns saves only those.
+    # (or finding a recipe for the input) there is wasted work: the kernel keeps a reference. Without
+    # checkpointing every projection input of a Llama is recomputed from its producers' saved tensors.
     from saftune.sparse import kernels
 
-    saved_columns = []
+    modes = []  # (save_columns, replayed) per projection
     apply = kernels.SparseLinearFunction.apply
-    monkeypatch.setattr(kernels.SparseLinearFunction, "apply", lambda *args: saved_columns.append(args[-1]) or apply(*args))
+    monkeypatch.setattr(kernels.SparseLinearFunction, "apply",
+                        lambda *args: modes.append((args[-2], args[-1] is not None)) or apply(*args))
     case = _llama_case(torch.float32)
     mask = _select(case, sparsity=0.002, score="random")  # few entries: most layers read few input columns
     sm = saftune.sparsify(case.model, mask)
@@ -597,14 +599,74 @@ def test_under_checkpointing_the_linear_kernel_saves_its_input_rather_than_gathe
     for checkpointing in (True, False):
         if not checkpointing:
             case.model.lm.gradient_checkpointing_disable()
-        saved_columns.clear()
+        modes.clear()
         for values in sm.trainable_parameters():
             values.grad = None
         case.loss_fn(case.model, case.batches[0]).mean().backward()
         grads[checkpointing] = [v.grad.clone() for v in sm.trainable_parameters()]
-        assert saved_columns and (not any(saved_columns) if checkpointing else any(saved_columns))
+        assert modes and all(mode == (False, not checkpointing) for mode in modes), modes
     for with_ckpt, without in zip(grads[True], grads[False]):
         torch.testing.assert_close(with_ckpt, without, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_inputs_give_bit_identical_gradients_and_are_not_kept(monkeypatch, dtype):
+    """Every projection input of a Llama (the norms' outputs, SwiGLU's product, attention's output, the final
+    norm's) is recomputed in the backward pass from what its producers saved: bit-identical gradients, and
+    after the forward pass the engine keeps no input memory that the frozen model's own graph does not."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from saftune.sparse import replay
+
+    grads, alive = {}, {}
+    for run in ("replayed", "kept", "frozen"):
+        monkeypatch.setattr(replay, "REPLAY_INPUTS", run == "replayed")
+        case = _llama_case(dtype)
+        case.model.lm.gradient_checkpointing_disable()
+        if run == "frozen":  # the limit: nothing trained, gradients flow to the activations only
+            case.model.lm.requires_grad_(False)
+            case.model.lm.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
+        else:
+            sm = saftune.sparsify(case.model, tiny.all_columns_mask(case.model))
+        storages = []
+
+        def note(module, args, storages=storages):
+            storages.append(StorageWeakRef(args[0].untyped_storage()))
+
+        hooks = [m.register_forward_pre_hook(note) for m in case.model.lm.modules() if isinstance(m, nn.Linear)]
+        loss = case.loss_fn(case.model, case.batches[0]).mean()
+        for hook in hooks:
+            hook.remove()
+        alive[run] = len({ref.cdata for ref in storages if not ref.expired()})  # distinct live storages
+        loss.backward()
+        if run != "frozen":
+            grads[run] = {n: v.grad for n, v in sm.named_trainable_parameters()}
+    layers = case.model.lm.config.num_hidden_layers
+    # kept, the engine holds each layer's two norm outputs and its SwiGLU product on top
+    assert alive["replayed"] == alive["frozen"] == alive["kept"] - 3 * layers
+    for name, grad in grads["replayed"].items():
+        assert torch.equal(grad, grads["kept"][name]), name
+
+
+def test_inputs_are_kept_under_saved_tensor_hooks_and_a_released_producer_is_named():
+    """Under saved_tensors_hooks (CPU offloading here) reading a producer's saved tensor would run the hooks:
+    the input is kept instead. A producer whose saved tensors an earlier backward call released cannot be
+    replayed: the error names the switch that keeps inputs instead."""
+    from saftune.sparse import replay
+
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 6, bias=False)
+    saftune.sparsify(linear, saftune.SparseMask({"weight": torch.arange(0, 48, 5)}, {"weight": (6, 8)}), kernels="on")
+    a, b = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    x = a * b
+    assert replay.input_replay(x) is not None
+    with torch.autograd.graph.save_on_cpu():
+        assert replay.input_replay(a * b) is None
+        linear(a * b).sum().backward()  # trains through the kept input
+    y = linear(x)
+    torch.autograd.grad(x.sum(), a)  # runs the product's backward: its saved factors are released
+    with pytest.raises(RuntimeError, match="REPLAY_INPUTS = False"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])

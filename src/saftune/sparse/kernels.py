@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from saftune.sparse.replay import input_replay
+
 # Upper bound on the temporary [chunk, N] products of the chunked gathered dot products (elements), on the
 # CPU (where the chunks should stay in cache) and on other devices (where each chunk costs five kernel
 # launches: on an H200, 64M-element chunks made a 6.55B model's SAFT step 1.5-2x faster than 4M ones).
@@ -314,17 +316,18 @@ class SparseLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, unique_rows, row_slot, unique_cols, col_slot, crow, save_columns):
+    def forward(ctx, x, weight, bias, values, unique_rows, row_slot, unique_cols, col_slot, crow, save_columns, replay=None):
         out = F.linear(x, weight, bias)  # under autocast this runs in the autocast dtype
         x2d = x.reshape(-1, x.shape[-1])
-        if not ctx.needs_input_grad[3]:
-            saved = x2d[:0]
+        ctx.replay = replay if ctx.needs_input_grad[3] else None
+        if not ctx.needs_input_grad[3] or replay is not None:  # nothing, or recomputed in the backward (`replay`)
+            saved = x2d.new_empty((0, x2d.shape[1]))  # not x2d[:0]: a view would keep all of x alive
         elif save_columns:  # the selected columns only, already in the dtype of the product
             saved = _columns(x2d, unique_cols, out.dtype)
         else:
             saved = x2d
         ctx.save_for_backward(saved, weight, unique_rows, row_slot, unique_cols, col_slot, crow)
-        ctx.save_columns = save_columns
+        ctx.save_columns = save_columns and replay is None
         ctx.out_dtype = out.dtype
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -340,6 +343,15 @@ class SparseLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
+            if ctx.replay is not None:  # the input, recomputed bit for bit from what its producers saved
+                try:
+                    saved = ctx.replay().reshape(-1, weight.shape[1])
+                except RuntimeError as error:
+                    raise RuntimeError("saftune recomputes a sparsely trained layer's input from tensors its producers "
+                                       "saved, and an earlier backward call released them; set "
+                                       "saftune.sparse.replay.REPLAY_INPUTS = False before the forward pass to keep "
+                                       f"layer inputs instead ({error})") from error
+                ctx.replay = None
             if ctx.save_columns:
                 x_cols = saved.float()
             elif saved.dtype == ctx.out_dtype:  # widening to fp32 is exact: one copy straight to the dots' dtype
@@ -349,7 +361,7 @@ class SparseLinearFunction(torch.autograd.Function):
             else:  # under autocast: round to the product's dtype first, as the forward's product did
                 x_cols = _columns(saved, unique_cols, ctx.out_dtype).float()
             grad_values = selected_dots(grad_2d, x_cols, unique_rows, row_slot, col_slot, crow)
-        return grad_x, None, grad_bias, grad_values, None, None, None, None, None, None
+        return grad_x, None, grad_bias, grad_values, None, None, None, None, None, None, None
 
 
 @dataclass
@@ -376,8 +388,12 @@ class LinearRoute:
             values, selection = self.values, self.selection
         else:
             values, selection = self._block(weight)
-        save_columns = selection.save_columns and not self.checkpointing()
-        return SparseLinearFunction.apply(x, weight, bias, values, *selection.tensors(), save_columns)
+        if self.checkpointing():  # x is dropped and recomputed with the block: keep the reference
+            save_columns, replay = False, None
+        else:  # recompute x from its producers' saved factors where it is such a product; else keep its columns
+            replay = input_replay(x)
+            save_columns = selection.save_columns and replay is None
+        return SparseLinearFunction.apply(x, weight, bias, values, *selection.tensors(), save_columns, replay)
 
     def _block(self, view: torch.Tensor) -> tuple[torch.Tensor, LinearSelection]:
         """The values and selection of the rows of `self.weight` that `view` covers."""

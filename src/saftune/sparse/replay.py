@@ -1,0 +1,122 @@
+"""Recompute a layer's input from tensors the autograd graph keeps anyway, instead of saving it.
+
+The Linear kernel needs its input x in the backward pass (dL/dW[r, c] = sum_n dy[n, r] x[n, c]), so by
+default it keeps x alive from the forward to the backward, as LoRA does for its A matrix. But in a decoder
+layer most projection inputs are products whose factors the graph saves for its own backward:
+
+    RMSNorm        x = weight * (h * rsqrt(mean(h^2) + eps)).to(dtype): the inner product's backward keeps h
+                   and the rsqrt, the outer one keeps the weight;
+    SwiGLU         x = silu(gate) * up: the product's backward keeps both factors;
+    attention      x = sdpa(q, k, v).transpose(1, 2).contiguous().reshape(...): attention keeps its output.
+
+Keeping x as well costs a second copy of what is already there. `input_replay` reads the recipe off x's
+producer nodes (products, casts, copies and views, a few levels deep, down to saved tensors) and returns a
+function that redoes those operations from the saved tensors in the backward pass: the same operations
+on the same values, so the result is bit for bit the forward's x. It only applies where nothing
+intercepts saved tensors (no `saved_tensors_hooks`: gradient checkpointing, CPU offloading), since
+reading a saved factor would then run those hooks.
+
+Example:
+    >>> h = torch.randn(4, 8, requires_grad=True)
+    >>> w = torch.randn(8)  # a frozen norm weight: the graph keeps it, not the normalised h
+    >>> x = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+    >>> again = input_replay(x)
+    >>> torch.equal(again(), x)
+    True
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+# Set False to keep every Linear kernel's input instead (the replay reads the producers' saved tensors in the
+# backward pass: a graph whose producers ran their backward already, in an earlier partial backward call
+# without retain_graph, cannot be replayed).
+REPLAY_INPUTS = True
+_MAX_DEPTH = 4
+
+
+def input_replay(x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """A function recomputing `x` bit for bit from its producers' saved tensors, or None where it cannot."""
+    node = x.grad_fn
+    if not REPLAY_INPUTS or node is None or torch.compiler.is_compiling() or _hooks_active():
+        return None
+    replay = _replay(node, _MAX_DEPTH)
+    return None if replay is None else _Shared(node, replay)
+
+
+def _hooks_active() -> bool:
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, RuntimeError):  # the private query moved: assume hooks, replay nothing
+        return True
+
+
+def _replay(node, depth: int, output: int = 0) -> Callable[[], torch.Tensor] | None:
+    """The recipe of `node`'s forward output number `output` from saved tensors, or None."""
+    kind = type(node).__name__
+    for name in ("_saved_result", "_saved_output"):  # an op that saves its own output (attention's, exp's, ...)
+        if output == 0 and getattr(node, name, None) is not None:
+            return lambda name=name: getattr(node, name)
+    if depth == 0:
+        return None
+    if kind == "MulBackward0":
+        factors = []
+        for name, (child, number) in zip(("_saved_self", "_saved_other"), node.next_functions):
+            if getattr(node, name) is not None:  # saved for the other factor's gradient
+                factors.append(lambda name=name: getattr(node, name))
+            elif child is not None and (inner := _replay(child, depth - 1, number)) is not None:
+                factors.append(inner)
+            else:
+                return None
+        first, second = factors
+        return lambda: first() * second()
+    # One-input ops: the input's recipe, then the op again (a cast, a copy into contiguous memory, a view).
+    child, number = node.next_functions[0] if len(node.next_functions) == 1 else (None, 0)
+    inner = _replay(child, depth - 1, number) if child is not None else None
+    if inner is None:
+        return None
+    meta = node._input_metadata[0]  # the forward output's shape, dtype and device
+    if kind == "ToCopyBackward0":
+        return lambda: inner().to(device=meta.device, dtype=meta.dtype)
+    if kind == "CloneBackward0":
+        return lambda: inner().contiguous()
+    if kind in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
+        return lambda: inner().reshape(meta.shape)
+    if kind == "AliasBackward0":
+        return inner
+    if kind == "TransposeBackward0":
+        dims = node._saved_dim0, node._saved_dim1
+        return lambda: inner().transpose(*dims)
+    if kind == "SliceBackward0":
+        index = (slice(None),) * node._saved_dim + (slice(node._saved_start, node._saved_end, node._saved_step),)
+        return lambda: inner()[index]
+    return None
+
+
+class _LastReplay(threading.local):
+    entry: tuple | None = None  # (producer node, the tensor it replayed)
+
+
+_last_replay = _LastReplay()
+
+
+class _Shared:
+    """A replay that q, k and v (or gate and up) share: the first of them recomputes x, the others reuse it.
+
+    One replayed tensor is kept until the next replay replaces it, as `kernels.shared_copy` keeps one copy.
+    """
+
+    def __init__(self, node, replay: Callable[[], torch.Tensor]):
+        self.node, self.replay = node, replay
+
+    def __call__(self) -> torch.Tensor:
+        entry = _last_replay.entry
+        if entry is not None and entry[0] is self.node:
+            return entry[1]
+        result = self.replay()
+        _last_replay.entry = (self.node, result)
+        return result
