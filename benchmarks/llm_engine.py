@@ -23,6 +23,8 @@ Parts (--parts):
               lora   PEFT LoRA r=8 on every linear projection (q, k, v, o, gate, up, down; fp32 adapters);
               saft   the engine at sparsity 1e-3 with a random mask of exactly d entries spread over the
                      tensors in proportion to their sizes (the kernels' worst case), fp32 master values;
+              saft-kept  (with --kept-inputs) the same, keeping every projection's input for the backward
+                     instead of recomputing it from its producers' saved tensors (`saftune.sparse.replay`);
               limit  forward and backward to the activations, nothing trained: the floor of any method.
     capacity  SAFT end to end (lean phase 1 on one batch, then one step) on --capacity-model with bf16
             weights at --capacity-seq tokens: the absolute peak of each phase, what must fit the machine.
@@ -60,6 +62,7 @@ from scale import random_mask  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 VOCAB = 49152
 STEP_METHODS = ["limit", "lora", "saft", "ft"]
+SAFT_METHODS = ("saft", "saft-kept")  # saft-kept: the engine keeping every projection input (no replay)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -175,13 +178,17 @@ def trainer(method: str, model, mask=None):
 
     import saftune
 
-    if method == "saft":
+    if method in SAFT_METHODS:
         params = saftune.sparsify(model, mask).trainable_parameters()
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0) if params else None
 
     def step(batch):
+        if method in SAFT_METHODS:  # the switch is read in each forward pass: set it for this model's
+            from saftune.sparse import replay
+
+            replay.REPLAY_INPUTS = method == "saft"
         if optimizer:
             optimizer.zero_grad(set_to_none=True)
         loss_fn(model, batch).float().mean().backward()
@@ -211,10 +218,10 @@ def interleaved(model, data, args) -> dict:
     import copy
 
     steppers = {}
-    methods = [m for m in STEP_METHODS if m not in args.skip_methods]
+    methods = step_methods(args)
     for i, method in enumerate(methods):
         copy_ = model if i == len(methods) - 1 else copy.deepcopy(model)  # the last takes the original: one copy fewer
-        mask = random_mask(copy_, args.sparsity) if method == "saft" else None
+        mask = random_mask(copy_, args.sparsity) if method in SAFT_METHODS else None
         steppers[method] = trainer(method, prepare(method, copy_), mask)[0]
     times: dict[str, list[float]] = {m: [] for m in steppers}
     for i in range(args.warmup + args.steps):
@@ -281,7 +288,7 @@ def worker(args) -> dict:
     if args.method == "interleaved":
         result.update(interleaved(model, data, args))
         return result
-    mask = random_mask(model, args.sparsity) if args.method == "saft" else None
+    mask = random_mask(model, args.sparsity) if args.method in SAFT_METHODS else None
     model = prepare(args.method, model)
     base = memory.now()
     memory.reset_peak()
@@ -297,7 +304,7 @@ def worker(args) -> dict:
 def run(args, env: dict | None = None, **settings) -> dict:
     """One measurement in a fresh process (its JSON line), or the reason it failed; `env` adds to its environment."""
     options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads", "batches", "device",
-                                                   "skip_methods")}
+                                                   "skip_methods", "kept_inputs")}
     options.update(settings)
     return run_worker(__file__, options, settings, env)
 
@@ -314,12 +321,13 @@ def run_worker(script: str, options: dict, settings: dict, env: dict | None = No
     """`script --worker` with `options` as flags in a fresh process: its last JSON line, or why it failed."""
     cmd = [sys.executable, script, "--worker"]
     for key, value in options.items():
+        flag = f"--{key.replace('_', '-')}"
         if isinstance(value, list):
-            cmd += [f"--{key.replace('_', '-')}", *map(str, value)]
+            cmd += [flag, *map(str, value)]
         elif isinstance(value, bool):
-            cmd += [f"--{key}"] if value else []
+            cmd += [flag] if value else []
         else:
-            cmd += [f"--{key}", str(value)]
+            cmd += [flag, str(value)]
     started = time.perf_counter()
     out = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
     if out.returncode != 0:
@@ -330,6 +338,11 @@ def run_worker(script: str, options: dict, settings: dict, env: dict | None = No
         result["env"] = env
     print(json.dumps({k: v for k, v in result.items() if k != "step_seconds_each"}), flush=True)
     return result
+
+
+def step_methods(args) -> list[str]:
+    methods = [m for m in STEP_METHODS if m not in args.skip_methods]
+    return methods + (["saft-kept"] if args.kept_inputs else [])
 
 
 def step_ratios(rows: list[dict]) -> dict:
@@ -348,6 +361,11 @@ def step_ratios(rows: list[dict]) -> dict:
             out["limit_over_lora_memory"] = by["limit"]["memory_mib"] / by["lora"]["memory_mib"]
         if "memory_mapped_mib" in by["limit"] and "memory_mapped_mib" in by["lora"]:
             out["limit_over_lora_memory_mapped"] = by["limit"]["memory_mapped_mib"] / by["lora"]["memory_mapped_mib"]
+    if "saft" in by and "saft-kept" in by:  # what recomputing the projection inputs saves, and costs
+        out["saft_over_saft_kept_time"] = by["saft"]["step_seconds"] / by["saft-kept"]["step_seconds"]
+        for key in ("memory_mib", "memory_mapped_mib"):
+            if key in by["saft"] and key in by["saft-kept"] and "lora" in by and key in by["lora"]:
+                out[f"saft_kept_over_lora_{key.removesuffix('_mib')}"] = by["saft-kept"][key] / by["lora"][key]
     if "saft" in by and "ft" in by:
         out["saft_over_ft_time"] = by["saft"]["step_seconds"] / by["ft"]["step_seconds"]
         if "memory_mib" in by["saft"] and "memory_mib" in by["ft"]:
@@ -435,6 +453,8 @@ def main(argv=None) -> None:
     parser.add_argument("--memory-ways", nargs="+", default=["rss", "mapped"], choices=["rss", "mapped"],
                         help="step: rss (glibc's default allocator) and/or mapped (blocks >= 1 MiB mapped apart: "
                              "what the tensors held); rss is always taken with --separate (the timing process)")
+    parser.add_argument("--kept-inputs", action="store_true",
+                        help="step: also SAFT keeping every projection input (saft-kept), to show what recomputing them saves")
     parser.add_argument("--skip-methods", nargs="*", default=[], choices=STEP_METHODS,
                         help="step: leave these methods out (full FT beyond what it can train)")
     parser.add_argument("--batch", type=int, default=1)
@@ -474,7 +494,7 @@ def main(argv=None) -> None:
             if "step" in args.parts:
                 for mode in args.checkpointing_modes:
                     key = f"step/{model}/{dtype}/checkpointing-{mode}"
-                    methods = [m for m in STEP_METHODS if m not in args.skip_methods]
+                    methods = step_methods(args)
                     if args.separate:  # models too large for a copy per method in one process: time each alone
                         rows = [run(args, model=model, method=m, dtype=dtype, checkpointing=mode == "on") for m in methods]
                         timing = {"separate": True, "step_seconds": {r["method"]: r["step_seconds"] for r in rows
