@@ -10,7 +10,7 @@ entropy over every position. Every measurement runs in a fresh process, which re
 after the model and the batches are loaded; memory = peak RSS growth over the loaded model, two ways
 (`--memory-ways`):
     rss     with glibc's default allocator, as a user's process runs: its peak also holds memory that
-            glibc kept after tensors were freed (on the small models here, ~2x what tensors ever held);
+            glibc kept after tensors were freed;
     mapped  with every block of 1 MiB or more mapped on its own and returned when freed
             (MALLOC_MMAP_THRESHOLD_=1 MiB): the peak of what the tensors held, what the method needs.
 The limit's memory over LoRA's is reported beside SAFT's: no method can go below the limit.
@@ -312,8 +312,7 @@ def run(args, env: dict | None = None, **settings) -> dict:
 # Capacity workers and the "mapped" memory rows fix glibc's mmap threshold at 1 MiB: every larger block is its
 # own mapping, given back to the system when freed. By default the threshold rises to 32 MiB as big tensors
 # are freed, and freed intermediates below it stay in the heap: building a 16.28B model layer by layer into
-# int8 left about 2.1 GiB resident that no tensor held (malloc_trim gave it back); a SmolLM2 fp32 step with
-# checkpointing peaked at 991 MiB of RSS growth while tensors never held more than ~340 MiB at once.
+# int8 left about 2.1 GiB resident that no tensor held (malloc_trim gave it back).
 MAPPED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
