@@ -398,8 +398,9 @@ def plot(report: dict, path: Path) -> None:
     steps = {k.removeprefix("step/"): v for k, v in report["runs"].items() if k.startswith("step/")}
     phase1 = {k.removeprefix("phase1/"): v for k, v in report["runs"].items() if k.startswith("phase1/")}
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    width = 0.8 / len(STEP_METHODS)
-    for j, method in enumerate(STEP_METHODS):
+    shown = STEP_METHODS + [m for m in SAFT_METHODS[1:] if any(r.get("method") == m for v in steps.values() for r in v["rows"])]
+    width = 0.8 / len(shown)
+    for j, method in enumerate(shown):
         values = [next((r["memory_mib"] / 1024 for r in v["rows"] if r.get("method") == method and "memory_mib" in r), 0)
                   for v in steps.values()]
         left.bar([i + j * width for i in range(len(steps))], values, width, label=method)
@@ -410,7 +411,7 @@ def plot(report: dict, path: Path) -> None:
             left.scatter(*zip(*points), marker="_", s=120, color="black", zorder=3,
                          label="what tensors held (mapped)" if j == 0 else None)
     left.set_xticks([i + 0.4 - width / 2 for i in range(len(steps))],
-                    [k.replace("/checkpointing-", "\nckpt ").replace("/", " ") for k in steps], fontsize=7)
+                    [k.replace("/checkpointing-", "\nckpt ").replace("/", "\n") for k in steps], fontsize=6)
     left.set_ylabel("training memory over the loaded model (GiB): RSS (bars)")
     left.set_title("one step (batch x seq tokens)")
     left.legend()
@@ -425,7 +426,10 @@ def plot(report: dict, path: Path) -> None:
                      [k.replace("/checkpointing-", "\nphase 2 ckpt ").replace("/", " ") for k in phase1], fontsize=7)
     right.set_ylabel("memory over the loaded model (GiB)")
     right.set_title("phase 1 against phase 2, same model")
-    right.legend()
+    if phase1:
+        right.legend()
+    else:
+        right.text(0.5, 0.5, "phase 1 not in this run", ha="center", transform=right.transAxes)
     machine = report.get("machine", {})
     fig.suptitle(f"saftune engine on causal LMs ({machine.get('device', 'cpu')}, {machine.get('cpu_capability', '')}, "
                  f"{machine.get('threads', '')} threads)")

@@ -46,8 +46,8 @@ _DEVICE_DOTS = "sddmm"
 _TRANSPOSE_FIRST_BYTES = 5 << 20
 # An output gradient's used rows (transposed, in fp32) above this many elements are copied in blocks of
 # _ROW_BLOCK_ELEMENTS (see `selected_dots`): a vocabulary projection's whole copy would be [vocab, tokens],
-# 96 MiB at 512 tokens. There 4 MiB blocks also run 1.3-2x faster than one copy, while at 4M elements (out
-# 8192) one copy is 1.5x faster than four blocks (benchmarks/column_copies.py --parts blocks).
+# 96 MiB at 512 tokens. There 4 MiB blocks also run 1.4-2x faster than one copy, while at 4M elements (out
+# 8192) one copy is up to 1.5x faster than four blocks (benchmarks/column_copies.py --parts blocks).
 _BLOCKS_ABOVE_ELEMENTS = 1 << 22
 _ROW_BLOCK_ELEMENTS = 1 << 20
 
