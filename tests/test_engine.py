@@ -669,6 +669,20 @@ def test_inputs_are_kept_under_saved_tensor_hooks_and_a_released_producer_is_nam
         y.sum().backward()
 
 
+def test_a_recomputed_input_of_another_shape_is_refused(monkeypatch):
+    """A recipe that does not reproduce what the forward read (shape or dtype) stops the backward with an error
+    rather than training on the wrong values."""
+    from saftune.sparse import replay
+
+    linear = nn.Linear(8, 6, bias=False)
+    saftune.sparsify(linear, saftune.SparseMask({"weight": torch.arange(0, 48, 5)}, {"weight": (6, 8)}), kernels="on")
+    monkeypatch.setattr(replay, "_replay", lambda node, depth: lambda: torch.zeros(2, 8))
+    a = torch.randn(4, 8, requires_grad=True)
+    y = linear(a * 2.0 * a)
+    with pytest.raises(RuntimeError, match=r"recomputed \(2, 8\).*the forward read \(4, 8\)"):
+        y.sum().backward()
+
+
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_projections_reading_one_input_share_one_copy_of_its_columns(monkeypatch, checkpointing):
     # q, k and v read one input, and so do gate and up: one fp32 copy of it serves each group's backward.

@@ -329,7 +329,7 @@ class SparseLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(saved, weight, unique_rows, row_slot, unique_cols, col_slot, crow)
         ctx.save_columns = save_columns and replay is None
         ctx.out_dtype = out.dtype
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return out
 
@@ -345,10 +345,14 @@ class SparseLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             if ctx.replay is not None:  # the input, recomputed bit for bit from what its producers saved
                 try:
-                    saved = ctx.replay().reshape(-1, weight.shape[1])
+                    saved = ctx.replay()
+                    if saved.shape != ctx.x_shape or saved.dtype != ctx.x_dtype:
+                        raise RuntimeError(f"recomputed {tuple(saved.shape)} {saved.dtype}, the forward read "
+                                           f"{tuple(ctx.x_shape)} {ctx.x_dtype}")
+                    saved = saved.reshape(-1, weight.shape[1])
                 except RuntimeError as error:
                     raise RuntimeError("saftune recomputes a sparsely trained layer's input from tensors its producers "
-                                       "saved, and an earlier backward call released them; set "
+                                       "saved, and could not (an earlier backward call may have released them); set "
                                        "saftune.sparse.replay.REPLAY_INPUTS = False before the forward pass to keep "
                                        f"layer inputs instead ({error})") from error
                 ctx.replay = None

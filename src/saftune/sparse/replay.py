@@ -59,7 +59,8 @@ def _replay(node, depth: int, output: int = 0) -> Callable[[], torch.Tensor] | N
     """The recipe of `node`'s forward output number `output` from saved tensors, or None."""
     kind = type(node).__name__
     for name in ("_saved_result", "_saved_output"):  # an op that saves its own output (attention's, exp's, ...)
-        if output == 0 and getattr(node, name, None) is not None:
+        saved = getattr(node, name, None) if output == 0 else None
+        if isinstance(saved, torch.Tensor) and _describes(node._input_metadata[0], saved):
             return lambda name=name: getattr(node, name)
     if depth == 0:
         return None
@@ -95,6 +96,11 @@ def _replay(node, depth: int, output: int = 0) -> Callable[[], torch.Tensor] | N
         index = (slice(None),) * node._saved_dim + (slice(node._saved_start, node._saved_end, node._saved_step),)
         return lambda: inner()[index]
     return None
+
+
+def _describes(meta, tensor: torch.Tensor) -> bool:
+    """Whether a node's output metadata matches `tensor` (a saved tensor taken for that output)."""
+    return tuple(meta.shape) == tuple(tensor.shape) and meta.dtype == tensor.dtype and meta.device == tensor.device
 
 
 class _LastReplay(threading.local):
