@@ -180,8 +180,9 @@ def test_side_terms_reading_one_input_share_one_copy_of_its_columns(monkeypatch,
     mask = tiny.all_columns_mask(lm)
     saved, made = [], []
     shared_copy = kernels.shared_copy
-    monkeypatch.setattr(q, "shared_copy", lambda source, index, dtype, make: shared_copy(
-        source, index, dtype, lambda: made.append(1) or make()))
+    counting = lambda source, index, dtype, make: shared_copy(source, index, dtype, lambda: made.append(1) or make())  # noqa: E731
+    monkeypatch.setattr(q, "shared_copy", counting)
+    monkeypatch.setattr(kernels, "shared_copy", counting)  # `kernels.shared_columns`, the backward's under checkpointing
     save_for_backward = torch.autograd.function.FunctionCtx.save_for_backward
     monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward",
                         lambda ctx, *tensors: saved.append(tensors[0]) or save_for_backward(ctx, *tensors))

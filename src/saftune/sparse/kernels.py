@@ -244,6 +244,16 @@ def _same_index(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a.device.type == "cpu" and torch.equal(a, b)
 
 
+def shared_columns(x2d: torch.Tensor, unique_cols: torch.Tensor) -> torch.Tensor:
+    """`_columns(x2d, unique_cols)` in fp32, one copy for every projection that reads x2d (`shared_copy`).
+
+    "Every column" is keyed as None: off the CPU `shared_copy` compares index tensors by identity only, and
+    each projection has its own all-column index.
+    """
+    every = unique_cols.numel() == x2d.shape[1]
+    return shared_copy(x2d, None if every else unique_cols, torch.float32, lambda: _columns(x2d, unique_cols, torch.float32))
+
+
 def gathered_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Selected entries of grad_out^T @ inputs, in fp32.
 
@@ -344,28 +354,33 @@ class SparseLinearFunction(torch.autograd.Function):
             grad_bias = grad_2d.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
             if ctx.replay is not None:  # the input, recomputed bit for bit from what its producers saved
-                try:
-                    saved = ctx.replay()
-                    if saved.shape != ctx.x_shape or saved.dtype != ctx.x_dtype:
-                        raise RuntimeError(f"recomputed {tuple(saved.shape)} {saved.dtype}, the forward read "
-                                           f"{tuple(ctx.x_shape)} {ctx.x_dtype}")
-                    saved = saved.reshape(-1, weight.shape[1])
-                except RuntimeError as error:
-                    raise RuntimeError("saftune recomputes a sparsely trained layer's input from tensors its producers "
-                                       "saved, and could not (an earlier backward call may have released them); set "
-                                       "saftune.sparse.replay.REPLAY_INPUTS = False before the forward pass to keep "
-                                       f"layer inputs instead ({error})") from error
-                ctx.replay = None
+                saved = _replayed_input(ctx).reshape(-1, weight.shape[1])
             if ctx.save_columns:
                 x_cols = saved.float()
             elif saved.dtype == ctx.out_dtype:  # widening to fp32 is exact: one copy straight to the dots' dtype
-                every = unique_cols.numel() == saved.shape[1]
-                x_cols = shared_copy(saved, None if every else unique_cols, torch.float32,
-                                     lambda: _columns(saved, unique_cols, torch.float32))
+                x_cols = shared_columns(saved, unique_cols)
             else:  # under autocast: round to the product's dtype first, as the forward's product did
                 x_cols = _columns(saved, unique_cols, ctx.out_dtype).float()
             grad_values = selected_dots(grad_2d, x_cols, unique_rows, row_slot, col_slot, crow)
         return grad_x, None, grad_bias, grad_values, None, None, None, None, None, None, None
+
+
+_KEEP_INPUTS = "set saftune.sparse.replay.REPLAY_INPUTS = False before the forward pass to keep layer inputs instead"
+
+
+def _replayed_input(ctx) -> torch.Tensor:
+    """The forward's input, recomputed by `ctx.replay` (dropped after): an error naming the fix where it cannot be."""
+    try:
+        x = ctx.replay()
+    except RuntimeError as error:
+        raise RuntimeError("saftune recomputes a sparsely trained layer's input from tensors its producers saved, and "
+                           f"could not (an earlier backward call may have released them); {_KEEP_INPUTS} ({error})") from error
+    finally:
+        ctx.replay = None
+    if x.shape != ctx.x_shape or x.dtype != ctx.x_dtype:
+        raise RuntimeError(f"saftune recomputed {tuple(x.shape)} {x.dtype} as a sparsely trained layer's input where the "
+                           f"forward read {tuple(ctx.x_shape)} {ctx.x_dtype}; {_KEEP_INPUTS}")
+    return x
 
 
 @dataclass

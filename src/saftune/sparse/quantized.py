@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saftune.sparse.kernels import LinearSelection, _columns, selected_dots, shared_copy
+from saftune.sparse.kernels import LinearSelection, _columns, selected_dots, shared_columns, shared_copy
 
 logger = logging.getLogger(__name__)
 
@@ -360,10 +360,7 @@ class QuantizedSideFunction(torch.autograd.Function):
             grad_bias = grad_2d.sum(0)
         if ctx.needs_input_grad[3]:
             if ctx.recomputing:  # gathered and widened to fp32 in one copy, once for q, k and v
-                # None keys "every column": off the CPU index tensors are compared by identity only (`shared_copy`)
-                every = s.unique_cols.numel() == saved.shape[1]
-                x_cols = shared_copy(saved, None if every else s.unique_cols, torch.float32,
-                                     lambda: _columns(saved, s.unique_cols, torch.float32))
+                x_cols = shared_columns(saved, s.unique_cols)
             else:  # widened once for q, k and v
                 x_cols = shared_copy(saved, None, torch.float32, saved.float)
             grad_values = selected_dots(grad_2d, x_cols, s.unique_rows, s.row_slot, s.col_slot, s.crow)

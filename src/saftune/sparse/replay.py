@@ -37,6 +37,8 @@ import torch
 # without retain_graph, cannot be replayed).
 REPLAY_INPUTS = True
 _MAX_DEPTH = 4
+_ONE_INPUT_OPS = {"ToCopyBackward0", "CloneBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+                  "AliasBackward0", "TransposeBackward0", "SliceBackward0"}
 
 
 def input_replay(x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
@@ -76,7 +78,9 @@ def _replay(node, depth: int, output: int = 0) -> Callable[[], torch.Tensor] | N
         first, second = factors
         return lambda: first() * second()
     # One-input ops: the input's recipe, then the op again (a cast, a copy into contiguous memory, a view).
-    child, number = node.next_functions[0] if len(node.next_functions) == 1 else (None, 0)
+    if kind not in _ONE_INPUT_OPS or len(node.next_functions) != 1:  # before recursing: this runs in every forward
+        return None
+    child, number = node.next_functions[0]
     inner = _replay(child, depth - 1, number) if child is not None else None
     if inner is None:
         return None
