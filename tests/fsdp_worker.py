@@ -65,13 +65,14 @@ def toy():
 
 
 def llama():
-    """tiny-llama (tied embeddings, RMSNorm, blocks named by `_no_split_modules`): entries of every projection."""
+    """tiny-llama (tied embeddings, RMSNorm, blocks named by `_no_split_modules`): entries of every projection
+    and of two norms (the scale path, sharded as the kernels' weights are)."""
     from saftune.models import create
 
     lm = create("tiny-llama", seed=0).lm
     chosen = {n: 8 for n, p in lm.named_parameters() if p.dim() == 2}
     chosen.update({"model.norm.weight": 3, "model.layers.1.input_layernorm.weight": 3})
-    return lm, random_mask(lm, chosen), ["hook", "linear", "tied"], lm.config.vocab_size, lambda ids: lm(input_ids=ids).logits
+    return lm, random_mask(lm, chosen), ["linear", "scale", "tied"], lm.config.vocab_size, lambda ids: lm(input_ids=ids).logits
 
 
 def train_engine(build, shard: bool) -> dict[str, torch.Tensor]:

@@ -240,11 +240,11 @@ def test_sparse_delta_on_tied_embeddings_round_trips_exactly(tmp_path):
     hooked_lm = tiny_causal_lm("llama", seed=2)
     hooked = saftune.sparsify(hooked_lm, mask_, kernels="off")
     _lm_loss(hooked_lm, ids, mask).backward()
-    assert "tied=0, quantized=0, hook=1" in repr(hooked)
+    assert "tied=0, scale=0, quantized=0, hook=1" in repr(hooked)
     assert torch.allclose(hooked.trainable_parameters()[0].grad, dense_grad, atol=1e-6)
 
     sm = saftune.sparsify(lm, mask_)
-    assert "tied=1, quantized=0, hook=0" in repr(sm)
+    assert "tied=1, scale=0, quantized=0, hook=0" in repr(sm)
     opt = torch.optim.SGD(sm.trainable_parameters(), lr=0.5)
     _lm_loss(lm, ids, mask).backward()
     assert lm.lm.model.embed_tokens.weight.grad is None  # no dense gradient at all

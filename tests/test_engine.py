@@ -710,7 +710,7 @@ def test_projections_reading_one_input_share_one_copy_of_its_columns(monkeypatch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_checkpointed_llama_trains_through_the_kernels_and_forms_no_dense_gradient(dtype):
     """q/k/v/o (narrow GQA k/v included) and gate/up/down take the Linear kernel, the tied embedding both
-    kernels, RMSNorm the hook path; with checkpointing and (bf16) weights the gradients equal the hook path's."""
+    kernels, RMSNorm the scale path; with checkpointing and (bf16) weights the gradients equal the hook path's."""
     grads = {}
     for kernels in ("auto", "off"):
         case = _llama_case(dtype)
@@ -724,7 +724,7 @@ def test_a_checkpointed_llama_trains_through_the_kernels_and_forms_no_dense_grad
             assert {paths[n] for n in paths if n.endswith("_proj.weight")} == {"linear"}
             assert any(n.endswith("k_proj.weight") for n in paths)  # the narrow GQA projection is among them
             assert paths["lm.model.embed_tokens.weight"] == "tied"
-            assert {paths[n] for n in paths if "norm" in n} == {"hook"}
+            assert {paths[n] for n in paths if "norm" in n} == {"scale"}
             # Recomputing, the Linear kernel saves a reference to its input (not its columns): read per forward.
             assert sm._recomputing()
             case.model.eval()

@@ -15,7 +15,8 @@ passes. Nothing else changes:
   its own shard (the next all-gather brings them to everyone).
 * A tensor trained through a dense-gradient hook (LayerNorm weights, biases, denser tensors: the
   engine's `hook` path) stays whole in every process: sharding it would make FSDP reduce-scatter its
-  dense gradient. These are the small tensors.
+  dense gradient. These are the small tensors. (RMSNorm scales take the engine's `scale` path, which gives
+  the weight no gradient, only its value vector: they are sharded like the projections.)
 
 Every forward of a sharded unit is a collective: every process must run the same number of forward
 passes (see `shard_frozen_base`).

@@ -2,7 +2,7 @@
 
 `sparsify(model, mask)` gives each touched parameter an fp32 *value vector* holding its selected entries
 (the only tensors an optimizer sees) and keeps their pretrained values for the delta. Gradients reach the
-value vectors in one of four ways, chosen per tensor:
+value vectors in one of these ways, chosen per tensor:
 
 * `linear`: an exact `nn.Linear` weight at low density. Its forward is routed through
   `SparseLinearFunction`, which computes only the selected entries of dW (no dense weight gradient).
@@ -14,10 +14,12 @@ value vectors in one of four ways, chosen per tensor:
 * `tied`: one tensor that is both an exact `nn.Embedding`'s weight and an exact `nn.Linear`'s weight (a
   language model's tied input and output embeddings): both kernels above, each adding its part of the
   gradient into the same value vector, so no dense vocabulary x hidden gradient is formed.
+* `scale`: an RMSNorm's scale (Llama's, Mistral's, Qwen's: `saftune.sparse.norms`): `SparseScaleFunction`
+  recomputes the normalised input in the backward pass instead of keeping it, as the frozen model does.
 * `quantized`: a quantized `nn.Linear` weight (torchao int8 or nf4, `saftune.sparse.quantized`): the weight cannot
   take trained values, so the selected entries act beside it as a sparse side term, y = x Q(W)^T + x Delta^T,
   whose forward and backward touch only those entries.
-* `hook`: anything else (convolutions, LayerNorm, raw parameters, denser tensors). The
+* `hook`: anything else (convolutions, LayerNorm, other norms, raw parameters, denser tensors). The
   tensor keeps `requires_grad`, and a post-accumulate-grad hook gathers the selected entries of its dense
   gradient into `values.grad` and frees the dense gradient at once, tensor by tensor.
 
@@ -44,6 +46,7 @@ from saftune.sparse.attention import attention_forward
 from saftune.sparse.delta import SparseDelta
 from saftune.sparse.kernels import LinearRoute, LinearSelection, SparseEmbeddingFunction
 from saftune.sparse.mask import SparseMask
+from saftune.sparse.norms import ScaleRoute, routable
 from saftune.sparse.quantized import (
     QuantizationError, SideTerm, attach, check_routable, dequantize, detach, frozen_forward, is_quantized, scheme_of,
 )
@@ -72,7 +75,7 @@ class _Slot:
     indices: torch.Tensor  # int64 [d_t], sorted flat indices, on the parameter's device
     values: nn.Parameter  # master copy [d_t], fp32 (or the parameter's dtype when that is wider)
     pretrained: torch.Tensor  # [d_t] in the parameter's own dtype: exact unmerge
-    path: str  # "linear" | "attention" | "embedding" | "tied" | "quantized" | "hook"
+    path: str  # "linear" | "attention" | "embedding" | "tied" | "scale" | "quantized" | "hook"
 
 
 def _sync_after_step(optimizer, args, kwargs) -> None:
@@ -142,6 +145,8 @@ def _choose_path(param: nn.Parameter, owners: list[tuple[nn.Module, str]], densi
         return "linear"
     if _plain_embedding(module, attr):
         return "embedding"
+    if routable(module):  # an RMSNorm whose forward saftune reproduces bit for bit (any density: its gradient is 1-D)
+        return "scale"
     return "hook"
 
 
@@ -234,9 +239,9 @@ class SparseModel:
         paths = [s.path for s in self._slots]
         logger.info(
             "sparsify: %d trainable values in %d tensors (linear kernel %d, attention kernel %d, embedding kernel %d, "
-            "tied embedding kernels %d, quantized side terms %d, hook %d)",
+            "tied embedding kernels %d, norm scales %d, quantized side terms %d, hook %d)",
             self.num_trainable, len(self._slots), paths.count("linear"), paths.count("attention"), paths.count("embedding"),
-            paths.count("tied"), paths.count("quantized"), paths.count("hook"),
+            paths.count("tied"), paths.count("scale"), paths.count("quantized"), paths.count("hook"),
         )
 
     def _recomputing(self) -> bool:
@@ -298,6 +303,9 @@ class SparseModel:
                 self._forwards.append(module)
             else:  # the attention module's forward is installed once, for all its routes
                 self._attention_routes.setdefault(module, {})[id(slot.param)] = route
+        elif slot.path == "scale":
+            module.forward = partial(ScaleRoute(slot.values, slot.indices).forward, module)
+            self._forwards.append(module)
         elif slot.path == "quantized":
             attach(module, SideTerm.build(slot.indices, tuple(slot.param.shape), slot.values, slot.pretrained,
                                           self._recomputing))
@@ -401,7 +409,8 @@ class SparseModel:
         return (
             f"SparseModel(trainable={self.num_trainable}, tensors={len(self._slots)}, "
             f"linear={paths.count('linear')}, attention={paths.count('attention')}, embedding={paths.count('embedding')}, "
-            f"tied={paths.count('tied')}, quantized={paths.count('quantized')}, hook={paths.count('hook')})"
+            f"tied={paths.count('tied')}, scale={paths.count('scale')}, quantized={paths.count('quantized')}, "
+            f"hook={paths.count('hook')})"
         )
 
 

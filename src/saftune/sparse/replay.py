@@ -60,6 +60,9 @@ def _hooks_active() -> bool:
 def _replay(node, depth: int, output: int = 0) -> Callable[[], torch.Tensor] | None:
     """The recipe of `node`'s forward output number `output` from saved tensors, or None."""
     kind = type(node).__name__
+    own = getattr(node, "saftune_replay", None)  # a saftune kernel's node that knows how to recompute its output
+    if own is not None and output == 0:
+        return own
     for name in ("_saved_result", "_saved_output"):  # an op that saves its own output (attention's, exp's, ...)
         saved = getattr(node, name, None) if output == 0 else None
         if isinstance(saved, torch.Tensor) and _describes(node._input_metadata[0], saved):
