@@ -18,7 +18,8 @@ The limit's memory over LoRA's is reported beside SAFT's: no method can go below
 Parts (--parts):
     step    per model, dtype (fp32, bf16) and gradient checkpointing (off, on): memory (a fresh process
             per method and memory way, two steps) and step time (one process holding a copy of the model per method,
-            their steps taken in turn, --warmup rounds then the median of --steps rounds) of
+            their steps taken in turn, --warmup rounds then the median of --steps rounds; SAFT / limit also
+            as the median of each round's own ratio, "paired", which a drift between rounds cancels) of
               ft     full fine-tuning, AdamW (with bf16 weights: bf16 weights and optimizer state);
               lora   PEFT LoRA r=8 on every linear projection (q, k, v, o, gate, up, down; fp32 adapters);
               saft   the engine at sparsity 1e-3 with a random mask of exactly d entries spread over the
@@ -344,11 +345,14 @@ def step_methods(args) -> list[str]:
     return methods + (["saft-kept"] if args.kept_inputs else [])
 
 
-def step_ratios(rows: list[dict]) -> dict:
+def step_ratios(rows: list[dict], timing: dict | None = None) -> dict:
     by = {r["method"]: r for r in rows if "step_seconds" in r}
     out = {}
     if "saft" in by and "limit" in by:
         out["saft_over_limit_time"] = by["saft"]["step_seconds"] / by["limit"]["step_seconds"]
+    each = (timing or {}).get("step_seconds_each", {})
+    if "saft" in each and "limit" in each:  # round by round (the two steps of a round a few seconds apart), then the median
+        out["saft_over_limit_time_paired"] = statistics.median(s / t for s, t in zip(each["saft"], each["limit"], strict=True))
     if "saft" in by and "lora" in by:
         out["saft_over_lora_time"] = by["saft"]["step_seconds"] / by["lora"]["step_seconds"]
         if "memory_mib" in by["saft"] and "memory_mib" in by["lora"]:
@@ -519,7 +523,7 @@ def main(argv=None) -> None:
                             if "step_seconds" in r:
                                 r["step_seconds_alone"] = r["step_seconds"]
                             r["step_seconds"] = timing["step_seconds"][r["method"]]
-                    report["runs"][key] = {"rows": rows, "interleaved": timing, "ratios": step_ratios(rows)}
+                    report["runs"][key] = {"rows": rows, "interleaved": timing, "ratios": step_ratios(rows, timing)}
                     print(key, json.dumps(report["runs"][key]["ratios"]), flush=True)
             if "phase1" in args.parts:
                 epoch = run(args, model=model, method="ft-epoch", dtype=dtype)  # without checkpointing: the faster epoch

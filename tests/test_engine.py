@@ -707,6 +707,24 @@ def test_projections_reading_one_input_share_one_copy_of_its_columns(monkeypatch
         torch.testing.assert_close(grad, grads["off"][name], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_shared_copies_and_recomputed_inputs_do_not_outlive_the_backward_pass(monkeypatch, checkpointing):
+    # Kept into the next step's forward, the last layer input (and its copy) would add to the forward's peak.
+    from saftune.sparse import kernels, replay
+
+    case = _llama_case(torch.float32)
+    if not checkpointing:
+        case.model.lm.gradient_checkpointing_disable()
+    saftune.sparsify(case.model, tiny.all_columns_mask(case.model))
+    kept = []
+    for cache in (kernels._last_copy, replay._last_replay):
+        put = cache.put
+        monkeypatch.setattr(cache, "put", lambda entry, put=put, cache=cache: kept.append(cache) or put(entry))
+    case.loss_fn(case.model, case.batches[0]).mean().backward()
+    assert kernels._last_copy in kept and (replay._last_replay in kept) == (not checkpointing)
+    assert kernels._last_copy.get() is None and replay._last_replay.get() is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_checkpointed_llama_trains_through_the_kernels_and_forms_no_dense_gradient(dtype):
     """q/k/v/o (narrow GQA k/v included) and gate/up/down take the Linear kernel, the tied embedding both

@@ -22,7 +22,6 @@ forward that `nn.Linear` and `nn.MultiheadAttention`'s projections both call.
 from __future__ import annotations
 
 import functools
-import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from saftune.sparse.backward_cache import BackwardCache
 from saftune.sparse.replay import input_replay
 
 # Upper bound on the temporary [chunk, N] products of the chunked gathered dot products (elements), on the
@@ -191,13 +191,7 @@ def _columns(x2d: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype |
     return out.copy_(x2d.t())
 
 
-class _LastCopy(threading.local):
-    """The last copy `shared_copy` made: (source, its version then, index, dtype, the copy)."""
-
-    entry: tuple | None = None
-
-
-_last_copy = _LastCopy()
+_last_copy = BackwardCache()  # the last copy `shared_copy` made: (source, its version then, index, dtype, the copy)
 
 
 def shared_copy(source: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype,
@@ -207,7 +201,8 @@ def shared_copy(source: torch.Tensor, index: torch.Tensor | None, dtype: torch.d
     A decoder layer's q, k and v projections read one input, and so do gate and up: their kernels would
     otherwise each make the same transposed copy of it, one after another. The previous copy is reused
     when it was made from the same memory, unchanged since (same version counter), with the same columns
-    and dtype. It keeps one source and its copy alive until the next copy replaces them.
+    and dtype. It keeps one source and its copy alive until the next copy replaces them, or the backward pass
+    that made them ends.
 
     Example:
         >>> x = torch.randn(4, 3)
@@ -221,7 +216,7 @@ def shared_copy(source: torch.Tensor, index: torch.Tensor | None, dtype: torch.d
     """
     if torch.compiler.is_compiling():  # a compiled graph has no Python state to consult
         return make()
-    entry = _last_copy.entry
+    entry = _last_copy.get()
     if entry is not None:
         old, version, old_index, old_dtype, copy = entry
         same_source = (old.device == source.device and old.data_ptr() == source.data_ptr() and old.dtype == source.dtype
@@ -229,7 +224,7 @@ def shared_copy(source: torch.Tensor, index: torch.Tensor | None, dtype: torch.d
         if same_source and old_dtype == dtype and _same_index(old_index, index):
             return copy
     copy = make()
-    _last_copy.entry = (source, source._version, index, dtype, copy)
+    _last_copy.put((source, source._version, index, dtype, copy))
     return copy
 
 

@@ -27,10 +27,11 @@ Example:
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import torch
+
+from saftune.sparse.backward_cache import BackwardCache
 
 # Set False to keep every Linear kernel's input instead (the replay reads the producers' saved tensors in the
 # backward pass: a graph whose producers ran their backward already, in an earlier partial backward call
@@ -110,26 +111,23 @@ def _describes(meta, tensor: torch.Tensor) -> bool:
     return tuple(meta.shape) == tuple(tensor.shape) and meta.dtype == tensor.dtype and meta.device == tensor.device
 
 
-class _LastReplay(threading.local):
-    entry: tuple | None = None  # (producer node, the tensor it replayed)
-
-
-_last_replay = _LastReplay()
+_last_replay = BackwardCache()  # (producer node, the tensor it replayed)
 
 
 class _Shared:
     """A replay that q, k and v (or gate and up) share: the first of them recomputes x, the others reuse it.
 
-    One replayed tensor is kept until the next replay replaces it, as `kernels.shared_copy` keeps one copy.
+    One replayed tensor is kept until the next replay replaces it or the backward pass ends, as
+    `kernels.shared_copy` keeps one copy.
     """
 
     def __init__(self, node, replay: Callable[[], torch.Tensor]):
         self.node, self.replay = node, replay
 
     def __call__(self) -> torch.Tensor:
-        entry = _last_replay.entry
+        entry = _last_replay.get()
         if entry is not None and entry[0] is self.node:
             return entry[1]
         result = self.replay()
-        _last_replay.entry = (self.node, result)
+        _last_replay.put((self.node, result))
         return result
