@@ -26,6 +26,8 @@ Parts (--parts):
                      tensors in proportion to their sizes (the kernels' worst case), fp32 master values;
               saft-kept  (with --kept-inputs) the same, keeping every projection's input for the backward
                      instead of recomputing it from its producers' saved tensors (`saftune.sparse.replay`);
+              saft-norms-hooked  (with --per-tensor-norms) the same, with RMSNorm scales on the per-tensor
+                     path instead of their kernel (`saftune.sparse.norms`), which keeps each norm's input;
               limit  forward and backward to the activations, nothing trained: the floor of any method.
     capacity  SAFT end to end (lean phase 1 on one batch, then one step) on --capacity-model with bf16
             weights at --capacity-seq tokens: the absolute peak of each phase, what must fit the machine.
@@ -63,7 +65,9 @@ from scale import random_mask  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 VOCAB = 49152
 STEP_METHODS = ["limit", "lora", "saft", "ft"]
-SAFT_METHODS = ("saft", "saft-kept")  # saft-kept: the engine keeping every projection input (no replay)
+# saft-kept: the engine keeping every projection input (no replay); saft-norms-hooked: RMSNorm scales on the
+# per-tensor (hook) path instead of their kernel, which keeps each norm's normalised input
+SAFT_METHODS = ("saft", "saft-kept", "saft-norms-hooked")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -180,7 +184,15 @@ def trainer(method: str, model, mask=None):
     import saftune
 
     if method in SAFT_METHODS:
-        params = saftune.sparsify(model, mask).trainable_parameters()
+        from saftune.sparse import engine
+
+        routable = engine.routable
+        if method == "saft-norms-hooked":
+            engine.routable = lambda module: False  # no norm takes the scale kernel: the per-tensor path
+        try:
+            params = saftune.sparsify(model, mask).trainable_parameters()
+        finally:
+            engine.routable = routable
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0) if params else None
@@ -189,7 +201,7 @@ def trainer(method: str, model, mask=None):
         if method in SAFT_METHODS:  # the switch is read in each forward pass: set it for this model's
             from saftune.sparse import replay
 
-            replay.REPLAY_INPUTS = method == "saft"
+            replay.REPLAY_INPUTS = method != "saft-kept"
         if optimizer:
             optimizer.zero_grad(set_to_none=True)
         loss_fn(model, batch).float().mean().backward()
@@ -305,7 +317,7 @@ def worker(args) -> dict:
 def run(args, env: dict | None = None, **settings) -> dict:
     """One measurement in a fresh process (its JSON line), or the reason it failed; `env` adds to its environment."""
     options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads", "batches", "device",
-                                                   "skip_methods", "kept_inputs")}
+                                                   "skip_methods", "kept_inputs", "per_tensor_norms")}
     options.update(settings)
     return run_worker(__file__, options, settings, env)
 
@@ -342,7 +354,7 @@ def run_worker(script: str, options: dict, settings: dict, env: dict | None = No
 
 def step_methods(args) -> list[str]:
     methods = [m for m in STEP_METHODS if m not in args.skip_methods]
-    return methods + (["saft-kept"] if args.kept_inputs else [])
+    return methods + (["saft-kept"] if args.kept_inputs else []) + (["saft-norms-hooked"] if args.per_tensor_norms else [])
 
 
 def step_ratios(rows: list[dict], timing: dict | None = None) -> dict:
@@ -369,6 +381,15 @@ def step_ratios(rows: list[dict], timing: dict | None = None) -> dict:
         for key in ("memory_mib", "memory_mapped_mib"):
             if key in by["saft"] and key in by["saft-kept"] and "lora" in by and key in by["lora"]:
                 out[f"saft_kept_over_lora_{key.removesuffix('_mib')}"] = by["saft-kept"][key] / by["lora"][key]
+    if "saft" in by and "saft-norms-hooked" in by:  # what the norms' scale kernel saves, and costs
+        out["saft_over_saft_norms_hooked_time"] = by["saft"]["step_seconds"] / by["saft-norms-hooked"]["step_seconds"]
+        each = (timing or {}).get("step_seconds_each", {})
+        if "saft-norms-hooked" in each:
+            out["saft_over_saft_norms_hooked_time_paired"] = statistics.median(
+                a / b for a, b in zip(each["saft"], each["saft-norms-hooked"], strict=True))
+        for key in ("memory_mib", "memory_mapped_mib"):
+            if key in by["saft"] and key in by["saft-norms-hooked"]:
+                out[f"saft_norms_hooked_minus_saft_{key}"] = by["saft-norms-hooked"][key] - by["saft"][key]
     if "saft" in by and "ft" in by:
         out["saft_over_ft_time"] = by["saft"]["step_seconds"] / by["ft"]["step_seconds"]
         if "memory_mib" in by["saft"] and "memory_mib" in by["ft"]:
@@ -462,6 +483,8 @@ def main(argv=None) -> None:
                              "what the tensors held); rss is always taken with --separate (the timing process)")
     parser.add_argument("--kept-inputs", action="store_true",
                         help="step: also SAFT keeping every projection input (saft-kept), to show what recomputing them saves")
+    parser.add_argument("--per-tensor-norms", action="store_true",
+                        help="step: also SAFT with RMSNorm scales on the per-tensor path (saft-norms-hooked)")
     parser.add_argument("--skip-methods", nargs="*", default=[], choices=STEP_METHODS,
                         help="step: leave these methods out (full FT beyond what it can train)")
     parser.add_argument("--batch", type=int, default=1)

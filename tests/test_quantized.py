@@ -169,9 +169,9 @@ def test_training_changes_only_the_side_term_and_follows_the_dequantized_model(s
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_side_terms_reading_one_input_share_one_copy_of_its_columns(monkeypatch, scheme, checkpointing):
-    # q, k and v read one input, and so do gate and up: their side terms save one copy of its columns and
-    # widen it once in the backward (under checkpointing: save a reference, gather and widen once in the
-    # backward), and the gradients are those of training on the dequantized weights.
+    # q, k and v read one input, and so do gate and up: their side terms recompute it in the backward (under
+    # checkpointing: keep a reference) and gather and widen it once there, and the gradients are those of
+    # training on the dequantized weights.
     from saftune.sparse import kernels
 
     lm, loss_fn, batches = _case(tie=False)
@@ -196,13 +196,36 @@ def test_side_terms_reading_one_input_share_one_copy_of_its_columns(monkeypatch,
     columns = [t for t in saved if t.dim() == 2 and t.shape[1] == tokens]  # side terms' saved input columns
     if checkpointing:  # nothing gathered in the forward: each input gathered and widened once in the backward
         assert not columns and len(made) == 4 * layers
-    else:  # a copy per distinct input in the forward (saved by each of its projections), widened once
-        assert len(columns) == 7 * layers and len({t.data_ptr() for t in columns}) == 4 * layers
-        assert len(made) == 2 * 4 * layers
+    else:  # recomputed in the backward from the producers' saved tensors (`replay`), gathered and widened once;
+        # the first layer's q/k/v input has no autograd history (nothing below it trains): one copy of its columns
+        # saved in the forward by the three
+        assert len(columns) == 3 and len({t.data_ptr() for t in columns}) == 1
+        assert len(made) == 1 + 4 * layers
     reference = sparsify(plain, mask)
     loss_fn(plain, batches[0]).mean().backward()
     for (name, values), (_, ref_values) in zip(sm.named_trainable_parameters(), reference.named_trainable_parameters()):
         assert torch.allclose(values.grad, ref_values.grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_side_terms_recompute_their_inputs_bit_identical_to_keeping_them(monkeypatch, scheme):
+    from saftune.sparse import replay
+
+    grads, replayed = {}, []
+    input_replay = q.input_replay
+    monkeypatch.setattr(q, "input_replay", lambda x: (found := input_replay(x)) is not None and replayed.append(1) or found)
+    for recompute in (True, False):
+        monkeypatch.setattr(replay, "REPLAY_INPUTS", recompute)
+        lm, loss_fn, batches = _case(tie=False)
+        q.quantize(lm, scheme)
+        sm = sparsify(lm, saftune.select_mask(lm, loss_fn, batches, sparsity=0.03, score="random"))
+        loss_fn(lm, batches[0]).mean().backward()
+        grads[recompute] = {n: v.grad for n, v in sm.named_trainable_parameters()}
+        if recompute:  # every side term: all 7 projections of every layer (and the untied output layer in int8)
+            sides = sum(s.path == "quantized" for s in sm._slots)
+            assert len(replayed) == sides >= 7 * lm.lm.config.num_hidden_layers
+    for name, grad in grads[True].items():
+        assert torch.equal(grad, grads[False][name]), name
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -24,7 +24,8 @@ The quantized weights cannot take trained values in place, so a trained entry ac
 layer's weight in the compute dtype for its matrix product anyway, so the d_t selected entries are written
 into that transient copy (Q(W) + Delta, as the full-precision engine writes trained values into its
 weights). The backward rebuilds the copy for the input's gradient instead of saving it, and gives `values`
-the selected entries of dy^T x (the kernels' sampled dot products). In fp32 the trained entries are exact;
+the selected entries of dy^T x (the kernels' sampled dot products); x itself is recomputed there where it
+is a product of tensors the graph keeps anyway (`saftune.sparse.replay`), else its used columns are saved. In fp32 the trained entries are exact;
 in bf16 they round as a bf16 model's own trained weights do. Gradients are therefore taken with respect
 to the *dequantized* weight Q(W) + Delta, in phase 1 as in phase 2: phase 1 routes each scored
 quantized layer through `QuantizedLinearFunction`, whose backward hands the dense dL/dQ(W) to the
@@ -52,7 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saftune.sparse.kernels import LinearSelection, _columns, selected_dots, shared_columns, shared_copy
+from saftune.sparse.kernels import (
+    LinearSelection, _columns, _replayed_input, selected_dots, shared_columns, shared_copy,
+)
+from saftune.sparse.replay import input_replay
 
 logger = logging.getLogger(__name__)
 
@@ -334,17 +338,21 @@ class QuantizedSideFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, pretrained, selection: LinearSelection, indices, recomputing=False):
+    def forward(ctx, x, weight, bias, values, pretrained, selection: LinearSelection, indices, recomputing=False,
+                replay=None):
         out = F.linear(x, effective_weight(weight, x.dtype, indices, values, pretrained), bias)
         x2d, cols = x.reshape(-1, x.shape[-1]), selection.unique_cols
         if recomputing:  # gradient checkpointing drops what this pass saves: keep a reference, gather in the backward
             saved = x2d
+        elif replay is not None:  # recomputed in the backward from its producers' saved tensors (`replay`)
+            saved = x2d.new_empty((0, x2d.shape[1]))
         else:  # the used input columns, one copy saved by every projection that reads this input (q, k, v; gate, up)
             saved = shared_copy(x2d, cols, x.dtype, lambda: _columns(x2d, cols))
         ctx.save_for_backward(saved, weight, values, pretrained, indices)
         ctx.selection = selection
         ctx.has_bias = bias is not None
         ctx.recomputing = recomputing
+        ctx.replay, ctx.x_shape, ctx.x_dtype = replay, x.shape, x.dtype
         return out
 
     @staticmethod
@@ -359,12 +367,14 @@ class QuantizedSideFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
         if ctx.needs_input_grad[3]:
-            if ctx.recomputing:  # gathered and widened to fp32 in one copy, once for q, k and v
+            if ctx.replay is not None:  # the input, recomputed bit for bit: gathered and widened as under checkpointing
+                x_cols = shared_columns(_replayed_input(ctx).reshape(-1, weight.shape[1]), s.unique_cols)
+            elif ctx.recomputing:  # gathered and widened to fp32 in one copy, once for q, k and v
                 x_cols = shared_columns(saved, s.unique_cols)
             else:  # widened once for q, k and v
                 x_cols = shared_copy(saved, None, torch.float32, saved.float)
             grad_values = selected_dots(grad_2d, x_cols, s.unique_rows, s.row_slot, s.col_slot, s.crow)
-        return grad_x, None, grad_bias, grad_values, None, None, None, None
+        return grad_x, None, grad_bias, grad_values, None, None, None, None, None
 
 
 @dataclass
@@ -387,8 +397,12 @@ class SideTerm:
 def side_forward(module: nn.Linear, side: SideTerm, x: torch.Tensor) -> torch.Tensor:
     """The forward installed on a quantized Linear that carries trained entries."""
     if torch.is_grad_enabled() and (side.values.requires_grad or x.requires_grad):
+        recomputing = side.checkpointing()
+        # Without checkpointing, the input is recomputed in the backward where it is a product of tensors the
+        # graph keeps anyway (a norm's output, SwiGLU's, attention's), as `kernels.LinearRoute` does.
+        replay = input_replay(x) if side.values.requires_grad and not recomputing else None
         return QuantizedSideFunction.apply(x, module.weight, module.bias, side.values, side.pretrained, side.selection,
-                                           side.indices, side.checkpointing())
+                                           side.indices, recomputing, replay)
     return F.linear(x, effective_weight(module.weight, x.dtype, side.indices, side.values, side.pretrained), module.bias)
 
 
