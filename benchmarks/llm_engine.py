@@ -478,9 +478,10 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpointing-modes", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--separate", action="store_true",
                         help="step: time each method in its own process (models too large for a copy per method)")
-    parser.add_argument("--memory-ways", nargs="+", default=["rss", "mapped"], choices=["rss", "mapped"],
+    parser.add_argument("--memory-ways", nargs="*", default=["rss", "mapped"], choices=["rss", "mapped"],
                         help="step: rss (glibc's default allocator) and/or mapped (blocks >= 1 MiB mapped apart: "
-                             "what the tensors held); rss is always taken with --separate (the timing process)")
+                             "what the tensors held), or none (timing only); rss is always taken with --separate "
+                             "(the timing process)")
     parser.add_argument("--kept-inputs", action="store_true",
                         help="step: also SAFT keeping every projection input (saft-kept), to show what recomputing them saves")
     parser.add_argument("--per-tensor-norms", action="store_true",
