@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from saftune.sparse.backward_cache import BackwardCache
-from saftune.sparse.replay import input_replay
+from saftune.sparse.replay import input_replay, recomputed
 
 # Upper bound on the temporary [chunk, N] products of the chunked gathered dot products (elements), on the
 # CPU (where the chunks should stay in cache) and on other devices (where each chunk costs five kernel
@@ -360,22 +360,12 @@ class SparseLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_values, None, None, None, None, None, None, None
 
 
-_KEEP_INPUTS = "set saftune.sparse.replay.REPLAY_INPUTS = False before the forward pass to keep layer inputs instead"
-
-
 def _replayed_input(ctx) -> torch.Tensor:
-    """The forward's input, recomputed by `ctx.replay` (dropped after): an error naming the fix where it cannot be."""
+    """The forward's input, recomputed by `ctx.replay` (dropped after)."""
     try:
-        x = ctx.replay()
-    except RuntimeError as error:
-        raise RuntimeError("saftune recomputes a sparsely trained layer's input from tensors its producers saved, and "
-                           f"could not (an earlier backward call may have released them); {_KEEP_INPUTS} ({error})") from error
+        return recomputed(ctx.replay, ctx.x_shape, ctx.x_dtype, "a sparsely trained layer's input")
     finally:
         ctx.replay = None
-    if x.shape != ctx.x_shape or x.dtype != ctx.x_dtype:
-        raise RuntimeError(f"saftune recomputed {tuple(x.shape)} {x.dtype} as a sparsely trained layer's input where the "
-                           f"forward read {tuple(ctx.x_shape)} {ctx.x_dtype}; {_KEEP_INPUTS}")
-    return x
 
 
 @dataclass

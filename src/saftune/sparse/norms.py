@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from saftune.sparse.replay import input_replay
+from saftune.sparse.replay import input_replay, recomputed
 
 _PROBE_DTYPES = (torch.float32, torch.bfloat16)  # a routed norm matches on both (fp32 and bf16 activations)
 
@@ -100,26 +100,11 @@ class SparseScaleFunction(torch.autograd.Function):
             grad_normed = (grad_out * weight).to(ctx.normed_dtype)
         if ctx.needs_input_grad[2]:
             if normed is None:
-                normed = _replayed_normed(ctx)
+                normed = recomputed(ctx.replay, ctx.normed_shape, ctx.normed_dtype, "a sparsely trained norm's normalised input")
             # autograd's dense weight gradient (product, sum over the broadcast dims, cast), then its selected entries
             grad_weight = (grad_out * normed).sum_to_size(weight.shape).to(weight.dtype)
             grad_values = grad_weight.index_select(0, indices).to(ctx.values_dtype)
         return grad_normed, None, grad_values, None, None
-
-
-def _replayed_normed(ctx) -> torch.Tensor:
-    from saftune.sparse.kernels import _KEEP_INPUTS  # one wording for both kernels' recomputed inputs
-
-    try:
-        normed = ctx.replay()
-    except RuntimeError as error:
-        raise RuntimeError("saftune recomputes a sparsely trained norm's normalised input from tensors its producers "
-                           f"saved, and could not (an earlier backward call may have released them); {_KEEP_INPUTS} "
-                           f"({error})") from error
-    if normed.shape != ctx.normed_shape or normed.dtype != ctx.normed_dtype:
-        raise RuntimeError(f"saftune recomputed {tuple(normed.shape)} {normed.dtype} as a norm's normalised input where "
-                           f"the forward had {tuple(ctx.normed_shape)} {ctx.normed_dtype}; {_KEEP_INPUTS}")
-    return normed
 
 
 @dataclass

@@ -37,6 +37,7 @@ from saftune.sparse.backward_cache import BackwardCache
 # backward pass: a graph whose producers ran their backward already, in an earlier partial backward call
 # without retain_graph, cannot be replayed).
 REPLAY_INPUTS = True
+KEEP_INPUTS = "set saftune.sparse.replay.REPLAY_INPUTS = False before the forward pass to keep layer inputs instead"
 _MAX_DEPTH = 4
 _ONE_INPUT_OPS = {"ToCopyBackward0", "CloneBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
                   "AliasBackward0", "TransposeBackward0", "SliceBackward0"}
@@ -49,6 +50,22 @@ def input_replay(x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
         return None
     replay = _replay(node, _MAX_DEPTH)
     return None if replay is None else _Shared(node, replay)
+
+
+def recomputed(replay: Callable[[], torch.Tensor], shape: torch.Size, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """`replay()` in a backward pass, checked against the forward's `shape` and `dtype`; `what` names the tensor.
+
+    Both errors name the switch that keeps inputs instead of recomputing them.
+    """
+    try:
+        x = replay()
+    except RuntimeError as error:
+        raise RuntimeError(f"saftune recomputes {what} from tensors its producers saved, and could not (an earlier "
+                           f"backward call may have released them); {KEEP_INPUTS} ({error})") from error
+    if x.shape != shape or x.dtype != dtype:
+        raise RuntimeError(f"saftune recomputed {tuple(x.shape)} {x.dtype} as {what} where the forward had "
+                           f"{tuple(shape)} {dtype}; {KEEP_INPUTS}")
+    return x
 
 
 def _hooks_active() -> bool:
