@@ -25,11 +25,11 @@ layer's weight in the compute dtype for its matrix product anyway, so the d_t se
 into that transient copy (Q(W) + Delta, as the full-precision engine writes trained values into its
 weights). The backward rebuilds the copy for the input's gradient instead of saving it, and gives `values`
 the selected entries of dy^T x (the kernels' sampled dot products); x itself is recomputed there where it
-is a product of tensors the graph keeps anyway (`saftune.sparse.replay`), else its used columns are saved. In fp32 the trained entries are exact;
-in bf16 they round as a bf16 model's own trained weights do. Gradients are therefore taken with respect
-to the *dequantized* weight Q(W) + Delta, in phase 1 as in phase 2: phase 1 routes each scored
-quantized layer through `QuantizedLinearFunction`, whose backward hands the dense dL/dQ(W) to the
-weight's gradient hook (so the usual accumulators, one-pass or lean, sum it).
+is a product of tensors the graph keeps anyway (`saftune.sparse.replay`), else its used columns are saved.
+In fp32 the trained entries are exact; in bf16 they round as a bf16 model's own trained weights do.
+Gradients are therefore taken with respect to the *dequantized* weight Q(W) + Delta, in phase 1 as in
+phase 2: phase 1 routes each scored quantized layer through `QuantizedLinearFunction`, whose backward
+hands the dense dL/dQ(W) to the weight's gradient hook (so the usual accumulators, one-pass or lean, sum it).
 
 Example:
     >>> net = quantize(nn.Sequential(nn.Linear(64, 8)), "nf4")   # doctest: +SKIP
