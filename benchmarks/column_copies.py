@@ -25,8 +25,18 @@ or 2048] weight selected) is copied a block of rows at a time (`saftune.sparse.k
 its selected entries' dot products timed whole and in blocks of 2^18, 2^20 and 2^22 elements, and as the
 kernel chooses (blocks of 2^20 above 2^22 elements).
 
+Projections that read one input (`--parts shared`: q, k and v of a grouped-query layer, k and v a third
+as wide as q; 1e-3 of each weight selected at random) each need that input's used columns:
+
+    own columns       each projection copies the columns it uses (`shared_copy` keyed by those columns: one
+                      copy serves all three only where each reads every column);
+    every column      one copy of all of them, which all three read;
+    chosen            `shared_columns` for q, k, v in turn: the first gathers its own, the second copies
+                      every column, the third reads that copy.
+
 Usage:
     python benchmarks/column_copies.py            # results: benchmarks/results/column_copies.json
+    python benchmarks/column_copies.py --parts shared --out benchmarks/results/column_copies_shared.json
     python benchmarks/column_copies.py --parts blocks --out benchmarks/results/column_copies_blocks.json
 """
 
@@ -145,19 +155,50 @@ def measure_blocks(tokens: int, out: int, width: int, rounds: int, dtype) -> dic
             "chosen_over_whole": ms["chosen"] / ms["whole"]}
 
 
+def measure_shared(tokens: int, width: int, rounds: int, dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, width, generator=g).to(dtype)
+    selections = []
+    for out in (width, width // 3, width // 3):  # q, k, v
+        indices = torch.sort(torch.randperm(out * width, generator=g)[: out * width // 1000]).values
+        selections.append(kernels.LinearSelection.from_indices(indices, (out, width)))
+
+    def own_columns():  # each projection copies its own columns; a copy of every column serves all that read every one
+        kernels._last_copy.put(None)  # each round starts as a layer's backward does: nothing copied from x yet
+        return [kernels.shared_copy(x, s.unique_cols if s.save_columns else None, torch.float32,
+                                    lambda s=s: _columns(x, s.unique_cols, torch.float32)) for s in selections]
+
+    def chosen():
+        kernels._last_copy.put(None)
+        return [kernels.shared_columns(x, s.unique_cols, s.col_slot) for s in selections]
+
+    ways = {"own_columns": own_columns, "every_column": lambda: _columns(x, None, torch.float32), "chosen": chosen}
+    samples = {k: [] for k in ways}
+    for fn in ways.values():
+        fn()
+    for _ in range(rounds):
+        for key, fn in ways.items():
+            samples[key].append(_median_ms(fn))
+    ms = {k: statistics.median(v) for k, v in samples.items()}
+    return {"tokens": tokens, "width": width, "dtype": str(dtype).removeprefix("torch."),
+            "columns_used": [s.unique_cols.numel() for s in selections], **{f"{k}_ms": v for k, v in ms.items()},
+            "own_columns_over_every_column": ms["own_columns"] / ms["every_column"],
+            "chosen_over_own_columns": ms["chosen"] / ms["own_columns"]}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[512])
     parser.add_argument("--widths", type=int, nargs="+", default=WIDTHS)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--parts", nargs="+", default=["widen", "gather"], choices=["widen", "gather", "blocks"])
+    parser.add_argument("--parts", nargs="+", default=["widen", "gather"], choices=["widen", "gather", "blocks", "shared"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--gather-dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"],
                         help="gather: the activations' dtypes (the copies are fp32 either way)")
     parser.add_argument("--out", type=Path, default=RESULTS / "column_copies.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows, gathers, blocks = [], [], []
+    rows, gathers, blocks, shared = [], [], [], []
     for tokens, dtype, (out, width) in [(t, d, shape) for t in args.tokens for d in args.gather_dtypes for shape in BLOCK_SHAPES
                                         if "blocks" in args.parts]:
         blocks.append(measure_blocks(tokens, out, width, args.rounds, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]))
@@ -173,6 +214,13 @@ def main(argv=None) -> None:
         print(f"N={tokens:5d} {dtype} width={width:6d} used={r['used']:6d}  columns first {r['columns_first_ms']:7.3f} ms"
               f"  indexed {r['indexed_ms']:7.3f} ms  transpose first {r['transpose_first_ms']:7.3f} ms"
               f"  chosen {r['chosen_ms']:7.3f} ms  chosen/best {r['chosen_over_best']:.2f}", flush=True)
+    for tokens, dtype, width in [(t, d, w) for t in args.tokens for d in args.gather_dtypes for w in args.widths
+                                 if "shared" in args.parts]:
+        shared.append(measure_shared(tokens, width, args.rounds, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]))
+        r = shared[-1]
+        print(f"N={tokens:5d} {dtype} width={width:6d} q/k/v columns used {r['columns_used']}  own columns "
+              f"{r['own_columns_ms']:7.3f} ms  every column {r['every_column_ms']:7.3f} ms  chosen {r['chosen_ms']:7.3f} ms"
+              f"  own/every {r['own_columns_over_every_column']:.2f}  chosen/own {r['chosen_over_own_columns']:.2f}", flush=True)
     for tokens in args.tokens if "widen" in args.parts else []:
         for width in args.widths:
             rows.append(measure(tokens, width, args.rounds))
@@ -182,7 +230,7 @@ def main(argv=None) -> None:
                   f"  ({'two copies' if r['takes_two_copies'] else 'one copy'})", flush=True)
     report = {"machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
                           "threads": args.threads, "platform": platform.platform(), "torch": torch.__version__},
-              "rows": rows, "gather": gathers, "blocks": blocks}
+              "rows": rows, "gather": gathers, "blocks": blocks, "shared": shared}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")

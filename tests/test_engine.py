@@ -707,6 +707,36 @@ def test_projections_reading_one_input_share_one_copy_of_its_columns(monkeypatch
         torch.testing.assert_close(grad, grads["off"][name], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projections_reading_different_columns_of_one_input_share_a_copy_of_every_column(monkeypatch, dtype):
+    # q reads columns 0-2, k 4-5, v 6: the first gathers its own, the second copies all 16 for itself and v.
+    from saftune.sparse import kernels
+
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"q": nn.Linear(16, 8), "k": nn.Linear(16, 4), "v": nn.Linear(16, 4)}).to(dtype)
+    columns = {"q": [0, 1, 2, 1], "k": [4, 5], "v": [6]}  # entry (row i, columns[i])
+    mask = saftune.SparseMask({f"{n}.weight": torch.tensor([i * 16 + c for i, c in enumerate(cs)]) for n, cs in columns.items()},
+                              {f"{n}.weight": tuple(net[n].weight.shape) for n in columns})
+    a, b = torch.randn(5, 16, dtype=dtype, requires_grad=True), torch.randn(5, 16, dtype=dtype, requires_grad=True)
+
+    def gradients(names):
+        trained = copy.deepcopy(net)
+        sm = saftune.sparsify(trained, mask, kernels="on")
+        x = a * b  # a product: recomputed in the backward, not saved
+        sum(trained[n](x).float().square().sum() for n in names).backward()
+        return {n: v.grad for n, v in sm.named_trainable_parameters() if v.grad is not None}
+
+    made = []
+    columns_of = kernels._columns
+    monkeypatch.setattr(kernels, "_columns", lambda x2d, index, dtype=None: x2d.shape[1] == 16 and made.append(
+        "every" if index is None else index.numel()) or columns_of(x2d, index, dtype))  # x's copies, not dy's
+    together = gradients(["q", "k", "v"])
+    assert sorted(made, key=str) == [1, "every"]  # v (first in the backward) gathers its one column, k copies all
+    for name in columns:  # the same numbers as each projection reading its own gathered columns, bit for bit
+        alone = gradients([name])
+        assert torch.equal(together[f"{name}.weight"], alone[f"{name}.weight"])
+
+
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_shared_copies_and_recomputed_inputs_do_not_outlive_the_backward_pass(monkeypatch, checkpointing):
     # Kept into the next step's forward, the last layer input (and its copy) would add to the forward's peak.

@@ -217,15 +217,19 @@ def shared_copy(source: torch.Tensor, index: torch.Tensor | None, dtype: torch.d
     if torch.compiler.is_compiling():  # a compiled graph has no Python state to consult
         return make()
     entry = _last_copy.get()
-    if entry is not None:
-        old, version, old_index, old_dtype, copy = entry
-        same_source = (old.device == source.device and old.data_ptr() == source.data_ptr() and old.dtype == source.dtype
-                       and old.shape == source.shape and old.stride() == source.stride() and source._version == version)
-        if same_source and old_dtype == dtype and _same_index(old_index, index):
-            return copy
+    if entry is not None and _copied_from(entry, source, dtype) and _same_index(entry[2], index):
+        return entry[4]
     copy = make()
     _last_copy.put((source, source._version, index, dtype, copy))
     return copy
+
+
+def _copied_from(entry: tuple, source: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a `_last_copy` entry was copied to `dtype` from `source`'s memory, unchanged since (same version)."""
+    old, version, _, old_dtype, _ = entry
+    return (old.device == source.device and old.data_ptr() == source.data_ptr() and old.dtype == source.dtype
+            and old.shape == source.shape and old.stride() == source.stride() and source._version == version
+            and old_dtype == dtype)
 
 
 def _same_index(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -239,14 +243,42 @@ def _same_index(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a.device.type == "cpu" and torch.equal(a, b)
 
 
-def shared_columns(x2d: torch.Tensor, unique_cols: torch.Tensor) -> torch.Tensor:
-    """`_columns(x2d, unique_cols)` in fp32, one copy for every projection that reads x2d (`shared_copy`).
+def shared_columns(x2d: torch.Tensor, unique_cols: torch.Tensor, col_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2d's used columns (a `LinearSelection`'s `unique_cols`) transposed to fp32, and each selected entry's
+    row in that copy (`col_slot`, or the entry's own column where the copy has every column).
 
+    One copy serves every projection that reads x2d (`shared_copy`): q, k and v read one input, and so do
+    gate and up. Their selected entries use different columns, so the first reader copies its own columns
+    only; a second reader with other columns copies all of them, in place of the first's copy, and the rest
+    read that: with 1e-3 of q, k and v selected, 0.24-0.64x the time of each copying its own columns at widths
+    960..2048 (fp32 and bf16) and 576 (bf16); 1.18x at 576 in fp32, where gathers are cheap (`benchmarks/
+    column_copies.py --parts shared`). A lone reader (o, down) gathers: cheaper than all columns in fp32.
     "Every column" is keyed as None: off the CPU `shared_copy` compares index tensors by identity only, and
     each projection has its own all-column index.
+
+    Example:
+        >>> x = torch.randn(4, 6)
+        >>> q = LinearSelection.from_indices(torch.tensor([1, 8]), (3, 6))   # columns 1 and 2
+        >>> k = LinearSelection.from_indices(torch.tensor([5]), (2, 6))      # column 5
+        >>> shared_columns(x, q.unique_cols, q.col_slot)[0].shape   # q's two columns
+        torch.Size([2, 4])
+        >>> shared_columns(x, k.unique_cols, k.col_slot)[0].shape   # k reads another: all six copied
+        torch.Size([6, 4])
+        >>> shared_columns(x, q.unique_cols, q.col_slot)[1]   # q's entries now read rows 1 and 2 of that copy
+        tensor([1, 2])
     """
-    every = unique_cols.numel() == x2d.shape[1]
-    return shared_copy(x2d, None if every else unique_cols, torch.float32, lambda: _columns(x2d, unique_cols, torch.float32))
+    cols, slot = unique_cols, col_slot
+    every = cols.numel() == x2d.shape[1]  # `_used` then numbers the entries by their own column
+    if not every and not torch.compiler.is_compiling():
+        entry = _last_copy.get()
+        if entry is not None and _copied_from(entry, x2d, torch.float32):
+            if entry[2] is None:  # every column is copied already
+                return entry[4], cols.index_select(0, slot)
+            if not _same_index(entry[2], cols):  # a second reader: copy every column once for it and the rest
+                copy = shared_copy(x2d, None, torch.float32, lambda: _columns(x2d, None, torch.float32))
+                return copy, cols.index_select(0, slot)
+    copy = shared_copy(x2d, None if every else cols, torch.float32, lambda: _columns(x2d, cols, torch.float32))
+    return copy, slot
 
 
 def gathered_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -353,7 +385,7 @@ class SparseLinearFunction(torch.autograd.Function):
             if ctx.save_columns:
                 x_cols = saved.float()
             elif saved.dtype == ctx.out_dtype:  # widening to fp32 is exact: one copy straight to the dots' dtype
-                x_cols = shared_columns(saved, unique_cols)
+                x_cols, col_slot = shared_columns(saved, unique_cols, col_slot)
             else:  # under autocast: round to the product's dtype first, as the forward's product did
                 x_cols = _columns(saved, unique_cols, ctx.out_dtype).float()
             grad_values = selected_dots(grad_2d, x_cols, unique_rows, row_slot, col_slot, crow)

@@ -368,12 +368,13 @@ class QuantizedSideFunction(torch.autograd.Function):
             grad_bias = grad_2d.sum(0)
         if ctx.needs_input_grad[3]:
             if ctx.replay is not None:  # the input, recomputed bit for bit: gathered and widened as under checkpointing
-                x_cols = shared_columns(_replayed_input(ctx).reshape(-1, weight.shape[1]), s.unique_cols)
+                x2d = _replayed_input(ctx).reshape(-1, weight.shape[1])
+                x_cols, col_slot = shared_columns(x2d, s.unique_cols, s.col_slot)
             elif ctx.recomputing:  # gathered and widened to fp32 in one copy, once for q, k and v
-                x_cols = shared_columns(saved, s.unique_cols)
+                x_cols, col_slot = shared_columns(saved, s.unique_cols, s.col_slot)
             else:  # widened once for q, k and v
-                x_cols = shared_copy(saved, None, torch.float32, saved.float)
-            grad_values = selected_dots(grad_2d, x_cols, s.unique_rows, s.row_slot, s.col_slot, s.crow)
+                x_cols, col_slot = shared_copy(saved, None, torch.float32, saved.float), s.col_slot
+            grad_values = selected_dots(grad_2d, x_cols, s.unique_rows, s.row_slot, col_slot, s.crow)
         return grad_x, None, grad_bias, grad_values, None, None, None, None, None
 
 
