@@ -66,19 +66,24 @@ def _median_ms(fn, calls: int = 10) -> float:
     return (time.perf_counter() - start) / calls * 1e3
 
 
+def _time_ways(ways: dict, rounds: int, calls: int = 10) -> dict[str, float]:
+    """Each way's median ms per call over `rounds`, the ways taken in turn each round (same machine load)."""
+    for fn in ways.values():
+        fn()
+    samples = {k: [] for k in ways}
+    for _ in range(rounds):
+        for key, fn in ways.items():
+            samples[key].append(_median_ms(fn, calls))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def measure(tokens: int, width: int, rounds: int) -> dict:
     x = torch.randn(tokens, width).bfloat16()
     every = torch.arange(width)
     ways = {"one_copy": lambda: torch.empty(width, tokens).copy_(x.t()),
             "two_copies": lambda: x.t().contiguous().float(),
             "chosen": lambda: _columns(x, every, torch.float32)}
-    for fn in ways.values():
-        fn()
-    samples = {k: [] for k in ways}
-    for _ in range(rounds):
-        for key, fn in ways.items():
-            samples[key].append(_median_ms(fn))
-    ms = {k: statistics.median(v) for k, v in samples.items()}
+    ms = _time_ways(ways, rounds)
     return {"tokens": tokens, "width": width, **{f"{k}_ms": v for k, v in ms.items()},
             "two_over_one": ms["two_copies"] / ms["one_copy"], "chosen_over_best": ms["chosen"] / min(ms["one_copy"], ms["two_copies"]),
             "takes_two_copies": (width * x.element_size()) % 2048 == 0}
@@ -102,13 +107,7 @@ def measure_gather(tokens: int, width: int, used: int, rounds: int, dtype=torch.
     ways = {"columns_first": columns_first, "indexed": indexed,
             "transpose_first": lambda: x.t().contiguous().index_select(0, cols).float(),
             "chosen": lambda: _columns(x, cols, torch.float32)}
-    samples = {k: [] for k in ways}
-    for fn in ways.values():
-        fn()
-    for _ in range(rounds):
-        for key, fn in ways.items():
-            samples[key].append(_median_ms(fn))
-    ms = {k: statistics.median(v) for k, v in samples.items()}
+    ms = _time_ways(ways, rounds)
     return {"tokens": tokens, "width": width, "used": used, "dtype": str(dtype).removeprefix("torch."),
             **{f"{k}_ms": v for k, v in ms.items()},
             "transpose_first_over_columns_first": ms["transpose_first"] / ms["columns_first"],
@@ -141,13 +140,7 @@ def measure_blocks(tokens: int, out: int, width: int, rounds: int, dtype) -> dic
 
     ways = {name: way(elements) for name, elements in BLOCKS.items()} | {"chosen": way()}
     calls = max(3, 10 * 2048 // out)
-    samples = {k: [] for k in ways}
-    for fn in ways.values():
-        fn()
-    for _ in range(rounds):
-        for key, fn in ways.items():
-            samples[key].append(_median_ms(fn, calls))
-    ms = {k: statistics.median(v) for k, v in samples.items()}
+    ms = _time_ways(ways, rounds, calls)
     blocked = s.unique_rows.numel() * tokens > kernels._BLOCKS_ABOVE_ELEMENTS
     return {"tokens": tokens, "out": out, "in": width, "dtype": str(dtype).removeprefix("torch."), "selected": indices.numel(),
             "rows_read": s.unique_rows.numel(), **{f"{k}_ms": v for k, v in ms.items()}, "blocked": blocked,
@@ -173,13 +166,7 @@ def measure_shared(tokens: int, width: int, rounds: int, dtype) -> dict:
         return [kernels.shared_columns(x, s.unique_cols, s.col_slot) for s in selections]
 
     ways = {"own_columns": own_columns, "every_column": lambda: _columns(x, None, torch.float32), "chosen": chosen}
-    samples = {k: [] for k in ways}
-    for fn in ways.values():
-        fn()
-    for _ in range(rounds):
-        for key, fn in ways.items():
-            samples[key].append(_median_ms(fn))
-    ms = {k: statistics.median(v) for k, v in samples.items()}
+    ms = _time_ways(ways, rounds)
     return {"tokens": tokens, "width": width, "dtype": str(dtype).removeprefix("torch."),
             "columns_used": [s.unique_cols.numel() for s in selections], **{f"{k}_ms": v for k, v in ms.items()},
             "own_columns_over_every_column": ms["own_columns"] / ms["every_column"],
