@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from saftune._io import atomic_path
+from saftune._quiet import quiet_torchao
 from saftune.sparse.delta import SparseDelta
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class PeftExportError(ValueError):
 
 def _require_shira():
     try:
-        from peft import ShiraConfig
+        with quiet_torchao():  # PEFT imports torchao when it is installed
+            from peft import ShiraConfig
     except ImportError as e:
         raise ImportError("exporting a sparse delta as a PEFT adapter needs peft >= 0.17 (its SHiRA format): "
                           "pip install -U 'peft>=0.17'") from e

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from saftune._quiet import quiet_torchao
 from saftune.config import option
 from saftune.methods.base import Method, MethodConfig, register_method
 from saftune.results import write_result_config
@@ -81,7 +82,8 @@ def fan_in_fan_out(model, targets: list[str]) -> bool:
 
 
 def _lora_config(rank, alpha, dropout, targets, fan_in_fan_out=False):
-    from peft import LoraConfig
+    with quiet_torchao():  # PEFT imports torchao when it is installed
+        from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                       fan_in_fan_out=fan_in_fan_out)
@@ -89,7 +91,8 @@ def _lora_config(rank, alpha, dropout, targets, fan_in_fan_out=False):
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Merge every LoRA layer into its base layer and remove the adapters (in place)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    with quiet_torchao():
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer) and name:
@@ -112,7 +115,8 @@ class LoRA(Method):
     result_files = ("adapter_config.json", "adapter_model.safetensors")
 
     def prepare(self, model, context) -> None:
-        from peft import inject_adapter_in_model
+        with quiet_torchao():
+            from peft import inject_adapter_in_model
 
         targets = self.config.targets or default_targets(model)
         self.peft_config = _lora_config(self.config.rank, self.config.alpha, self.config.dropout, targets,
@@ -122,7 +126,8 @@ class LoRA(Method):
             p.requires_grad_("lora_" in name)
 
     def save_result(self, model, directory, info):
-        from peft import get_peft_model_state_dict
+        with quiet_torchao():
+            from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         from saftune._io import atomic_path, write_json
@@ -145,7 +150,8 @@ def load_lora(model, directory: Path, merge: bool = False) -> nn.Module:
     """Attach a saved adapter to `model` (and merge it when `merge`)."""
     import json
 
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    with quiet_torchao():
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     directory = Path(directory)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
-import io
 import logging
 import sys
 from collections.abc import Callable
@@ -53,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saftune._quiet import quiet_torchao
 from saftune.sparse.kernels import (
     LinearSelection, _columns, _replayed_input, selected_dots, shared_columns, shared_copy,
 )
@@ -73,21 +73,13 @@ class QuantizationError(ValueError):
 
 
 def _torchao():
-    """Import torchao quietly: it logs a line for each optional CUDA extension it cannot load on a CPU machine."""
-    # torch's pytree also warns, once, about enums torchao registers; neither message concerns the user.
-    loggers = [logging.getLogger(name) for name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
+    """Import torchao quietly (`saftune._quiet`)."""
     try:
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with quiet_torchao():
             import torchao.quantization as quantization
         return quantization
     except ImportError:
         raise QuantizationError("a quantized base (quantize='int8' or 'nf4') needs torchao: pip install 'saftune[quant]'") from None
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def is_quantized(tensor: torch.Tensor) -> bool:

@@ -1,0 +1,23 @@
+"""PEFT imports torchao when it is installed, and torchao logs a line for each CUDA extension it cannot load:
+saftune's own imports of PEFT keep those lines out of the user's output (the demo's workers import it for LoRA)."""
+
+import subprocess
+import sys
+
+import pytest
+
+# A process set up as `saftune demo`'s workers are (saftune.pool._start_worker: logging at WARNING to stderr).
+_WORKER = "import logging; logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s'); "
+
+
+def _stderr(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", _WORKER + code], capture_output=True, text=True, check=True).stderr
+
+
+def test_loras_import_of_peft_keeps_torchaos_import_lines_out_of_the_output():
+    pytest.importorskip("peft")
+    bare = _stderr("import peft")
+    if "torchao" not in bare and "_pytree" not in bare:
+        pytest.skip("importing PEFT prints nothing here (torchao not installed, or quiet on this machine)")
+    quiet = _stderr("from saftune.methods.lora import _lora_config; _lora_config(8, 16, 0.0, ['q'])")
+    assert "torchao" not in quiet and "_pytree" not in quiet, quiet
