@@ -267,18 +267,16 @@ def shared_columns(x2d: torch.Tensor, unique_cols: torch.Tensor, col_slot: torch
         >>> shared_columns(x, q.unique_cols, q.col_slot)[1]   # q's entries now read rows 1 and 2 of that copy
         tensor([1, 2])
     """
-    cols, slot = unique_cols, col_slot
-    every = cols.numel() == x2d.shape[1]  # `_used` then numbers the entries by their own column
+    every = unique_cols.numel() == x2d.shape[1]  # `_used` then numbers the entries by their own column
     if not every and not torch.compiler.is_compiling():
         entry = _last_copy.get()
-        if entry is not None and _copied_from(entry, x2d, torch.float32):
-            if entry[2] is None:  # every column is copied already
-                return entry[4], cols.index_select(0, slot)
-            if not _same_index(entry[2], cols):  # a second reader: copy every column once for it and the rest
-                copy = shared_copy(x2d, None, torch.float32, lambda: _columns(x2d, None, torch.float32))
-                return copy, cols.index_select(0, slot)
-    copy = shared_copy(x2d, None if every else cols, torch.float32, lambda: _columns(x2d, cols, torch.float32))
-    return copy, slot
+        # x2d copied before with other columns, or with every column (keyed None): every column, copied once
+        if entry is not None and _copied_from(entry, x2d, torch.float32) and not _same_index(entry[2], unique_cols):
+            copy = shared_copy(x2d, None, torch.float32, lambda: _columns(x2d, None, torch.float32))
+            return copy, unique_cols.index_select(0, col_slot)
+    copy = shared_copy(x2d, None if every else unique_cols, torch.float32,
+                       lambda: _columns(x2d, unique_cols, torch.float32))
+    return copy, col_slot
 
 
 def gathered_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -359,11 +359,10 @@ class QuantizedSideFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
         if ctx.needs_input_grad[3]:
-            if ctx.replay is not None:  # the input, recomputed bit for bit: gathered and widened as under checkpointing
-                x2d = _replayed_input(ctx).reshape(-1, weight.shape[1])
+            if ctx.replay is not None or ctx.recomputing:  # gathered and widened to fp32 in one copy, once for q, k and v
+                # the input recomputed bit for bit from its producers' saved tensors, or kept (checkpointing)
+                x2d = saved if ctx.replay is None else _replayed_input(ctx).reshape(-1, weight.shape[1])
                 x_cols, col_slot = shared_columns(x2d, s.unique_cols, s.col_slot)
-            elif ctx.recomputing:  # gathered and widened to fp32 in one copy, once for q, k and v
-                x_cols, col_slot = shared_columns(saved, s.unique_cols, s.col_slot)
             else:  # widened once for q, k and v
                 x_cols, col_slot = shared_copy(saved, None, torch.float32, saved.float), s.col_slot
             grad_values = selected_dots(grad_2d, x_cols, s.unique_rows, s.row_slot, col_slot, s.crow)
