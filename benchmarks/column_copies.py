@@ -34,8 +34,21 @@ as wide as q; 1e-3 of each weight selected at random) each need that input's use
     chosen            `shared_columns` for q, k, v in turn: the first gathers its own, the second copies
                       every column, the third reads that copy.
 
+A projection's selected entries can also be computed without any of these copies (`--parts native`):
+`saftune.sparse.native_dots` reads the output gradient and input as they lie, token by token. For Llama
+shapes (hidden 576..4096: q [H, H], gate [I, H], down [H, I], the tied vocabulary [49152, H]; 1e-3 of each
+weight selected at random), two ways side by side:
+
+    copies        the input's used columns and the output gradient's used rows transposed to fp32, then
+                  torch's sampled product (`selected_dots`; the input copied for this projection alone,
+                  where q, k and v share one in a step);
+    in place      `native_dots.dots`;
+    chosen        what the kernel takes (`native_dots.wanted`: in place up to MAX_ENTRIES_PER_ROW entries
+                  per row of the gradient read).
+
 Usage:
     python benchmarks/column_copies.py            # results: benchmarks/results/column_copies.json
+    python benchmarks/column_copies.py --parts native --out benchmarks/results/column_copies_native.json
     python benchmarks/column_copies.py --parts shared --out benchmarks/results/column_copies_shared.json
     python benchmarks/column_copies.py --parts blocks --out benchmarks/results/column_copies_blocks.json
 """
@@ -52,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from saftune.sparse import kernels
+from saftune.sparse import kernels, native_dots
 from saftune.sparse.kernels import _columns
 
 RESULTS = Path(__file__).parent / "results"
@@ -173,19 +186,61 @@ def measure_shared(tokens: int, width: int, rounds: int, dtype) -> dict:
             "chosen_over_own_columns": ms["chosen"] / ms["own_columns"]}
 
 
+NATIVE_HIDDEN = [576, 1024, 2048, 3072, 4096]
+VOCAB = 49152
+
+
+def native_shapes(hidden: int) -> dict[str, tuple[int, int]]:
+    """[out, in] of a Llama layer's projections (the intermediate width as benchmarks/llm_engine.py sets it)."""
+    inner = 64 * round(8 * hidden / 3 / 64)
+    return {"q": (hidden, hidden), "gate": (inner, hidden), "down": (hidden, inner), "vocab": (VOCAB, hidden)}
+
+
+def measure_native(tokens: int, name: str, out: int, width: int, rounds: int, dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
+    grad, x = torch.randn(tokens, out, generator=g).to(dtype), torch.randn(tokens, width, generator=g).to(dtype)
+    indices = torch.sort(torch.randperm(out * width, generator=g)[: out * width // 1000]).values
+    s = kernels.LinearSelection.from_indices(indices, (out, width))
+
+    def copies():
+        return kernels.selected_dots(grad, _columns(x, s.unique_cols, torch.float32), s.unique_rows, s.row_slot, s.col_slot, s.crow)
+
+    def in_place():
+        return native_dots.dots(grad, x, s.unique_rows.index_select(0, s.row_slot), s.unique_cols.index_select(0, s.col_slot))
+
+    def chosen():
+        got = kernels.dots_in_place(grad, x, dtype, *s.tensors()[:4], columns_saved=False)
+        return copies() if got is None else got
+
+    ms = _time_ways({"copies": copies, "in_place": in_place, "chosen": chosen}, rounds, calls=max(2, 20 * 2048 // out))
+    return {"tokens": tokens, "projection": name, "out": out, "in": width, "dtype": str(dtype).removeprefix("torch."),
+            "selected": indices.numel(), "rows_read": s.unique_rows.numel(),
+            "entries_per_row_read": indices.numel() / s.unique_rows.numel(), **{f"{k}_ms": v for k, v in ms.items()},
+            "in_place_over_copies": ms["in_place"] / ms["copies"],
+            "chosen_over_best": ms["chosen"] / min(ms["copies"], ms["in_place"])}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[512])
     parser.add_argument("--widths", type=int, nargs="+", default=WIDTHS)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--parts", nargs="+", default=["widen", "gather"], choices=["widen", "gather", "blocks", "shared"])
+    parser.add_argument("--parts", nargs="+", default=["widen", "gather"], choices=["widen", "gather", "blocks", "shared", "native"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--gather-dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"],
                         help="gather: the activations' dtypes (the copies are fp32 either way)")
     parser.add_argument("--out", type=Path, default=RESULTS / "column_copies.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows, gathers, blocks, shared = [], [], [], []
+    rows, gathers, blocks, shared, native = [], [], [], [], []
+    for tokens, dtype, hidden in [(t, d, h) for t in args.tokens for d in args.gather_dtypes for h in NATIVE_HIDDEN
+                                  if "native" in args.parts]:
+        for name, (out, width) in native_shapes(hidden).items():
+            native.append(measure_native(tokens, name, out, width, args.rounds, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]))
+            r = native[-1]
+            print(f"N={tokens:5d} {dtype} {name:5s} [{out:6d}, {width:5d}] {r['entries_per_row_read']:.2f} entries/row  copies "
+                  f"{r['copies_ms']:7.3f} ms  in place {r['in_place_ms']:7.3f} ms  in place/copies {r['in_place_over_copies']:.2f}"
+                  f"  chosen/best {r['chosen_over_best']:.2f}", flush=True)
     for tokens, dtype, (out, width) in [(t, d, shape) for t in args.tokens for d in args.gather_dtypes for shape in BLOCK_SHAPES
                                         if "blocks" in args.parts]:
         blocks.append(measure_blocks(tokens, out, width, args.rounds, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]))
@@ -217,7 +272,8 @@ def main(argv=None) -> None:
                   f"  ({'two copies' if r['takes_two_copies'] else 'one copy'})", flush=True)
     report = {"machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
                           "threads": args.threads, "platform": platform.platform(), "torch": torch.__version__},
-              "rows": rows, "gather": gathers, "blocks": blocks, "shared": shared}
+              "rows": rows, "gather": gathers, "blocks": blocks, "shared": shared,
+              "native": native, "native_max_entries_per_row": native_dots.MAX_ENTRIES_PER_ROW}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")

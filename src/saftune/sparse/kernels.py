@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from saftune.sparse import native_dots
 from saftune.sparse.backward_cache import BackwardCache
 from saftune.sparse.replay import input_replay, recomputed
 
@@ -380,14 +381,42 @@ class SparseLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             if ctx.replay is not None:  # the input, recomputed bit for bit from what its producers saved
                 saved = _replayed_input(ctx).reshape(-1, weight.shape[1])
-            if ctx.save_columns:
-                x_cols = saved.float()
-            elif saved.dtype == ctx.out_dtype:  # widening to fp32 is exact: one copy straight to the dots' dtype
-                x_cols, col_slot = shared_columns(saved, unique_cols, col_slot)
-            else:  # under autocast: round to the product's dtype first, as the forward's product did
-                x_cols = _columns(saved, unique_cols, ctx.out_dtype).float()
-            grad_values = selected_dots(grad_2d, x_cols, unique_rows, row_slot, col_slot, crow)
+            grad_values = dots_in_place(grad_2d, saved, ctx.out_dtype, unique_rows, row_slot, unique_cols, col_slot,
+                                        columns_saved=ctx.save_columns)
+            if grad_values is None:  # the used columns and rows copied to fp32, then the sampled product
+                if ctx.save_columns:
+                    x_cols = saved.float()
+                elif saved.dtype == ctx.out_dtype:  # widening to fp32 is exact: one copy straight to the dots' dtype
+                    x_cols, col_slot = shared_columns(saved, unique_cols, col_slot)
+                else:  # under autocast: round to the product's dtype first, as the forward's product did
+                    x_cols = _columns(saved, unique_cols, ctx.out_dtype).float()
+                grad_values = selected_dots(grad_2d, x_cols, unique_rows, row_slot, col_slot, crow)
         return grad_x, None, grad_bias, grad_values, None, None, None, None, None, None, None
+
+
+def dots_in_place(grad_2d: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype, unique_rows: torch.Tensor,
+                  row_slot: torch.Tensor, unique_cols: torch.Tensor, col_slot: torch.Tensor,
+                  columns_saved: bool) -> torch.Tensor | None:
+    """The selected entries' gradient computed by `native_dots` from grad_2d and the input where they lie, or
+    None where the copies and sampled product should run instead.
+
+    `native_dots` runs on the CPU when grad_2d and the input are both in the product's `dtype` (not under
+    autocast, where the input must first be rounded as the forward rounded it) and few enough entries share
+    each row read that copying the rows would cost more (`native_dots.wanted`). `saved` is the input [N, in],
+    or, when `columns_saved`, its used columns transposed ([len(unique_cols), N], read through a view).
+
+    Example:
+        >>> g, x = torch.randn(5, 3), torch.randn(5, 4)
+        >>> s = LinearSelection.from_indices(torch.tensor([3, 9, 10]), (3, 4))
+        >>> got = dots_in_place(g, x, g.dtype, *s.tensors()[:4], columns_saved=False)
+        >>> got is None or torch.allclose(got, (g.T @ x)[[0, 2, 2], [3, 1, 2]], atol=1e-6)
+        True
+    """
+    if not (grad_2d.device.type == "cpu" and grad_2d.dtype == saved.dtype == dtype in (torch.bfloat16, torch.float32)
+            and not torch.compiler.is_compiling() and native_dots.wanted(row_slot.numel(), unique_rows.numel())):
+        return None
+    x, cols = (saved.t(), col_slot) if columns_saved else (saved, unique_cols.index_select(0, col_slot))
+    return native_dots.dots(grad_2d, x, unique_rows.index_select(0, row_slot), cols)
 
 
 def _replayed_input(ctx) -> torch.Tensor:

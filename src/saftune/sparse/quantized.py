@@ -54,7 +54,7 @@ from torch import nn
 
 from saftune._quiet import quiet_torchao
 from saftune.sparse.kernels import (
-    LinearSelection, _columns, _replayed_input, selected_dots, shared_columns, shared_copy,
+    LinearSelection, _columns, _replayed_input, dots_in_place, selected_dots, shared_columns, shared_copy,
 )
 from saftune.sparse.replay import input_replay
 
@@ -359,13 +359,17 @@ class QuantizedSideFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
         if ctx.needs_input_grad[3]:
-            if ctx.replay is not None or ctx.recomputing:  # gathered and widened to fp32 in one copy, once for q, k and v
-                # the input recomputed bit for bit from its producers' saved tensors, or kept (checkpointing)
-                x2d = saved if ctx.replay is None else _replayed_input(ctx).reshape(-1, weight.shape[1])
-                x_cols, col_slot = shared_columns(x2d, s.unique_cols, s.col_slot)
-            else:  # widened once for q, k and v
-                x_cols, col_slot = shared_copy(saved, None, torch.float32, saved.float), s.col_slot
-            grad_values = selected_dots(grad_2d, x_cols, s.unique_rows, s.row_slot, col_slot, s.crow)
+            whole = ctx.replay is not None or ctx.recomputing
+            if whole:  # the input recomputed bit for bit from its producers' saved tensors, or kept (checkpointing)
+                saved = saved if ctx.replay is None else _replayed_input(ctx).reshape(-1, weight.shape[1])
+            grad_values = dots_in_place(grad_2d, saved, saved.dtype, s.unique_rows, s.row_slot, s.unique_cols, s.col_slot,
+                                        columns_saved=not whole)
+            if grad_values is None:  # copied to fp32 (gathered and widened in one copy), once for q, k and v
+                if whole:
+                    x_cols, col_slot = shared_columns(saved, s.unique_cols, s.col_slot)
+                else:
+                    x_cols, col_slot = shared_copy(saved, None, torch.float32, saved.float), s.col_slot
+                grad_values = selected_dots(grad_2d, x_cols, s.unique_rows, s.row_slot, col_slot, s.crow)
         return grad_x, None, grad_bias, grad_values, None, None, None, None, None
 
 
