@@ -94,7 +94,7 @@ def test_the_linear_kernel_reads_in_place_where_few_entries_share_a_row(monkeypa
 
 
 def test_the_linear_kernel_copies_where_many_entries_share_a_row(monkeypatch):
-    grads, calls = _linear_grads(native_dots.MAX_ENTRIES_PER_ROW + 1, torch.float32, monkeypatch)
+    grads, calls = _linear_grads(int(native_dots.MAX_ENTRIES_PER_ROW) + 1, torch.float32, monkeypatch)
     assert calls == []  # more than MAX_ENTRIES_PER_ROW per row read: the rows are copied once, sampled product
     torch.testing.assert_close(grads["on"], grads["off"], rtol=1e-5, atol=1e-5)
 
@@ -132,3 +132,11 @@ def test_dots_in_place_declines_other_devices_dtypes_and_crowded_rows():
     assert kernels.dots_in_place(g, x.bfloat16(), torch.bfloat16, *s.tensors()[:4], columns_saved=False) is None
     crowded = kernels.LinearSelection.from_indices(torch.arange(4), (3, 4))  # four entries in one row
     assert kernels.dots_in_place(g, x, torch.float32, *crowded.tensors()[:4], columns_saved=False) is None
+
+
+def test_a_gradient_too_large_for_any_cache_is_read_in_place_with_more_entries_a_row():
+    rows = 1000
+    assert native_dots.wanted(int(native_dots.MAX_ENTRIES_PER_ROW * rows), rows)
+    assert not native_dots.wanted(4 * rows, rows)  # the copies win at 4.1 a row where the gradient is cached ...
+    assert native_dots.wanted(4 * rows, rows, native_dots.UNCACHED_BYTES)  # ... and lose for a vocabulary's
+    assert not native_dots.wanted(6 * rows, rows, native_dots.UNCACHED_BYTES)

@@ -412,8 +412,10 @@ def dots_in_place(grad_2d: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype
         >>> got is None or torch.allclose(got, (g.T @ x)[[0, 2, 2], [3, 1, 2]], atol=1e-6)
         True
     """
+    gradient_bytes = grad_2d.numel() * grad_2d.element_size()
     if not (grad_2d.device.type == "cpu" and grad_2d.dtype == saved.dtype == dtype in (torch.bfloat16, torch.float32)
-            and not torch.compiler.is_compiling() and native_dots.wanted(row_slot.numel(), unique_rows.numel())):
+            and not torch.compiler.is_compiling()
+            and native_dots.wanted(row_slot.numel(), unique_rows.numel(), gradient_bytes)):
         return None
     x, cols = (saved.t(), col_slot) if columns_saved else (saved, unique_cols.index_select(0, col_slot))
     return native_dots.dots(grad_2d, x, unique_rows.index_select(0, row_slot), cols)

@@ -47,9 +47,14 @@ except ImportError:  # pragma: no cover - numba is a dependency; a platform with
 # depend on the number of threads. Entries are processed ENTRY_BLOCK at a time: their sums stay in cache.
 TOKEN_CHUNKS = 4
 ENTRY_BLOCK = 4096
-# The copies cost ~rows read x tokens, this loop ~entries x tokens (measured crossover at about three
-# entries per used row: at 4096 columns, ~4.2 per row, torch's sampled product is 1.3-1.8x faster).
-MAX_ENTRIES_PER_ROW = 3
+# The copies cost ~rows read x tokens, this loop ~entries x tokens: it wins up to about 3.5 entries per row
+# read, and where the output gradient is too large for any cache (a vocabulary's: the copies then stream it
+# from memory) up to at least 4.1 (`benchmarks/column_copies.py --parts native`, 512 tokens, bf16 and fp32:
+# 0.25-0.95x the copies' time up to 3.07 per row; at 4.1, 1.1-1.4x for [4096, 4096] and [10944, 4096] bf16,
+# 0.55-0.75x for a [49152, 4096] vocabulary).
+MAX_ENTRIES_PER_ROW = 3.5
+MAX_ENTRIES_PER_ROW_UNCACHED = 5.0
+UNCACHED_BYTES = 32 << 20
 
 
 def available() -> bool:
@@ -57,9 +62,16 @@ def available() -> bool:
     return njit is not None
 
 
-def wanted(entries: int, rows_read: int) -> bool:
-    """Whether this loop beats copying `rows_read` rows of the output gradient for `entries` products."""
-    return available() and entries <= MAX_ENTRIES_PER_ROW * max(rows_read, 1)
+def wanted(entries: int, rows_read: int, gradient_bytes: int = 0) -> bool:
+    """Whether this loop beats copying `rows_read` rows of a `gradient_bytes` output gradient for `entries`
+    products (never where numba is missing, or MAX_ENTRIES_PER_ROW is set to 0).
+
+    Example:
+        >>> wanted(40, 10), wanted(40, 10, gradient_bytes=UNCACHED_BYTES) == available()
+        (False, True)
+    """
+    most = MAX_ENTRIES_PER_ROW_UNCACHED if gradient_bytes >= UNCACHED_BYTES else MAX_ENTRIES_PER_ROW
+    return available() and entries <= most * max(rows_read, 1) and MAX_ENTRIES_PER_ROW > 0
 
 
 def dots(grad_2d: torch.Tensor, x2d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
