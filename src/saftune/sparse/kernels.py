@@ -2,12 +2,14 @@
 
 For y = x W^T + b, dL/dW[r, c] = sum_n dy[n, r] * x[n, c]: a dot product over the N rows of the batch
 for each selected (r, c). At density 1e-3 this is ~1000x fewer multiply-adds than the dense x^T dy, and
-it needs no dense out x in gradient. Only the rows of dy and the columns of x that some selected entry
-uses take part: the forward saves x[:, unique_cols] (transposed, so each column is one contiguous
-vector) instead of the whole input, and the backward gathers dy[:, unique_rows] the same way. The d dot
-products then run as one sampled dense-dense product (`torch.sparse.sampled_addmm`: a vectorised C++
-loop over the selected entries on the CPU, cuSPARSE's SDDMM on CUDA; nothing materialised), or as
-chunked gather-multiply-sum elsewhere (other devices, `torch.compile`).
+it needs no dense out x in gradient. On the CPU, where few entries share a row, the d dot products read
+dy and x where they lie (`native_dots`, a compiled loop over the tokens: no copies). Elsewhere only the
+rows of dy and the columns of x that some selected entry uses take part: the forward saves x[:, unique_cols]
+(transposed, so each column is one contiguous vector) instead of the whole input, and the backward gathers
+dy[:, unique_rows] the same way. The dot products then run as one sampled dense-dense product
+(`torch.sparse.sampled_addmm`: a vectorised C++ loop over the selected entries on the CPU, cuSPARSE's
+SDDMM on CUDA; nothing materialised), or as chunked gather-multiply-sum elsewhere (other devices,
+`torch.compile`).
 
 For an embedding, dL/dE[r, c] = sum of dy[n, c] over positions n whose token is r: the output gradients
 are summed per distinct selected token present in the batch (O(N * dim), however many rows the mask
