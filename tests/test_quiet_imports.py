@@ -21,3 +21,15 @@ def test_loras_import_of_peft_keeps_torchaos_import_lines_out_of_the_output():
         pytest.skip("importing PEFT prints nothing here (torchao not installed, or quiet on this machine)")
     quiet = _stderr("from saftune.methods.lora import _lora_config; _lora_config(8, 16, 0.0, ['q'])")
     assert "torchao" not in quiet and "_pytree" not in quiet, quiet
+
+
+def test_the_demos_workers_load_models_without_torchaos_import_lines(tmp_path):
+    # transformers imports torchao in its quantizers, which any model's from_pretrained loads.
+    pytest.importorskip("transformers")
+    bare = _stderr("import transformers.quantizers")
+    if "torchao" not in bare and "_pytree" not in bare:
+        pytest.skip("transformers' quantizers import quietly here (torchao not installed, or quiet on this machine)")
+    worker = ("import logging; from saftune.pool import _start_worker; "
+              f"_start_worker(1, {str(tmp_path)!r}, logging.WARNING); import transformers.quantizers")
+    quiet = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, check=True).stderr
+    assert "torchao" not in quiet and "_pytree" not in quiet, quiet

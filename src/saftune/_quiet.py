@@ -1,9 +1,11 @@
 """Optional libraries imported without their import-time noise.
 
-torchao (installed for the quantized base, and imported by PEFT whenever it is installed) logs a line for
-each optional CUDA extension it cannot load on a CPU machine, and torch's pytree warns once about enums
-torchao registers. Neither concerns the user; without this, ten such lines opened the output of
-`saftune demo`, whose worker processes import PEFT for LoRA.
+torchao (installed for the quantized base, and imported by PEFT and by transformers' quantizers whenever
+it is installed: the latter on any model's `from_pretrained`) logs a line for each optional CUDA extension
+it cannot load on a CPU machine, and torch's pytree warns once about enums torchao registers. Neither
+concerns the user; without this, ten such lines opened the output of `saftune demo`, whose worker
+processes load MiniLM. `quiet_torchao` silences one import; `quiet_torchao_logs` keeps those loggers
+quiet for the whole process (the CLI and its worker processes call it).
 
 Example:
     >>> before = logging.getLogger("torchao").level
@@ -36,3 +38,10 @@ def quiet_torchao() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def quiet_torchao_logs() -> None:
+    """Keep torchao's import-time log lines (and torch's pytree warning about its enums) out of this process's
+    log for good: transformers imports torchao on a model's first `from_pretrained`, wherever that happens."""
+    for name in _LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from saftune._quiet import quiet_torchao_logs
+
 LOG = logging.getLogger("saftune.cli")
 
 
@@ -628,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_transformers()
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_torchao_logs()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from saftune._quiet import quiet_torchao_logs
 from saftune.record import RunRecord
 from saftune.run import RunCache, RunConfig, run_experiment
 
@@ -194,6 +195,7 @@ def _start_worker(threads: int, cache_dir: str, log_level: int) -> None:
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("saftune").setLevel(log_level)
+    quiet_torchao_logs()
     try:  # transformers' weight-loading bars, as quiet as in the parent (`saftune -v` shows them)
         from transformers.utils import logging as hf_logging
 
