@@ -85,11 +85,18 @@ def dots(grad_2d: torch.Tensor, x2d: torch.Tensor, rows: torch.Tensor, cols: tor
     result = torch.empty(rows.numel(), dtype=torch.float32)
     if rows.numel() == 0:
         return result
-    # numba's threads are its own pool: as many as torch may use (1 in saftune's pool workers, for one)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     if grad_2d.dtype == torch.bfloat16:  # numpy has no bf16: hand over the bits
         grad_2d, x2d = grad_2d.view(torch.uint16), x2d.view(torch.uint16)
-    _dots(grad_2d.numpy(), x2d.numpy(), rows.numpy(), cols.numpy(), result.numpy())
+    arrays = grad_2d.numpy(), x2d.numpy(), rows.numpy(), cols.numpy(), result.numpy()
+    # numba's threads are a pool of their own, as many as torch may use. On one thread (saftune's grid
+    # workers, a DataLoader's) the serial loop runs: numba's OpenMP threads, once started, spin between
+    # the many short parallel loops, and took a core from a one-thread worker beside another.
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if threads <= 1:
+        _dots_serial(*arrays)
+    else:
+        numba.set_num_threads(threads)
+        _dots_parallel(*arrays)
     return result
 
 
@@ -107,36 +114,55 @@ if njit is not None:
             return types.float32(value), lambda context, builder, signature, args: args[0]
         return None
 
-    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-    def _dots(dy, x, rows, cols, out):  # pragma: no cover - compiled; tested through `dots`
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def _item(dy, x, rows, cols, partial, item):  # pragma: no cover - compiled; tested through `dots`
+        """One entry block's sums over one token range, into its row of `partial`."""
         n_tok, d = dy.shape[0], rows.shape[0]
-        blocks = (d + ENTRY_BLOCK - 1) // ENTRY_BLOCK
         per = (n_tok + TOKEN_CHUNKS - 1) // TOKEN_CHUNKS
+        block, chunk = item // TOKEN_CHUNKS, item % TOKEN_CHUNKS
+        k0, k1 = block * ENTRY_BLOCK, min(d, (block + 1) * ENTRY_BLOCK)
+        acc, r, q = partial[chunk, k0:k1], rows[k0:k1], cols[k0:k1]
+        acc[:] = 0
+        n, n1 = chunk * per, min(n_tok, (chunk + 1) * per)
+        while n + 4 <= n1:  # four tokens a pass: each entry's indices and sum loaded once for four products
+            d0, d1, d2, d3 = dy[n], dy[n + 1], dy[n + 2], dy[n + 3]
+            x0, x1, x2, x3 = x[n], x[n + 1], x[n + 2], x[n + 3]
+            for k in range(k1 - k0):
+                i, j = r[k], q[k]
+                s = acc[k]
+                s += _as_f32(d0[i]) * _as_f32(x0[j])
+                s += _as_f32(d1[i]) * _as_f32(x1[j])
+                s += _as_f32(d2[i]) * _as_f32(x2[j])
+                s += _as_f32(d3[i]) * _as_f32(x3[j])
+                acc[k] = s
+            n += 4
+        for m in range(n, n1):
+            dm, xm = dy[m], x[m]
+            for k in range(k1 - k0):
+                acc[k] += _as_f32(dm[r[k]]) * _as_f32(xm[q[k]])
+
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def _total(partial, out, k):  # pragma: no cover - compiled
+        s = partial[0, k]
+        for chunk in range(1, TOKEN_CHUNKS):
+            s += partial[chunk, k]
+        out[k] = s
+
+    # The same items and sums on numba's threads or on the caller's alone: the same numbers either way.
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _dots_parallel(dy, x, rows, cols, out):  # pragma: no cover - compiled
+        d = rows.shape[0]
         partial = np.empty((TOKEN_CHUNKS, d), np.float32)
-        for item in prange(blocks * TOKEN_CHUNKS):
-            block, chunk = item // TOKEN_CHUNKS, item % TOKEN_CHUNKS
-            k0, k1 = block * ENTRY_BLOCK, min(d, (block + 1) * ENTRY_BLOCK)
-            acc, r, q = partial[chunk, k0:k1], rows[k0:k1], cols[k0:k1]
-            acc[:] = 0
-            n, n1 = chunk * per, min(n_tok, (chunk + 1) * per)
-            while n + 4 <= n1:  # four tokens a pass: each entry's indices and sum loaded once for four products
-                d0, d1, d2, d3 = dy[n], dy[n + 1], dy[n + 2], dy[n + 3]
-                x0, x1, x2, x3 = x[n], x[n + 1], x[n + 2], x[n + 3]
-                for k in range(k1 - k0):
-                    i, j = r[k], q[k]
-                    s = acc[k]
-                    s += _as_f32(d0[i]) * _as_f32(x0[j])
-                    s += _as_f32(d1[i]) * _as_f32(x1[j])
-                    s += _as_f32(d2[i]) * _as_f32(x2[j])
-                    s += _as_f32(d3[i]) * _as_f32(x3[j])
-                    acc[k] = s
-                n += 4
-            for m in range(n, n1):
-                dm, xm = dy[m], x[m]
-                for k in range(k1 - k0):
-                    acc[k] += _as_f32(dm[r[k]]) * _as_f32(xm[q[k]])
+        for item in prange((d + ENTRY_BLOCK - 1) // ENTRY_BLOCK * TOKEN_CHUNKS):
+            _item(dy, x, rows, cols, partial, item)
         for k in prange(d):
-            s = partial[0, k]
-            for chunk in range(1, TOKEN_CHUNKS):
-                s += partial[chunk, k]
-            out[k] = s
+            _total(partial, out, k)
+
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def _dots_serial(dy, x, rows, cols, out):  # pragma: no cover - compiled
+        d = rows.shape[0]
+        partial = np.empty((TOKEN_CHUNKS, d), np.float32)
+        for item in range((d + ENTRY_BLOCK - 1) // ENTRY_BLOCK * TOKEN_CHUNKS):
+            _item(dy, x, rows, cols, partial, item)
+        for k in range(d):
+            _total(partial, out, k)
