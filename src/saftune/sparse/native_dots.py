@@ -148,7 +148,8 @@ if njit is not None:
             s += partial[chunk, k]
         out[k] = s
 
-    # The same items and sums on numba's threads or on the caller's alone: the same numbers either way.
+    # The same items and sums on numba's threads or on the caller's alone: the same numbers either way. Two
+    # definitions (prange / range), not one compiled twice: numba's disk cache keys compiled code by function.
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _dots_parallel(dy, x, rows, cols, out):  # pragma: no cover - compiled
         d = rows.shape[0]
