@@ -414,7 +414,8 @@ def phase1_ratios(rows: dict) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Left: training memory per method and setting; right: phase 1's memory, one pass and lean, against phase 2's."""
+    """Left: training memory per method and setting (step time for interleaved timings, which measure no memory);
+    right: phase 1's memory, one pass and lean, against phase 2's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -425,8 +426,11 @@ def plot(report: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     shown = STEP_METHODS + [m for m in SAFT_METHODS[1:] if any(r.get("method") == m for v in steps.values() for r in v["rows"])]
     width = 0.8 / len(shown)
+    # Interleaved timings (one process per setting) measure no memory: their bars show the step time instead.
+    measured = any("memory_mib" in r for v in steps.values() for r in v["rows"])
+    key, scale = ("memory_mib", 1024) if measured else ("step_seconds", 1)
     for j, method in enumerate(shown):
-        values = [next((r["memory_mib"] / 1024 for r in v["rows"] if r.get("method") == method and "memory_mib" in r), 0)
+        values = [next((r[key] / scale for r in v["rows"] if r.get("method") == method and key in r), 0)
                   for v in steps.values()]
         left.bar([i + j * width for i in range(len(steps))], values, width, label=method)
         mapped = [next((r["memory_mapped_mib"] / 1024 for r in v["rows"] if r.get("method") == method
@@ -437,7 +441,7 @@ def plot(report: dict, path: Path) -> None:
                          label="what tensors held (mapped)" if j == 0 else None)
     left.set_xticks([i + 0.4 - width / 2 for i in range(len(steps))],
                     [k.replace("/checkpointing-", "\nckpt ").replace("/", "\n") for k in steps], fontsize=6)
-    left.set_ylabel("training memory over the loaded model (GiB): RSS (bars)")
+    left.set_ylabel("training memory over the loaded model (GiB): RSS (bars)" if measured else "median step time (s)")
     left.set_title("one step (batch x seq tokens)")
     left.legend()
     kinds = [("phase1-onepass", "phase 1, one pass"), ("phase1-lean", "phase 1, lean"), ("phase2", "phase 2 (SAFT)")]
