@@ -4,6 +4,8 @@
 need the real data; the documented test command fetches the assets first, so a missing asset is a
 setup error and fails the test with the command that fixes it. Only an *optional* asset (which
 `fetch all` skips on a machine that cannot get it) makes its tests skip, with the reason.
+
+`copies_path` makes the sparse kernels copy and run the sampled product where `native_dots` would read in place.
 """
 
 from pathlib import Path
@@ -25,3 +27,11 @@ def require_asset():
             pytest.fail(str(e), pytrace=False)
 
     return get
+
+
+@pytest.fixture
+def copies_path(monkeypatch):
+    """The sparse kernels' copies and sampled product, not `native_dots` reading in place: for tests of the copies."""
+    from saftune.sparse import native_dots
+
+    monkeypatch.setattr(native_dots, "MAX_ENTRIES_PER_ROW", 0)

@@ -684,10 +684,9 @@ def test_a_recomputed_input_of_another_shape_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
-def test_projections_reading_one_input_share_one_copy_of_its_columns(monkeypatch, checkpointing):
+def test_projections_reading_one_input_share_one_copy_of_its_columns(monkeypatch, copies_path, checkpointing):
     # q, k and v read one input, and so do gate and up: one fp32 copy of it serves each group's backward.
-    from saftune.sparse import kernels, native_dots
-    monkeypatch.setattr(native_dots, "MAX_ENTRIES_PER_ROW", 0)  # the copies' path (native_dots reads in place)
+    from saftune.sparse import kernels
 
     calls, made = [], []
     shared_copy = kernels.shared_copy
@@ -709,10 +708,9 @@ def test_projections_reading_one_input_share_one_copy_of_its_columns(monkeypatch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_projections_reading_different_columns_of_one_input_share_a_copy_of_every_column(monkeypatch, dtype):
+def test_projections_reading_different_columns_of_one_input_share_a_copy_of_every_column(monkeypatch, copies_path, dtype):
     # q reads columns 0-2, k 4-5, v 6: the first gathers its own, the second copies all 16 for itself and v.
-    from saftune.sparse import kernels, native_dots
-    monkeypatch.setattr(native_dots, "MAX_ENTRIES_PER_ROW", 0)  # the copies' path (native_dots reads in place)
+    from saftune.sparse import kernels
 
     torch.manual_seed(0)
     net = nn.ModuleDict({"q": nn.Linear(16, 8), "k": nn.Linear(16, 4), "v": nn.Linear(16, 4)}).to(dtype)
@@ -740,10 +738,9 @@ def test_projections_reading_different_columns_of_one_input_share_a_copy_of_ever
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
-def test_shared_copies_and_recomputed_inputs_do_not_outlive_the_backward_pass(monkeypatch, checkpointing):
+def test_shared_copies_and_recomputed_inputs_do_not_outlive_the_backward_pass(monkeypatch, copies_path, checkpointing):
     # Kept into the next step's forward, the last layer input (and its copy) would add to the forward's peak.
-    from saftune.sparse import kernels, native_dots, replay
-    monkeypatch.setattr(native_dots, "MAX_ENTRIES_PER_ROW", 0)  # the copies' path (native_dots reads in place)
+    from saftune.sparse import kernels, replay
 
     case = _llama_case(torch.float32)
     if not checkpointing:

@@ -168,12 +168,11 @@ def test_training_changes_only_the_side_term_and_follows_the_dequantized_model(s
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_side_terms_reading_one_input_share_one_copy_of_its_columns(monkeypatch, scheme, checkpointing):
+def test_side_terms_reading_one_input_share_one_copy_of_its_columns(monkeypatch, copies_path, scheme, checkpointing):
     # q, k and v read one input, and so do gate and up: their side terms recompute it in the backward (under
     # checkpointing: keep a reference) and gather and widen it once there, and the gradients are those of
     # training on the dequantized weights.
-    from saftune.sparse import kernels, native_dots
-    monkeypatch.setattr(native_dots, "MAX_ENTRIES_PER_ROW", 0)  # the copies' path (native_dots reads in place)
+    from saftune.sparse import kernels
 
     lm, loss_fn, batches = _case(tie=False)
     q.quantize(lm, scheme)

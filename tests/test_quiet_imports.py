@@ -29,7 +29,6 @@ def test_the_demos_workers_load_models_without_torchaos_import_lines(tmp_path):
     bare = _stderr("import transformers.quantizers")
     if "torchao" not in bare and "_pytree" not in bare:
         pytest.skip("transformers' quantizers import quietly here (torchao not installed, or quiet on this machine)")
-    worker = ("import logging; from saftune.pool import _start_worker; "
-              f"_start_worker(1, {str(tmp_path)!r}, logging.WARNING); import transformers.quantizers")
-    quiet = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, check=True).stderr
+    quiet = _stderr(f"from saftune.pool import _start_worker; _start_worker(1, {str(tmp_path)!r}, logging.WARNING); "
+                    "import transformers.quantizers")
     assert "torchao" not in quiet and "_pytree" not in quiet, quiet
