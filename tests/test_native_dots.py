@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import threading
+import time
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from torch import nn
 import saftune
 from saftune.sparse import kernels, native_dots
 
-pytestmark = pytest.mark.skipif(not native_dots.available(), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not native_dots.available(), reason="no C compiler to build the native loop")
 
 
 def _entries(out_features: int, in_features: int, count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,12 +119,79 @@ def test_the_linear_kernel_gives_the_copies_path_gradient_up_to_the_order_of_add
     torch.testing.assert_close(both[native_dots.MAX_ENTRIES_PER_ROW]["on"], both[0]["on"], rtol=1e-6, atol=1e-6)
 
 
-def test_without_numba_the_copies_path_runs(monkeypatch):
-    monkeypatch.setattr(native_dots, "njit", None)
-    assert not native_dots.available() and not native_dots.wanted(1, 100)
-    grads, calls = _linear_grads(2, torch.float32, monkeypatch)
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """native_dots as in a new process, with an empty cache: the next call builds (or fails to build) the library."""
+    monkeypatch.setenv("SAFTUNE_HOME", str(tmp_path))
+    monkeypatch.setattr(native_dots, "_library", None)
+    monkeypatch.setattr(native_dots, "_unavailable", None)
+    return tmp_path
+
+
+def test_the_library_is_built_once_into_the_cache_and_reused(fresh_build, monkeypatch):
+    assert native_dots.available()
+    built = list((fresh_build / "native").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"  # the library alone: no temporary file left behind
+    monkeypatch.setattr(native_dots, "_library", None)
+    monkeypatch.setattr(native_dots.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a cached library"))
+    assert native_dots.available()
+
+
+def test_without_a_compiler_the_copies_path_runs_after_one_warning(fresh_build, monkeypatch, caplog):
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
+    with caplog.at_level("WARNING", logger=native_dots.__name__):
+        assert not native_dots.available() and not native_dots.wanted(1, 100)
+        grads, calls = _linear_grads(2, torch.float32, monkeypatch)
     assert calls == []
     torch.testing.assert_close(grads["on"], grads["off"], rtol=1e-5, atol=1e-5)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "install gcc" in warnings[0].lower() and "no-such-compiler" in warnings[0]
+    with pytest.raises(RuntimeError, match="not available here"):
+        native_dots.dots(torch.randn(2, 2), torch.randn(2, 2), torch.tensor([0]), torch.tensor([1]))
+
+
+def test_a_compiler_error_is_reported_and_leaves_no_library(fresh_build, monkeypatch, caplog):
+    broken = fresh_build / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native_dots, "SOURCE", broken)
+    with caplog.at_level("WARNING", logger=native_dots.__name__):
+        assert not native_dots.available()
+    assert "error" in caplog.records[0].getMessage()  # the compiler's own message, for the user to act on
+    assert list((fresh_build / "native").iterdir()) == []
+
+
+def test_dots_refuse_mixed_or_other_dtypes():
+    rows = torch.tensor([0])
+    with pytest.raises(TypeError, match="two bf16 or two fp32"):
+        native_dots.dots(torch.randn(2, 2), torch.randn(2, 2).bfloat16(), rows, rows)
+    with pytest.raises(TypeError, match="two bf16 or two fp32"):
+        native_dots.dots(torch.randn(2, 2).double(), torch.randn(2, 2).double(), rows, rows)
+
+
+def _threads_sharing(items: int = 8) -> set[int]:
+    """The threads that ran `native_dots._share`'s items, each item taking 20 ms (time for a pool thread to wake)."""
+    ran = []
+
+    def run(item, end):
+        ran.append(threading.get_ident())
+        time.sleep(0.02)
+
+    native_dots._share(run, (), items, 2)
+    return set(ran)
+
+
+def test_two_threads_share_the_items():
+    assert len(_threads_sharing()) == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_a_forked_child_shares_the_items_with_threads_of_its_own():
+    assert len(_threads_sharing()) == 2  # the parent's pool now has a thread, which a forked child lacks
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os._exit(0 if len(_threads_sharing()) == 2 else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_dots_in_place_declines_other_devices_dtypes_and_crowded_rows():
