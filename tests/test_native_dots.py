@@ -37,18 +37,40 @@ def test_dots_are_the_exact_products_summed_in_fp32(dtype, tokens):
     assert ((got.double() - products.sum(0)).abs() <= bound).all()
 
 
-def test_dots_do_not_depend_on_the_number_of_threads():
-    dy, x = torch.randn(50, 64).bfloat16(), torch.randn(50, 32).bfloat16()
-    rows, cols = _entries(64, 32, 300)
+def test_dots_do_not_depend_on_the_number_of_threads(monkeypatch):
+    # 9000 entries: three entry blocks, twelve items; every call is split (no call is too small to share)
+    monkeypatch.setattr(native_dots, "PRODUCTS_PER_THREAD", 1)
+    dy, x = torch.randn(50, 160).bfloat16(), torch.randn(50, 96).bfloat16()
+    rows, cols = _entries(160, 96, 9000)
+    shared = []
+    share = native_dots._share
+    monkeypatch.setattr(native_dots, "_share", lambda *a: shared.append(a[3]) or share(*a))
     previous = torch.get_num_threads()
     try:
         results = []
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             results.append(native_dots.dots(dy, x, rows, cols))
     finally:
         torch.set_num_threads(previous)
-    assert torch.equal(results[0], results[1])
+    assert shared == [2, 3]  # one thread ran it alone, then two and three threads shared the items
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_small_calls_run_on_the_calling_thread_alone(monkeypatch):
+    # 50 tokens x 300 entries: fewer products than PRODUCTS_PER_THREAD, so waking a pool thread would cost more
+    shared = []
+    monkeypatch.setattr(native_dots, "_share", lambda *a: shared.append(a))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        dy, x = torch.randn(50, 64), torch.randn(50, 32)
+        rows, cols = _entries(64, 32, 300)
+        got = native_dots.dots(dy, x, rows, cols)
+    finally:
+        torch.set_num_threads(previous)
+    assert shared == []
+    torch.testing.assert_close(got, (dy.T @ x)[rows, cols], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
