@@ -1,14 +1,14 @@
 /* Selected entries' gradients read in place: out[k] = sum_n dy[n, rows[k]] * x[n, cols[k]] in fp32.
  *
  * Compiled on first use by saftune/sparse/native_dots.py (gcc or $CC, cached per CPU) and called through
- * ctypes, which releases the GIL: Python threads run disjoint item ranges side by side. No OpenMP and no
- * runtime of its own: the library is a few KiB of code in the process.
+ * ctypes, which releases the GIL: Python threads take items one at a time and run them side by side. No
+ * OpenMP and no runtime of its own: the library is a few KiB of code in the process.
  *
  * Work is cut into items: an item is one block of ENTRY_BLOCK entries over one of TOKEN_CHUNKS token
  * ranges, whose sums go to its own row of `partial`. Items are numbered token range first (item = chunk *
  * blocks + block), so that threads taking consecutive items split the tokens evenly even where the last
- * entry block is nearly empty. `saftune_total` then adds each entry's TOKEN_CHUNKS
- * partial sums in order, so the result is the same whichever thread ran which item. Products of two bf16
+ * entry block is nearly empty. `saftune_total` then adds each entry's TOKEN_CHUNKS partial sums in order,
+ * so the result is the same whichever thread ran which item. Products of two bf16
  * values are exact in fp32; -ffp-contract=off keeps fp32 products rounded before the addition on every
  * host, so results do not depend on whether the CPU has FMA.
  */

@@ -165,6 +165,8 @@ def _workers(count: int) -> ThreadPoolExecutor:
     """A pool of at least `count` threads, made again after a fork (a forked child has none of its threads)."""
     global _pool
     if _pool is None or _pool[0] != os.getpid() or _pool[1] < count:
+        if _pool is not None and _pool[0] == os.getpid():  # replaced by a larger one: let its idle threads end
+            _pool[2].shutdown(wait=False)
         _pool = (os.getpid(), count, ThreadPoolExecutor(max_workers=count, thread_name_prefix="saftune-dots"))
     return _pool[2]
 
