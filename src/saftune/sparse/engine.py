@@ -27,6 +27,9 @@ Untouched parameters get `requires_grad=False`: no gradient at all. After every 
 torch optimizer holding value vectors, the new values are written into the model's own weights (a global
 optimizer step hook), so the model in memory is always the merged model. Unselected entries are never
 written: they stay bit-identical to the pretrained values whatever the optimizer does.
+
+With gradient checkpointing on the CPU, the free pages of glibc's heap are handed back to the system
+after each training forward pass (`saftune.sparse.heap`; `release_heap=False` keeps them).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from saftune.sparse.attention import attention_forward
 from saftune.sparse.delta import SparseDelta
+from saftune.sparse.heap import ReleaseAfterCheckpointedForward
 from saftune.sparse.kernels import LinearRoute, LinearSelection, SparseEmbeddingFunction
 from saftune.sparse.mask import SparseMask
 from saftune.sparse.norms import ScaleRoute, routable
@@ -168,11 +172,13 @@ class SparseModel:
         mask: the `SparseMask` being trained.
     """
 
-    def __init__(self, model: nn.Module, mask: SparseMask, *, kernels: str = "auto", master_dtype=torch.float32):
+    def __init__(self, model: nn.Module, mask: SparseMask, *, kernels: str = "auto", master_dtype=torch.float32,
+                 release_heap: bool = True):
         if kernels not in ("auto", "on", "off"):
             raise ValueError(f"kernels must be 'auto', 'on' or 'off'; got {kernels!r}")
         self.model = model
         self.mask = mask
+        self.release_heap = release_heap
         self._slots: list[_Slot] = []
         self._handles: list = []
         self._forwards: list[nn.Module] = []
@@ -261,6 +267,17 @@ class SparseModel:
         for module in self._frozen_quantized:
             module.forward = partial(frozen_forward, module)
             self._forwards.append(module)
+        if self.release_heap:  # once per checkpointed forward pass: the stack's hook, whatever calls the stack
+            self._heap_release = ReleaseAfterCheckpointedForward()
+            self._handles += [m.register_forward_hook(self._heap_release) for m in self._outermost_checkpointed()]
+
+    def _outermost_checkpointed(self) -> list[nn.Module]:
+        """The checkpointing modules inside no other one: the stack, not its layers (which transformers marks too,
+        and whose forward runs again in the backward pass)."""
+        names = {id(m): name for name, m in self.model.named_modules()}
+        prefixes = [names[id(m)] + "." if names[id(m)] else "" for m in self._checkpointed_modules]
+        return [m for m in self._checkpointed_modules
+                if not any(names[id(m)].startswith(p) and names[id(m)] + "." != p for p in prefixes)]
 
     def _uninstall(self) -> None:
         for h in self._handles:
@@ -426,7 +443,8 @@ def _gather_grad(slot: _Slot, param: torch.Tensor) -> None:
         slot.values.grad.add_(grad)
 
 
-def sparsify(model: nn.Module, mask: SparseMask, *, kernels: str = "auto", master_dtype=torch.float32) -> SparseModel:
+def sparsify(model: nn.Module, mask: SparseMask, *, kernels: str = "auto", master_dtype=torch.float32,
+             release_heap: bool = True) -> SparseModel:
     """Prepare `model` (in place) so that training changes exactly the entries of `mask`.
 
     Call it after moving the model to its device (or move both afterwards: the model, then
@@ -439,6 +457,8 @@ def sparsify(model: nn.Module, mask: SparseMask, *, kernels: str = "auto", maste
         kernels: "auto" (sparse gradient kernels for nn.Linear at density <= 5% and for nn.Embedding),
             "on" (kernels for every eligible Linear), or "off" (gradient hooks everywhere).
         master_dtype: dtype of the trainable values (fp32 by default, even for bf16 weights).
+        release_heap: with gradient checkpointing on the CPU, give the heap's free pages back to the system
+            after each training forward pass (glibc keeps them resident otherwise; `saftune.sparse.heap`).
 
     Example:
         >>> net = nn.Linear(4, 3)
@@ -450,4 +470,4 @@ def sparsify(model: nn.Module, mask: SparseMask, *, kernels: str = "auto", maste
         >>> int((net.weight != before).sum())
         2
     """
-    return SparseModel(model, mask, kernels=kernels, master_dtype=master_dtype)
+    return SparseModel(model, mask, kernels=kernels, master_dtype=master_dtype, release_heap=release_heap)
