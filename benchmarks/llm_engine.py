@@ -19,7 +19,9 @@ Parts (--parts):
     step    per model, dtype (fp32, bf16) and gradient checkpointing (off, on): memory (a fresh process
             per method and memory way, two steps) and step time (one process holding a copy of the model per method,
             their steps taken in turn, --warmup rounds then the median of --steps rounds; SAFT / limit also
-            as the median of each round's own ratio, "paired", which a drift between rounds cancels) of
+            as the median of each round's own ratio, "paired", which a drift between rounds cancels; SAFT
+            without its heap release there, which would hand the next method's free pages back too and
+            charge it the page faults: benchmarks/heap_release.py times the release apart) of
               ft     full fine-tuning, AdamW (with bf16 weights: bf16 weights and optimizer state);
               lora   PEFT LoRA r=8 on every linear projection (q, k, v, o, gate, up, down; fp32 adapters);
               saft   the engine at sparsity 1e-3 with a random mask of exactly d entries spread over the
@@ -28,6 +30,10 @@ Parts (--parts):
                      instead of recomputing it from its producers' saved tensors (`saftune.sparse.replay`);
               saft-norms-hooked  (with --per-tensor-norms) the same, with RMSNorm scales on the per-tensor
                      path instead of their kernel (`saftune.sparse.norms`), which keeps each norm's input;
+              saft-heap-kept  (with --heap-variants; memory only) the same without the engine's release of
+                     glibc's free heap pages after a checkpointed forward pass (`saftune.sparse.heap`);
+              limit-heap-released, lora-heap-released  (with --heap-variants; memory only) the limit and
+                     LoRA with that same release added, which neither does by itself;
               limit  forward and backward to the activations, nothing trained: the floor of any method.
     capacity  SAFT end to end (lean phase 1 on one batch, then one step) on --capacity-model with bf16
             weights at --capacity-seq tokens: the absolute peak of each phase, what must fit the machine.
@@ -66,8 +72,10 @@ RESULTS = Path(__file__).parent / "results"
 VOCAB = 49152
 STEP_METHODS = ["limit", "lora", "saft", "ft"]
 # saft-kept: the engine keeping every projection input (no replay); saft-norms-hooked: RMSNorm scales on the
-# per-tensor (hook) path instead of their kernel, which keeps each norm's normalised input
-SAFT_METHODS = ("saft", "saft-kept", "saft-norms-hooked")
+# per-tensor (hook) path instead of their kernel, which keeps each norm's normalised input; saft-heap-kept:
+# without the release of glibc's free heap pages after a checkpointed forward pass
+SAFT_METHODS = ("saft", "saft-kept", "saft-norms-hooked", "saft-heap-kept")
+HEAP_VARIANTS = ("saft-heap-kept", "limit-heap-released", "lora-heap-released")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -177,8 +185,11 @@ def prepare(method: str, model):
     return model
 
 
-def trainer(method: str, model, mask=None):
-    """train_step(batch) and the trainable tensors; AdamW (lr 1e-5, no weight decay)."""
+def trainer(method: str, model, mask=None, release_heap: bool = True):
+    """train_step(batch) and the trainable tensors; AdamW (lr 1e-5, no weight decay).
+
+    `release_heap=False` turns the engine's heap release off for SAFT (always off for saft-heap-kept).
+    """
     import torch
 
     import saftune
@@ -190,7 +201,8 @@ def trainer(method: str, model, mask=None):
         if method == "saft-norms-hooked":
             engine.routable = lambda module: False  # no norm takes the scale kernel: the per-tensor path
         try:
-            params = saftune.sparsify(model, mask).trainable_parameters()
+            release = release_heap and method != "saft-heap-kept"
+            params = saftune.sparsify(model, mask, release_heap=release).trainable_parameters()
         finally:
             engine.routable = routable
     else:
@@ -235,7 +247,9 @@ def interleaved(model, data, args) -> dict:
     for i, method in enumerate(methods):
         copy_ = model if i == len(methods) - 1 else copy.deepcopy(model)  # the last takes the original: one copy fewer
         mask = random_mask(copy_, args.sparsity) if method in SAFT_METHODS else None
-        steppers[method] = trainer(method, prepare(method, copy_), mask)[0]
+        # Without the heap release: glibc's heap is the process's, so SAFT's release would also hand back the
+        # pages the next method's step reuses, and that step would pay their page faults.
+        steppers[method] = trainer(method, prepare(method, copy_), mask, release_heap=False)[0]
     times: dict[str, list[float]] = {m: [] for m in steppers}
     for i in range(args.warmup + args.steps):
         for method, step in steppers.items():
@@ -302,10 +316,16 @@ def worker(args) -> dict:
         result.update(interleaved(model, data, args))
         return result
     mask = random_mask(model, args.sparsity) if args.method in SAFT_METHODS else None
-    model = prepare(args.method, model)
+    method = args.method.removesuffix("-heap-released")  # the limit or LoRA, with SAFT's heap release added
+    model = prepare(method, model)
     base = memory.now()
     memory.reset_peak()
-    step, params = trainer(args.method, model, mask)
+    step, params = trainer(method, model, mask)
+    if method != args.method:
+        from saftune.sparse.heap import ReleaseAfterCheckpointedForward
+
+        stack = (model.base_model.model if method == "lora" else model).model  # the decoder stack, which checkpoints
+        stack.register_forward_hook(ReleaseAfterCheckpointedForward())
     times = _timed_steps(step, data, args.warmup, args.steps)
     result.update(step_seconds=statistics.median(times), step_seconds_each=times,
                   memory_mib=memory.peak() - base, peak_mib=memory.peak(),
@@ -317,7 +337,7 @@ def worker(args) -> dict:
 def run(args, env: dict | None = None, **settings) -> dict:
     """One measurement in a fresh process (its JSON line), or the reason it failed; `env` adds to its environment."""
     options = {key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup", "sparsity", "threads", "batches", "device",
-                                                   "skip_methods", "kept_inputs", "per_tensor_norms")}
+                                                   "skip_methods", "kept_inputs", "per_tensor_norms", "heap_variants")}
     options.update(settings)
     return run_worker(__file__, options, settings, env)
 
@@ -390,6 +410,11 @@ def step_ratios(rows: list[dict], timing: dict | None = None) -> dict:
         for key in ("memory_mib", "memory_mapped_mib"):
             if key in by["saft"] and key in by["saft-norms-hooked"]:
                 out[f"saft_norms_hooked_minus_saft_{key}"] = by["saft-norms-hooked"][key] - by["saft"][key]
+    # What the heap release saves SAFT, and the ratios were the limit and LoRA to release as SAFT does.
+    pairs = [("saft-heap-kept", "lora"), ("saft", "lora-heap-released"), ("limit-heap-released", "lora-heap-released")]
+    for a, b in pairs:
+        if "memory_mib" in by.get(a, {}) and "memory_mib" in by.get(b, {}):
+            out[f"{a.replace('-', '_')}_over_{b.replace('-', '_')}_memory"] = by[a]["memory_mib"] / by[b]["memory_mib"]
     if "saft" in by and "ft" in by:
         out["saft_over_ft_time"] = by["saft"]["step_seconds"] / by["ft"]["step_seconds"]
         if "memory_mib" in by["saft"] and "memory_mib" in by["ft"]:
@@ -490,6 +515,9 @@ def main(argv=None) -> None:
                         help="step: also SAFT keeping every projection input (saft-kept), to show what recomputing them saves")
     parser.add_argument("--per-tensor-norms", action="store_true",
                         help="step: also SAFT with RMSNorm scales on the per-tensor path (saft-norms-hooked)")
+    parser.add_argument("--heap-variants", action="store_true",
+                        help="step: also the memory of SAFT without its heap release (saft-heap-kept), and of the "
+                             "limit and LoRA with it (limit-heap-released, lora-heap-released)")
     parser.add_argument("--skip-methods", nargs="*", default=[], choices=STEP_METHODS,
                         help="step: leave these methods out (full FT beyond what it can train)")
     parser.add_argument("--batch", type=int, default=1)
@@ -546,6 +574,9 @@ def main(argv=None) -> None:
                                          steps=1, warmup=1, env=MAPPED_ENV)
                             if "memory_mib" in mapped:
                                 r["memory_mapped_mib"] = mapped["memory_mib"]
+                    if args.heap_variants and not args.separate:  # RSS only; the release's time is heap_release.py's
+                        rows += [run(args, model=model, method=m, dtype=dtype, checkpointing=mode == "on", steps=1, warmup=1)
+                                 for m in HEAP_VARIANTS]
                     for r in rows:
                         if r["method"] in timing.get("step_seconds", {}):
                             if "step_seconds" in r:

@@ -94,7 +94,8 @@ def test_llm_engine_worker_measures_every_method_and_both_phase_1s(capsys):
     threads = torch.get_num_threads()
     rows = {}
     try:
-        for method in ("limit", "lora", "saft", "phase1-lean", "phase1-onepass", "ft-epoch"):
+        for method in ("limit", "lora", "saft", "phase1-lean", "phase1-onepass", "ft-epoch", "lora-heap-released",
+                       "saft-heap-kept"):
             module.main(["--worker", "--model", "llama:64x2", "--method", method, "--seq", "16", "--steps", "1",
                          "--warmup", "1", "--batches", "2", "--threads", "1", "--sparsity", "0.01"])
             rows[method] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -103,6 +104,8 @@ def test_llm_engine_worker_measures_every_method_and_both_phase_1s(capsys):
     params = rows["saft"]["params"]
     assert rows["saft"]["trainable"] == math.floor(0.01 * params) and rows["limit"]["trainable"] == 0
     assert 0 < rows["lora"]["trainable"] < params
+    assert rows["lora-heap-released"]["trainable"] == rows["lora"]["trainable"]  # the same method, its heap released
+    assert rows["saft-heap-kept"]["trainable"] == rows["saft"]["trainable"]
     for kind in ("phase1-lean", "phase1-onepass"):  # the chosen mask, then phase 2 with it
         assert rows[kind]["phase1"]["selected"] == rows[kind]["trainable"] == math.floor(0.01 * params)
         assert rows[kind]["phase1"]["seconds"] > 0 and rows[kind]["step_seconds"] > 0
@@ -138,3 +141,21 @@ def test_quantized_base_worker_measures_saft_beside_the_quantized_base_qlora_and
     timing = {"step_seconds": {m: rows[m]["step_seconds"] for m in module.methods(scheme)}}
     ratios = module.ratios(rows, timing, scheme)
     assert ratios[f"saft_{scheme}_over_qlora_time"] == rows[saft]["step_seconds"] / rows["qlora"]["step_seconds"]
+
+
+def test_heap_release_benchmark_pairs_saft_with_and_without_the_release(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("saftune_bench_heap", SCALE.parent / "heap_release.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "heap_release.json"
+    module.main(["--quick", "--threads", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    (run,) = report["runs"].values()
+    (pair,) = run["pairs"]
+    for variant in ("saft", "saft-heap-kept"):
+        assert pair[variant]["method"] == variant and pair[variant]["checkpointing"] is True
+        assert pair[variant]["step_seconds"] > 0 and pair[variant]["trainable"] > 0
+    summary = run["summary"]
+    assert summary["pairs"] == 1
+    assert summary["time_ratio_median"] == pytest.approx(pair["saft"]["step_seconds"] / pair["saft-heap-kept"]["step_seconds"])
+    assert out.with_suffix(".png").stat().st_size > 0
