@@ -92,3 +92,13 @@ def test_the_release_changes_no_gradient():
         grads[release_heap] = sm.trainable_parameters()[0].grad
     assert grads[True].abs().sum() > 0
     assert torch.equal(grads[True], grads[False])
+
+
+def test_the_release_hooks_the_stack_even_when_it_is_the_model_given(monkeypatch):
+    calls = []
+    monkeypatch.setattr(heap, "release_free_heap", lambda: calls.append(1) or True)
+    stack = _llama(checkpointing=True).lm.model  # the decoder stack itself, which transformers marks, as its layers
+    name = "layers.0.mlp.up_proj.weight"
+    saftune.sparsify(stack, saftune.SparseMask({name: torch.tensor([1, 2])}, {name: tuple(stack.layers[0].mlp.up_proj.weight.shape)}))
+    stack(input_ids=torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))).last_hidden_state.sum().backward()
+    assert len(calls) == 1  # the stack's hook, not its layers' (whose forward runs again in the backward pass)

@@ -275,9 +275,11 @@ class SparseModel:
         """The checkpointing modules inside no other one: the stack, not its layers (which transformers marks too,
         and whose forward runs again in the backward pass)."""
         names = {id(m): name for name, m in self.model.named_modules()}
-        prefixes = [names[id(m)] + "." if names[id(m)] else "" for m in self._checkpointed_modules]
-        return [m for m in self._checkpointed_modules
-                if not any(names[id(m)].startswith(p) and names[id(m)] + "." != p for p in prefixes)]
+
+        def inside(module: nn.Module, outer: nn.Module) -> bool:
+            return outer is not module and (names[id(outer)] == "" or names[id(module)].startswith(names[id(outer)] + "."))
+
+        return [m for m in self._checkpointed_modules if not any(inside(m, o) for o in self._checkpointed_modules)]
 
     def _uninstall(self) -> None:
         for h in self._handles:
