@@ -2,11 +2,11 @@
 
 torch's CPU tensors come from malloc. glibc serves those under its mmap threshold (which rises to 32 MiB
 as large tensors are freed) from the heap, and keeps freed heap pages resident until the heap's top is
-free. With gradient checkpointing the forward pass frees almost all it allocates, but small tensors
-allocated between the large temporaries split the freed holes, so the next layer's temporaries go on
-top: on a 113M-parameter Llama-shaped model in fp32 the heap spans 260–290 MiB at the end of SAFT's
-forward pass with 30 MiB of it in use (an allocation trace of three steps; the frozen model's own forward
-and backward span 205 MiB). `malloc_trim(0)` returns every free page in the heap, in 11–13 ms there.
+free. With gradient checkpointing the forward pass frees almost all it allocates, yet each layer's
+large temporaries went on top of the heap rather than into the blocks the layer before had freed: on a
+113M-parameter Llama-shaped model in fp32 SAFT's heap spanned 260–264 MiB at the end of the forward pass
+with 30 MiB of it in use (an allocation trace of three steps; the frozen model's forward and backward,
+the same 30 MiB, spanned 205). `malloc_trim(0)` returns every free page in the heap, in 11–13 ms there.
 `benchmarks/heap_release.py`, SAFT with and without it in alternating processes (SmolLM2 and that model,
 fp32 and bf16, checkpointing on): peak RSS over the loaded model 0.64–0.87x. Its time is the call (6–28 ms)
 plus a page fault (~2 µs) for each handed-back page the backward pass touches again: counted, ~3–5% of
