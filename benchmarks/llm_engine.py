@@ -322,10 +322,9 @@ def worker(args) -> dict:
     memory.reset_peak()
     step, params = trainer(method, model, mask)
     if method != args.method:
-        from saftune.sparse.heap import ReleaseAfterCheckpointedForward
+        from saftune.sparse.heap import release_after_checkpointed_forward
 
-        stack = (model.base_model.model if method == "lora" else model).model  # the decoder stack, which checkpoints
-        stack.register_forward_hook(ReleaseAfterCheckpointedForward())
+        release_after_checkpointed_forward(model)  # the engine's own hook, on the stack that checkpoints
     times = _timed_steps(step, data, args.warmup, args.steps)
     result.update(step_seconds=statistics.median(times), step_seconds_each=times,
                   memory_mib=memory.peak() - base, peak_mib=memory.peak(),

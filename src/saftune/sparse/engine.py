@@ -47,7 +47,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from saftune.sparse.attention import attention_forward
 from saftune.sparse.delta import SparseDelta
-from saftune.sparse.heap import ReleaseAfterCheckpointedForward
+from saftune.sparse.heap import checkpointing_modules, release_after_checkpointed_forward
 from saftune.sparse.kernels import LinearRoute, LinearSelection, SparseEmbeddingFunction
 from saftune.sparse.mask import SparseMask
 from saftune.sparse.norms import ScaleRoute, routable
@@ -257,7 +257,7 @@ class SparseModel:
 
     def _install_all(self) -> None:
         # Modules that switch gradient checkpointing (transformers sets a bool `gradient_checkpointing` on them).
-        self._checkpointed_modules = [m for m in self.model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+        self._checkpointed_modules = checkpointing_modules(self.model)
         for position, path, module in self._targets:
             slot = self._slots[position]
             self._install(slot if slot.path == path else replace(slot, path=path), module)
@@ -268,18 +268,7 @@ class SparseModel:
             module.forward = partial(frozen_forward, module)
             self._forwards.append(module)
         if self.release_heap:  # once per checkpointed forward pass: the stack's hook, whatever calls the stack
-            self._heap_release = ReleaseAfterCheckpointedForward()
-            self._handles += [m.register_forward_hook(self._heap_release) for m in self._outermost_checkpointed()]
-
-    def _outermost_checkpointed(self) -> list[nn.Module]:
-        """The checkpointing modules inside no other one: the stack, not its layers (which transformers marks too,
-        and whose forward runs again in the backward pass)."""
-        names = {id(m): name for name, m in self.model.named_modules()}
-
-        def inside(module: nn.Module, outer: nn.Module) -> bool:
-            return outer is not module and (names[id(outer)] == "" or names[id(module)].startswith(names[id(outer)] + "."))
-
-        return [m for m in self._checkpointed_modules if not any(inside(m, o) for o in self._checkpointed_modules)]
+            self._handles += release_after_checkpointed_forward(self.model)
 
     def _uninstall(self) -> None:
         for h in self._handles:

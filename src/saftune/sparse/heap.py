@@ -14,7 +14,7 @@ an fp32 step and ~0.5% of a bf16 one, below what timing resolves on this machine
 
 `release_free_heap` is that call; `ReleaseAfterCheckpointedForward` makes it once per checkpointed
 training step, when the checkpointed blocks' forward pass has returned and before the backward pass
-recomputes them.
+recomputes them; `release_after_checkpointed_forward(model)` hooks it where it belongs.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 @functools.cache
@@ -80,3 +81,30 @@ class ReleaseAfterCheckpointedForward:
             first = next(module.parameters(), None)
             if first is not None and first.device.type == "cpu":
                 self.releases += release_free_heap()
+
+
+def checkpointing_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that switch gradient checkpointing (transformers sets a bool
+    `gradient_checkpointing` on the stack and on each of its layers)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+
+
+def release_after_checkpointed_forward(model: nn.Module) -> list[RemovableHandle]:
+    """Hook one `ReleaseAfterCheckpointedForward` on each outermost checkpointing module of `model`: the
+    stack (the root itself when it is the stack), not its layers, whose forward runs again in the backward
+    pass. Returns the hooks' handles.
+
+    Example:
+        >>> stack = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> stack.gradient_checkpointing = stack[1].gradient_checkpointing = False
+        >>> [h.id in stack._forward_hooks for h in release_after_checkpointed_forward(stack)]
+        [True]
+    """
+    names = {id(m): name for name, m in model.named_modules()}
+    marked = checkpointing_modules(model)
+
+    def inside(module: nn.Module, outer: nn.Module) -> bool:
+        return outer is not module and (names[id(outer)] == "" or names[id(module)].startswith(names[id(outer)] + "."))
+
+    release = ReleaseAfterCheckpointedForward()
+    return [m.register_forward_hook(release) for m in marked if not any(inside(m, o) for o in marked)]
